@@ -1,0 +1,247 @@
+"""Checkpoints: safetensors weights plus a JSON config, written atomically; safe import of original DiT `.pt` files."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, ConfigError, SubnetError
+from .model.config import DIT_CONFIGS, DiTConfig
+from .model.dit import DiT
+from .space import Subnet
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_config",
+    "load_weights",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "load_dit_state_dict",
+    "infer_config_from_state_dict",
+    "load_pretrained_dit",
+    "FORMAT_VERSION",
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHT_NAMES = ("model.safetensors", "supernet.safetensors")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Text version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    model: DiT,
+    directory: str | Path,
+    extra: dict[str, Any] | None = None,
+    weights_name: str = "model.safetensors",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write `model.safetensors` and `config.json` into `directory`; returns the directory.
+
+    `state_dict` overrides the weights (e.g. EMA weights); `extra` adds JSON fields to the config file.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint directory '{directory}' cannot be created: {exc.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise CheckpointError(f"checkpoint directory '{directory}' is not writable")
+    config = model.config
+    doc: dict[str, Any] = {
+        "format": "dynasearch",
+        "format_version": FORMAT_VERSION,
+        "kind": "sliced" if config.is_sliced else "supernet",
+        "model": config.to_dict(),
+        "subnet": model.subnet.to_dict(),
+    }
+    doc.update(extra or {})
+    tensors = model.state_dict() if state_dict is None else state_dict
+    _atomic_save_tensors(tensors, directory / weights_name, {"format": "dynasearch", "model": config.name})
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed `config.json` of a checkpoint directory, with clear errors."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint '{directory}' does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint '{directory}' is not a directory (expected one holding {CONFIG_NAME})")
+    path = directory / CONFIG_NAME
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint '{directory}' has no {CONFIG_NAME}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"checkpoint config '{path}' cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"checkpoint config '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise CheckpointError(f"checkpoint config '{path}' has no \"model\" section")
+    return doc
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, with clear errors for missing or corrupt files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file '{path}' does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"weights file '{path}' is corrupt or not a safetensors file ({exc})") from None
+
+
+def load_checkpoint(
+    directory: str | Path, weights_name: str | None = None, device: str | torch.device = "cpu"
+) -> DiT:
+    """Load a supernet or a sliced model saved by :func:`save_checkpoint` (or a training run directory)."""
+    directory = Path(directory)
+    doc = read_config(directory)
+    try:
+        config = DiTConfig.from_dict(doc["model"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint config '{directory / CONFIG_NAME}': {exc}") from None
+    names = (weights_name,) if weights_name else WEIGHT_NAMES
+    weights = next((directory / n for n in names if (directory / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"checkpoint '{directory}' has no weights file ({' or '.join(names)})")
+    state = load_weights(weights)
+    model = DiT(config)
+    _load_state(model, state, str(weights))
+    if doc.get("subnet") and not config.is_sliced:
+        try:
+            model.set_subnet(Subnet.from_dict(doc["subnet"]))
+        except SubnetError as exc:
+            raise CheckpointError(f"checkpoint config '{directory / CONFIG_NAME}': {exc}") from None
+    return model.to(device).eval()
+
+
+def _load_state(model: DiT, state: dict[str, torch.Tensor], source: str, allow_missing_router: bool = False) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not (allow_missing_router and ".token_router." in k)]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. '{unexpected[0]}'")
+        raise CheckpointError(f"'{source}' does not fit model '{model.config.name}': {'; '.join(parts)}")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"'{source}' does not fit model '{model.config.name}': '{key}' has shape {tuple(value.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict(state, strict=not allow_missing_router)
+
+
+def load_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of an original DiT `.pt` checkpoint, unpickled with `weights_only=True` (no code ever runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"DiT checkpoint '{path}' does not exist")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        detail = f" ({detail.rstrip('.')})" if detail else ""
+        raise CheckpointError(
+            f"DiT checkpoint '{path}' was refused: it holds pickled objects other than tensors{detail}; "
+            "only plain state dicts are loaded, and no code in them is ever run"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"DiT checkpoint '{path}' is corrupt or not a PyTorch file ({exc})") from None
+    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
+        obj = obj["ema"]  # a DiT training checkpoint: prefer the EMA weights, as DiT's sampler does
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"DiT checkpoint '{path}' is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def infer_config_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> DiTConfig:
+    """The DiTConfig of an original-layout DiT state dict (heads from the registry entry of the same shape)."""
+    try:
+        proj = state["x_embedder.proj.weight"]  # (D, C, p, p)
+        table = state["y_embedder.embedding_table.weight"]  # (classes [+1], D)
+        pos = state["pos_embed"]  # (1, N, D)
+        final = state["final_layer.linear.weight"]  # (p*p*C_out, D)
+    except KeyError as exc:
+        raise CheckpointError(f"{source} is not in the DiT layout: no '{exc.args[0]}'") from None
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    name = next(
+        (n for n, f in DIT_CONFIGS.items() if (f["depth"], f["hidden_size"], f["patch_size"]) == (depth, hidden, patch)),
+        None,
+    )
+    if name is None:
+        raise CheckpointError(
+            f"{source}: no registry model has depth {depth}, width {hidden} and patch {patch}"
+        )
+    grid = int(round(pos.shape[1] ** 0.5))
+    out_channels = final.shape[0] // (patch * patch)
+    mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    return DiTConfig(
+        name=name,
+        input_size=grid * patch,
+        patch_size=patch,
+        in_channels=in_channels,
+        hidden_size=hidden,
+        depth=depth,
+        num_heads=DIT_CONFIGS[name]["num_heads"],
+        mlp_ratio=mlp_hidden / hidden,
+        num_classes=table.shape[0] - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
+def load_pretrained_dit(model: DiT, state: dict[str, torch.Tensor], source: str = "state dict") -> list[str]:
+    """Load an original-layout DiT state dict into a supernet; token routers keep their initialisation.
+
+    Returns the names of the parameters that were not in the state dict (the routers).
+    """
+    _load_state(model, state, source, allow_missing_router=True)
+    return [k for k in model.state_dict() if k not in state]

@@ -1,0 +1,88 @@
+"""The `dynasearch` command line: a thin typer + rich layer; each command builds a typed config and calls the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import typer
+from rich.console import Console
+
+from ..errors import DynasearchError
+
+try:  # recent typer vendors click privately; older releases use click itself
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exc  # type: ignore[no-redef]
+
+app = typer.Typer(
+    name="dynasearch",
+    help="Weight-sharing architecture search for Diffusion Transformers.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+_EXITS = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
+_ABORTS = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort)})
+
+
+def _debug() -> bool:
+    return os.environ.get("DYNASEARCH_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    """Weight-sharing architecture search for Diffusion Transformers."""
+    if debug:
+        os.environ["DYNASEARCH_DEBUG"] = "1"
+
+
+from . import _inspect  # noqa: E402,F401  (registers the commands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: runs the app, turning user errors into one line and exit code 2 (internal errors: 1)."""
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args:
+        args = ["--help"]
+    debug = "--debug" in args or _debug()
+    try:
+        command.main(args=args, prog_name="dynasearch", standalone_mode=False)
+    except _EXITS as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _ABORTS:
+        err_console.print("aborted", highlight=False)
+        return 130
+    except click_exc.ClickException as exc:
+        if debug:
+            traceback.print_exc()
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        message = exc.format_message().replace("Value error, ", "")
+        print(f"error: {message}{where}", file=sys.stderr)
+        return 2
+    except DynasearchError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the one place internal errors become a message
+        if debug:
+            traceback.print_exc()
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

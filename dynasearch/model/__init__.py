@@ -1,0 +1,42 @@
+"""The dynamic DiT: layers, blocks, the model and its registry."""
+
+from .config import DIT_CONFIGS, DiTConfig, get_config, model_names
+from .layers import Attention, DynaLinear, DynaQKVLinear, Mlp, TokenRouter, modulate, round_to_nearest
+from .dit import (
+    DiT,
+    DiTBlock,
+    FinalLayer,
+    LabelEmbedder,
+    PatchEmbed,
+    TimestepEmbedder,
+    get_2d_sincos_pos_embed,
+    tokens_kept,
+)
+
+__all__ = [
+    "DIT_CONFIGS",
+    "DiTConfig",
+    "get_config",
+    "model_names",
+    "Attention",
+    "DynaLinear",
+    "DynaQKVLinear",
+    "Mlp",
+    "TokenRouter",
+    "modulate",
+    "round_to_nearest",
+    "DiT",
+    "DiTBlock",
+    "FinalLayer",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "TimestepEmbedder",
+    "get_2d_sincos_pos_embed",
+    "tokens_kept",
+    "create_supernet",
+]
+
+
+def create_supernet(name: str, **overrides: object) -> DiT:
+    """Build the registry model `name` as a supernet (e.g. input_size=32, in_channels=4, num_classes=1000)."""
+    return DiT(get_config(name, **overrides))

@@ -1,0 +1,198 @@
+"""Model configurations and the named registry (DiT-S/B/L/XL x /2 /4 /8 plus tiny CPU configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+__all__ = ["DiTConfig", "DIT_CONFIGS", "get_config", "model_names"]
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything needed to build a (super)net; sliced models add their per-block physical sizes."""
+
+    name: str = "custom"
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True
+    qk_norm: bool = False
+    token_selection: bool = True
+    router_ratio: float = 0.125
+    # Physical per-block sizes of a sliced model; None means full width (a supernet).
+    block_heads: tuple[int, ...] | None = None
+    block_mlp_hidden: tuple[int, ...] | None = None
+    # Token ratios a sliced model runs with by default; None means 1.0 everywhere.
+    block_token_ratios: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model config '{self.name}': {key} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model config '{self.name}': hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.input_size % self.patch_size:
+            raise ConfigError(
+                f"model config '{self.name}': input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.mlp_hidden % self.num_heads:
+            raise ConfigError(
+                f"model config '{self.name}': MLP width {self.mlp_hidden} is not divisible into {self.num_heads} groups"
+            )
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"model config '{self.name}': class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+        for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.depth:
+                raise ConfigError(f"model config '{self.name}': {key} has {len(value)} entries for {self.depth} blocks")
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Full MLP hidden width."""
+        return int(self.hidden_size * self.mlp_ratio)
+
+    @property
+    def mlp_groups(self) -> int:
+        """Number of MLP channel groups (one per attention head, as in DyDiT)."""
+        return self.num_heads
+
+    @property
+    def mlp_group_size(self) -> int:
+        """Channels per MLP group: the granularity of MLP slicing."""
+        return self.mlp_hidden // self.mlp_groups
+
+    @property
+    def router_hidden(self) -> int:
+        """Hidden width of the token router."""
+        return max(1, int(round(self.hidden_size * self.router_ratio)))
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels: epsilon plus, with learn_sigma, the variance interpolation."""
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side."""
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image."""
+        return self.grid_size**2
+
+    @property
+    def is_sliced(self) -> bool:
+        """True for a physically sliced standalone model."""
+        return self.block_heads is not None or self.block_mlp_hidden is not None
+
+    def heads_of(self, block: int) -> int:
+        """Physical number of heads of a block."""
+        return self.num_heads if self.block_heads is None else self.block_heads[block]
+
+    def mlp_hidden_of(self, block: int) -> int:
+        """Physical MLP hidden width of a block."""
+        return self.mlp_hidden if self.block_mlp_hidden is None else self.block_mlp_hidden[block]
+
+    def token_ratio_of(self, block: int) -> float:
+        """Default token ratio of a block."""
+        return 1.0 if self.block_token_ratios is None else self.block_token_ratios[block]
+
+    def tokens_kept(self, token_ratio: float) -> int:
+        """Tokens that pass through the MLP at a token ratio: ceil(r * N), at least 1."""
+        return max(1, min(self.num_tokens, math.ceil(token_ratio * self.num_tokens - 1e-9)))
+
+    def supernet(self) -> DiTConfig:
+        """The same config without per-block physical sizes."""
+        return dataclasses.replace(self, block_heads=None, block_mlp_hidden=None, block_token_ratios=None)
+
+    def replace(self, **changes: Any) -> DiTConfig:
+        """A copy with some fields changed (validated)."""
+        try:
+            return dataclasses.replace(self, **changes)
+        except TypeError as exc:
+            raise ConfigError(f"model config '{self.name}': {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        out = dataclasses.asdict(self)
+        for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
+            if out[key] is not None:
+                out[key] = list(out[key])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiTConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"model config has unknown keys: {', '.join(unknown)}")
+        kwargs = dict(data)
+        for key in ("block_heads", "block_mlp_hidden"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(int(v) for v in kwargs[key])
+        if kwargs.get("block_token_ratios") is not None:
+            kwargs["block_token_ratios"] = tuple(float(v) for v in kwargs["block_token_ratios"])
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        """Pretty JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+# depth, hidden_size, num_heads per size; patch sizes 2, 4, 8.
+_SIZES: dict[str, tuple[int, int, int]] = {
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    # Small configs for the CPU demo and the tests (not in the DiT paper).
+    "T": (6, 128, 8),
+    "N": (2, 32, 4),
+}
+
+DIT_CONFIGS: dict[str, dict[str, int]] = {
+    f"DiT-{size}/{patch}": {"depth": depth, "hidden_size": hidden, "num_heads": heads, "patch_size": patch}
+    for size, (depth, hidden, heads) in _SIZES.items()
+    for patch in (2, 4, 8)
+}
+"""Registry: name -> architecture fields. Its keys feed the CLI's choices and test parametrisation."""
+
+
+def model_names() -> list[str]:
+    """Registry names, largest first."""
+    return list(DIT_CONFIGS)
+
+
+def get_config(name: str, **overrides: Any) -> DiTConfig:
+    """Config of a registry model, with data-dependent fields (input_size, in_channels, ...) overridden."""
+    if name not in DIT_CONFIGS:
+        raise ConfigError(f"unknown model '{name}'; choose one of: {', '.join(DIT_CONFIGS)}")
+    fields = {f.name for f in dataclasses.fields(DiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(f"unknown model option(s) for '{name}': {', '.join(unknown)}")
+    return DiTConfig(**{"name": name, **DIT_CONFIGS[name], **overrides})

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny configs and tiny models with every parameter re-randomised.
+
+DiT zero-initialises the adaLN modulation and the output layer, so a freshly built model predicts zeros and
+hides almost every bug; the model fixtures here re-randomise all trainable parameters after construction.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:  # the package is not installed in the test venv
+    sys.path.insert(0, str(_ROOT))
+
+from dynasearch.model import DiT, DiTConfig, get_config  # noqa: E402
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every trainable parameter (in place) with std 1/sqrt(fan_in) for matrices, 0.1 for vectors.
+
+    Non-trainable parameters (the fixed sin-cos pos_embed) are left alone.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if p.dim() >= 2:
+                fan_in = p[0].numel() if "embedding_table" not in name else p.shape[1]
+                std = 1.0 / fan_in**0.5
+            else:
+                std = 0.1
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return model
+
+
+def make_model(config: DiTConfig, seed: int = 0) -> DiT:
+    """A model of `config` in eval mode with randomised (non-zero) weights."""
+    torch.manual_seed(seed)
+    model = DiT(config)
+    randomize_(model, seed)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_config() -> DiTConfig:
+    """DiT-N/2 on 8x8x1 inputs: depth 2, hidden 32, 4 heads, MLP 128 (groups of 32), 16 tokens."""
+    return get_config("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+
+
+@pytest.fixture
+def tiny_model(tiny_config: DiTConfig) -> DiT:
+    """DiT-N/2 (tiny_config) with every trainable parameter non-zero, in eval mode."""
+    return make_model(tiny_config, seed=0)
+
+
+@pytest.fixture
+def small_config() -> DiTConfig:
+    """DiT-T/2 on 8x8x4 inputs: depth 6, hidden 128, 8 heads, MLP 512 (groups of 64), 16 tokens."""
+    return get_config("DiT-T/2", input_size=8, in_channels=4, num_classes=10)
+
+
+@pytest.fixture
+def small_model(small_config: DiTConfig) -> DiT:
+    """DiT-T/2 (small_config) with every trainable parameter non-zero, in eval mode."""
+    return make_model(small_config, seed=1)
+
+
+def model_inputs(config: DiTConfig, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random latents, fractional timesteps and labels for `config`."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, generator=gen)
+    t = torch.rand(batch, generator=gen) * 999.0
+    y = torch.randint(0, config.num_classes, (batch,), generator=gen)
+    return x, t, y
+
+
+@pytest.fixture
+def inputs_for():
+    """Factory fixture: inputs_for(config, batch=2, seed=0) -> (x, t, y)."""
+    return model_inputs
