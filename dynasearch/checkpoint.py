@@ -23,6 +23,7 @@ __all__ = [
     "load_checkpoint",
     "read_config",
     "load_weights",
+    "save_weights",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_dit_state_dict",
@@ -56,11 +57,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file atomically (temporary file + rename)."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -95,7 +98,7 @@ def save_checkpoint(
     }
     doc.update(extra or {})
     tensors = model.state_dict() if state_dict is None else state_dict
-    _atomic_save_tensors(tensors, directory / weights_name, {"format": "dynasearch", "model": config.name})
+    save_weights(tensors, directory / weights_name, {"format": "dynasearch", "model": config.name})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
     return directory
 
