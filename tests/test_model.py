@@ -547,12 +547,17 @@ def test_block_masks_match_block_slicing(small_model) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 def test_tokens_kept_values(tiny_config) -> None:
     cases = [(1.0, 16, 16), (0.5, 16, 8), (0.25, 16, 4), (0.3, 16, 5), (0.01, 16, 1), (0.7, 10, 7), (0.1, 10, 1),
-             (0.11, 10, 2), (0.999, 256, 256), (0.75, 256, 192), (1e-6, 4, 1)]
+             (0.11, 10, 2), (0.999, 256, 256), (0.75, 256, 192), (1e-6, 4, 1),
+             # r*N lands just above an integer in floating point: 0.07*100 == 7.000000000000001
+             (0.07, 100, 7), (0.14, 100, 14), (0.57, 100, 57)]
     for r, n, k in cases:
         assert tokens_kept(r, n) == k, (r, n)
     assert tiny_config.num_tokens == 16
     for r in (0.1, 0.25, 0.3, 0.5, 0.7, 1.0):
         assert tiny_config.tokens_kept(r) == tokens_kept(r, 16)
+    hundred = tiny_config.replace(input_size=20)
+    assert hundred.num_tokens == 100
+    assert [hundred.tokens_kept(r) for r in (0.07, 0.14, 0.5, 0.571)] == [7, 14, 50, 58]
 
 
 def test_ratio_one_never_calls_the_router(tiny_model, tiny_config) -> None:

@@ -42,7 +42,8 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         os.environ["DYNASEARCH_DEBUG"] = "1"
 
 
-from . import _inspect  # noqa: E402,F401  (registers the commands)
+from . import _inspect, _search  # noqa: E402,F401  (registers the commands)
+from . import _train  # noqa: E402,F401  (registers train-supernet)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,57 @@
+"""`dynasearch search`: FLOPs-budgeted Optuna search over a trained supernet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from . import app, console
+
+
+@app.command()
+def search(
+    supernet: Path = typer.Option(..., help="Supernet: a training run directory (or a supernet checkpoint)."),
+    flops: str = typer.Option(..., help="FLOPs budget: 50G, 50GFLOPs, 5e10, 500M, 0.5x or 50%."),
+    space: Optional[str] = typer.Option(None, help="Search space: shipped name or YAML file (default: the training space)."),
+    trials: int = typer.Option(200, help="Finished trials the study should hold (a rerun resumes up to this)."),
+    sampler: str = typer.Option("tpe", help="tpe, nsga2, gp or random."),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage: RDB URL (postgresql://...) or journal file path."),
+    study_name: str = typer.Option("dynasearch", help="Study name inside the storage."),
+    workers: int = typer.Option(1, help="Worker processes on this machine."),
+    seed: int = typer.Option(0, help="Sampler seed and proxy-set seed."),
+    export_top: int = typer.Option(3, help="Pareto points to export as sliced checkpoints (besides the best)."),
+    proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    out: Path = typer.Option(Path("results/search"), help="Output directory."),
+) -> None:
+    """Search per-block heads, MLP widths and token ratios under a FLOPs budget; export the best subnets."""
+    from ..search import SearchConfig
+    from ..search_outputs import run_search
+
+    config = SearchConfig(
+        supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
+        study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
+        device=device,
+    )
+    result = run_search(config)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    table = Table(title=f"Pareto front ({len(result.pareto)} subnets within {result.best['budget_gflops']:.4f} GFLOPs)")
+    for h in ("trial", "GFLOPs", "% of full", "proxy loss"):
+        table.add_column(h, justify="right")
+    full = result.best["full_gflops"]
+    for _, row in result.pareto.iterrows():
+        table.add_row(str(int(row["number"])), f"{row['gflops']:.4f}", f"{100 * row['gflops'] / full:.1f}", f"{row['proxy_loss']:.5f}")
+    console.print(table)
+    best = result.best
+    line = f"best within budget: {best['gflops']:.4f} GFLOPs, proxy loss {best['proxy_loss']:.5f}"
+    if best.get("best_uniform"):
+        u = best["best_uniform"]
+        line += f"; best uniform: {u['gflops']:.4f} GFLOPs, proxy loss {u['proxy_loss']:.5f}"
+    console.print(line)
+    for e in result.exported:
+        console.print(f"exported {e['name']}: {e['gflops']:.4f} GFLOPs, {e['params'] / 1e6:.3f}M params -> {e['path']}")
+    console.print(f"results in {result.out}")

@@ -1,0 +1,179 @@
+"""Search: outputs, budgets, resume, workers, failures, study settings (on tiny supernets)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+from dynasearch.checkpoint import load_checkpoint, save_checkpoint
+from dynasearch.errors import BudgetError, SearchError, SearchSpaceError
+from dynasearch.flops import closed_form_flops, count_flops
+from dynasearch.model import create_supernet
+from dynasearch.search import SearchConfig, prepare_search, run_trials
+from dynasearch.search_outputs import pareto_frame, run_search
+from dynasearch.searchspace import load_space
+from dynasearch.space import Subnet
+
+
+def _fake_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise", seed: int = 0) -> Path:
+    """A supernet run directory as train-supernet writes it, with random (non-zero) weights."""
+    torch.manual_seed(seed)
+    model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    extra = {"space": load_space(space).to_dict(), "data": {"spec": "digits", "seed": 0, "val_fraction": 0.1}}
+    save_checkpoint(model, path, weights_name="supernet.safetensors", extra=extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _fake_run(tmp_path_factory.mktemp("run") / "supernet")
+
+
+def _config(run_dir: Path, out: Path, **kw) -> SearchConfig:
+    base = dict(supernet=run_dir, flops="0.5x", out=out, trials=8, proxy_samples=64, export_top=2, seed=0)
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+def test_search_writes_every_output_within_budget(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = run_search(_config(run_dir, out), progress=False)
+    for name in ("trials.csv", "pareto.csv", "baseline.csv", "best.json"):
+        assert (out / name).is_file(), name
+    trials = pd.read_csv(out / "trials.csv")
+    pareto = pd.read_csv(out / "pareto.csv")
+    baseline = pd.read_csv(out / "baseline.csv")
+    best = json.loads((out / "best.json").read_text())
+    assert len(trials) == 8 and set(trials["state"]) == {"COMPLETE"}
+    assert {"number", "state", "gflops", "proxy_loss", "feasible", "seconds", "attn_b0", "mlp_b1", "tok_b1"} <= set(trials.columns)
+    # the study was seeded with the largest and the smallest subnets
+    full = closed_form_flops(load_checkpoint(run_dir).config)
+    assert trials["gflops"].max() == pytest.approx(full / 1e9)
+    assert (pareto["gflops"].diff().dropna() > 0).all() and (pareto["proxy_loss"].diff().dropna() < 0).all()
+    assert pareto["feasible"].all()
+    assert best["gflops"] * 1e9 <= best["budget_gflops"] * 1e9 + 1
+    assert len(baseline) > 10 and {"attn_rate", "mlp_rate", "token_ratio", "on_front"} <= set(baseline.columns)
+    # exported checkpoints: physically smaller, within budget, fvcore == closed form, same function
+    supernet = load_checkpoint(run_dir)
+    assert len(result.exported) >= 2
+    for entry in result.exported:
+        small = load_checkpoint(entry["path"])
+        subnet = Subnet.load(Path(entry["path"]) / "subnet.json")
+        assert small.config.is_sliced
+        assert count_flops(small).total == closed_form_flops(supernet.config, subnet) <= best["budget_gflops"] * 1e9
+        x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 500, 999]), torch.tensor([0, 3, 9])
+        torch.testing.assert_close(small(x, t, y), supernet(x, t, y, subnet=subnet), atol=1e-5, rtol=1e-5)
+
+
+def test_resume_continues_without_repeating(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    cfg = _config(run_dir, out, trials=5, export_top=0)
+    first = run_search(cfg, progress=False).trials
+    second = run_search(replace(cfg, trials=9), progress=False).trials
+    assert len(first) == 5 and len(second) == 9
+    assert second["number"].is_unique
+    merged = second.set_index("number").loc[first["number"]]
+    assert (merged["proxy_loss"].values == first["proxy_loss"].values).all()
+    third = run_search(replace(cfg, trials=9), progress=False).trials  # nothing left to do
+    assert len(third) == 9
+
+
+def test_two_workers_one_consistent_study(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = run_search(_config(run_dir, out, trials=10, workers=2, export_top=0), progress=False)
+    trials = result.trials
+    assert len(trials) == 10 and trials["number"].is_unique
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    study = optuna.load_study(study_name="dynasearch", storage=storage)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 10
+
+
+def test_failed_trials_do_not_stop_the_study(run_dir: Path, tmp_path: Path) -> None:
+    ctx = prepare_search(_config(run_dir, tmp_path / "s", trials=6, export_top=0))
+    calls = {"n": 0}
+    real = ctx.evaluator
+
+    class Flaky:
+        def __call__(self, subnet):
+            calls["n"] += 1
+            if calls["n"] % 2 == 0:
+                raise RuntimeError("boom")
+            if calls["n"] == 3:
+                return float("nan")
+            return real(subnet)
+
+    ctx.evaluator = Flaky()
+    study = run_trials(ctx)
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("FAIL") >= 3 and states.count("COMPLETE") >= 1 and len(states) == 6
+    reasons = {t.user_attrs.get("fail_reason") for t in study.get_trials() if t.state.name == "FAIL"}
+    assert "RuntimeError: boom" in reasons and "proxy loss is nan" in reasons
+
+
+def test_budget_errors(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(BudgetError, match="below the smallest subnet"):
+        prepare_search(_config(run_dir, tmp_path / "a", flops="0.01x"))
+    with pytest.raises(BudgetError, match="not understood"):
+        prepare_search(_config(run_dir, tmp_path / "b", flops="50X"))
+    with pytest.raises(BudgetError, match="positive"):
+        prepare_search(_config(run_dir, tmp_path / "c", flops="0"))
+
+
+def test_budget_above_full_returns_full_model(run_dir: Path, tmp_path: Path) -> None:
+    result = run_search(_config(run_dir, tmp_path / "s", flops="2x", trials=3, export_top=0), progress=False)
+    assert result.best["full_model"] is True
+    assert any("full model" in n for n in result.notes)
+    config = load_checkpoint(run_dir).config
+    assert Subnet.from_dict(result.best["subnet"]) == Subnet.full(config)
+
+
+def test_same_study_name_with_other_space_is_an_error(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    run_search(_config(run_dir, out, trials=2, export_top=0), progress=False)
+    with pytest.raises(SearchError, match="different settings"):
+        run_search(_config(run_dir, out, trials=2, export_top=0, space="uniform"), progress=False)
+
+
+def test_space_with_choices_the_supernet_lacks(run_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "odd.yaml"
+    bad.write_text("granularity: block\nattn_rate: [0.3, 1.0]\nmlp_rate: [1.0]\ntoken_ratio: [1.0]\n")
+    with pytest.raises(SearchSpaceError, match="0.3"):
+        prepare_search(_config(run_dir, tmp_path / "s", space=str(bad)))
+
+
+def test_pareto_frame_keeps_only_non_dominated() -> None:
+    df = pd.DataFrame(
+        {
+            "number": [0, 1, 2, 3, 4],
+            "state": ["COMPLETE"] * 4 + ["FAIL"],
+            "gflops": [1.0, 2.0, 3.0, 1.5, 0.5],
+            "proxy_loss": [0.5, 0.6, 0.3, 0.4, 0.1],
+            "feasible": [True, True, True, True, True],
+            "subnet": ["a", "b", "c", "d", "e"],
+        }
+    )
+    front = pareto_frame(df)
+    assert list(front["number"]) == [0, 3, 2]
+
+
+def test_search_on_registry_config(tmp_path: Path) -> None:
+    """One search step on a real registry architecture (DiT-S/8: 12 blocks, 6 heads) at a tiny input size."""
+    run = tmp_path / "run"
+    torch.manual_seed(0)
+    model = create_supernet("DiT-S/8", input_size=8, in_channels=1, num_classes=10)
+    extra = {"space": load_space("stagewise").to_dict(), "data": {"spec": "digits"}}
+    save_checkpoint(model, run, weights_name="supernet.safetensors", extra=extra)
+    result = run_search(_config(run, tmp_path / "s", flops="0.9x", trials=4, export_top=1, proxy_samples=16), progress=False)
+    assert len(result.trials) == 4
+    assert result.best["gflops"] <= result.best["budget_gflops"]
