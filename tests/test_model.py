@@ -469,6 +469,20 @@ def test_attention_mask_middle_head_equals_zeroed_projection_columns() -> None:
         torch.testing.assert_close(attn(x, channel_mask=mask), ref(x), atol=1e-6, rtol=1e-5)
 
 
+def test_attention_mask_with_sliced_heads_uses_the_first_columns() -> None:
+    """With `heads` < num_heads the (B, num_heads) mask's first `heads` columns address the kept heads."""
+    attn = _attention(4)
+    x = torch.randn(2, 5, 32)
+    ref = copy.deepcopy(attn)
+    with torch.no_grad():
+        ref.proj.weight[:, 8:16] = 0.0  # head 1 removed
+        mask = torch.tensor([[1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
+        out = attn(x, 2, channel_mask=mask)
+        torch.testing.assert_close(out[0], ref(x, 2)[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(out[1], attn(x, 2)[1], atol=1e-6, rtol=1e-5)
+        assert (out[0] - attn(x, 2)[0]).abs().max() > 1e-3
+
+
 def test_attention_mask_is_per_sample() -> None:
     attn = _attention(3)
     x = torch.randn(2, 6, 32)

@@ -144,9 +144,9 @@ class DiTBlock(nn.Module):
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
         x = x + gate_msa.unsqueeze(1) * self.attn(h, choice.heads, attn_mask)  # (B, N, D)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, N, D)
-        if choice.token_ratio >= 1.0 or self.token_router is None:
+        k = x.shape[1] if self.token_router is None else tokens_kept(choice.token_ratio, x.shape[1])
+        if k >= x.shape[1]:  # every token kept: exactly the DiT block, no router
             return x + gate_mlp.unsqueeze(1) * self.mlp(h, choice.mlp_hidden, mlp_mask)  # (B, N, D)
-        k = tokens_kept(choice.token_ratio, x.shape[1])
         scores = self.token_router(h)  # (B, N)
         idx = scores.topk(k, dim=1, sorted=False).indices  # (B, k)
         idx_d = idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, k, D)
