@@ -1,5 +1,6 @@
 """dynasearch: weight-sharing architecture search for Diffusion Transformers."""
 
+from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -11,7 +12,10 @@ from .errors import (
     SubnetError,
     TrainingError,
 )
+from .flops import closed_form_flops, count_flops, parse_budget
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_supernet, get_config, model_names
+from .searchspace import SearchSpace, load_space
+from .slicing import reorder_by_importance, slice_subnet
 from .space import BlockChoice, Subnet
 
 __version__ = "0.1.0"
@@ -28,11 +32,20 @@ __all__ = [
     "DiTConfig",
     "DynasearchError",
     "SearchError",
+    "SearchSpace",
     "SearchSpaceError",
     "Subnet",
     "SubnetError",
     "TrainingError",
+    "closed_form_flops",
+    "count_flops",
     "create_supernet",
     "get_config",
+    "load_checkpoint",
+    "load_space",
     "model_names",
+    "parse_budget",
+    "reorder_by_importance",
+    "save_checkpoint",
+    "slice_subnet",
 ]
