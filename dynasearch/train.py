@@ -477,15 +477,6 @@ def _barrier(ddp: _Dist) -> None:
         dist.barrier()
 
 
-def _agree(ok: bool, ddp: _Dist, device: torch.device) -> bool:
-    """True when every rank says ok (used so that a failure on one rank stops them all)."""
-    if not ddp.enabled:
-        return ok
-    flag = torch.tensor([0.0 if ok else 1.0], device=device)
-    dist.all_reduce(flag)
-    return flag.item() == 0.0
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Run directory and model construction
 # ---------------------------------------------------------------------------------------------------------------------
@@ -738,11 +729,16 @@ def _restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimiz
 
 
 def _check_resume_args(cfg: TrainConfig, stored: TrainConfig, out: Path) -> None:
-    """A resumed run must be the same run: only steps, checkpoint/log cadence and device may change."""
+    """A resumed run must be the same run: only steps, checkpoint/log cadence and device may change.
+
+    The stored arguments hold the resolved model name and reorder flag; None for those here means "as stored".
+    """
     diffs = [
         f"{_flag(f.name)} {getattr(stored, f.name)!r} -> {getattr(cfg, f.name)!r}"
         for f in dataclasses.fields(TrainConfig)
-        if f.name not in _RESUMABLE and getattr(cfg, f.name) != getattr(stored, f.name)
+        if f.name not in _RESUMABLE
+        and getattr(cfg, f.name) != getattr(stored, f.name)
+        and not (f.name in ("model", "reorder") and getattr(cfg, f.name) is None)  # None: "as stored"
     ]
     if diffs:
         raise TrainingError(

@@ -46,6 +46,19 @@ def make_model(config: DiTConfig, seed: int = 0) -> DiT:
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def torch_single_thread():
+    """Run a module's tests with one intra-op thread (restored afterwards).
+
+    The models here are tiny: a second thread gains nothing, and on a shared 2-core machine thread oversubscription
+    made the model tests ~7x slower.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_config() -> DiTConfig:
     """DiT-N/2 on 8x8x1 inputs: depth 2, hidden 32, 4 heads, MLP 128 (groups of 32), 16 tokens."""

@@ -5,6 +5,7 @@ token selection, classifier-free guidance, label dropout, the dynamic linear lay
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -29,6 +30,8 @@ from dynasearch.model import (
     tokens_kept,
 )
 from dynasearch.space import BlockChoice, Subnet
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PAPER = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 """depth, hidden, heads of the DiT paper's models (Peebles & Xie, Table 1)."""
@@ -626,6 +629,23 @@ def test_token_selection_changes_exactly_k_tokens(small_model, ratio: float) -> 
     assert len({tuple(sorted(top[b].tolist())) for b in range(B)}) > 1
 
 
+def test_ratio_keeping_every_token_is_the_dense_block(small_model) -> None:
+    """0.97 of 16 tokens keeps ceil(15.52) = 16 tokens: the dense DiT block, router skipped (even if it is NaN)."""
+    cfg = small_model.config
+    block = small_model.blocks[0]
+    torch.manual_seed(0)
+    x, c = torch.randn(2, cfg.num_tokens, cfg.hidden_size), torch.randn(2, cfg.hidden_size)
+    assert tokens_kept(0.97, cfg.num_tokens) == cfg.num_tokens
+    with torch.no_grad():
+        dense = block(x, c, BlockChoice(8, 512, 1.0))
+        for p in block.token_router.parameters():
+            p.fill_(float("nan"))
+        out = block(x, c, BlockChoice(8, 512, 0.97))
+        partial = block(x, c, BlockChoice(8, 512, 0.9))  # 15 tokens: uses the (NaN) router
+    torch.testing.assert_close(out, dense, atol=0, rtol=0)
+    assert not torch.isfinite(partial).all()
+
+
 def test_token_selection_in_the_model(tiny_model, tiny_config) -> None:
     """Through the whole model: a ratio < 1 changes the output, ratio 1 in a Subnet equals the full model."""
     x, t, y = model_inputs(tiny_config, batch=2, seed=7)
@@ -918,6 +938,42 @@ def test_invalid_configs() -> None:
         get_config("DiT-S/2").replace(bogus=1)
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(block_heads=(8, 4)),  # more heads than the 4-head supernet: accepted, DiT builds an 8-head block
+        dict(block_heads=(0, 4)),  # accepted; DiT(...) then raises SubnetError "heads must be ... in [1, 0]"
+        dict(block_heads=(2.5, 4)),  # accepted; DiT(...) then raises a raw TypeError from torch.empty
+        dict(block_mlp_hidden=(256, 128)),  # wider than the supernet's MLP (128): accepted, DiT builds it
+        dict(block_mlp_hidden=(100, 128)),  # not a multiple of the group size 32: accepted (see the next test)
+        dict(block_token_ratios=(0.0, 1.0)),  # accepted; DiT(...) then raises SubnetError
+        dict(block_token_ratios=(1.5, 1.0)),  # accepted; DiT(...) then raises SubnetError
+    ],
+)
+def test_config_rejects_impossible_physical_sizes(tiny_config, changes) -> None:
+    with pytest.raises(ConfigError):
+        tiny_config.replace(**changes)
+
+
+def test_config_from_dict_rejects_fractional_heads(tiny_config) -> None:
+    data = tiny_config.to_dict()
+    data["block_heads"] = [2.7, 4]
+    with pytest.raises(ConfigError):
+        DiTConfig.from_dict(data)
+
+
+def test_block_with_physical_mlp_width_accepts_masks(tiny_config) -> None:
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        tiny_config.replace(block_mlp_hidden=(100, 128))
+    model = make_model(tiny_config.replace(block_mlp_hidden=(96, 128)))
+    block = model.blocks[0]
+    torch.manual_seed(0)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        out = block(x, c, BlockChoice(4, 64, 1.0), mlp_mask=torch.ones(2, 3))
+        torch.testing.assert_close(out, block(x, c, BlockChoice(4, 64, 1.0)), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("field,value", [("depth", 3), ("hidden_size", 100), ("num_heads", 5), ("patch_size", 4)])
 def test_get_config_architecture_override_is_applied_or_a_config_error(field, value) -> None:
     """get_config(name, depth=3) must either apply the override (and validate it) or raise ConfigError; a raw
@@ -933,8 +989,6 @@ def test_config_dict_round_trip_and_unknown_key() -> None:
     cfg = get_config("DiT-N/2", input_size=8, in_channels=1, num_classes=10).replace(
         block_heads=(2, 4), block_mlp_hidden=(64, 128), block_token_ratios=(0.5, 1.0)
     )
-    import json
-
     back = DiTConfig.from_dict(json.loads(cfg.to_json()))
     assert back == cfg and back.block_heads == (2, 4) and hash(back) == hash(cfg)
     data = cfg.to_dict()

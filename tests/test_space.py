@@ -153,7 +153,9 @@ def test_load_directory_and_binary(tmp_path) -> None:
         (0.25, 0.75, 4, 3456),
         (0.1, 0.1, 2, 576),  # 1.6 -> 2 heads / groups
         (0.03, 0.03, 1, 288),  # at least one head / one group
-        (0.5625, 0.40625, 9, 2016),  # 9 heads; 6.5 groups -> 7 (half-up) x 288
+        (0.5625, 0.40625, 9, 2016),  # 9 heads; 6.5 groups -> 7 (half-up, not banker's 6) x 288
+        (0.40625, 0.53125, 7, 2592),  # 6.5 heads -> 7 (half-up); 8.5 groups -> 9 x 288
+        (0.15625, 0.15625, 3, 864),  # 2.5 -> 3 (banker's rounding would give 2)
     ],
 )
 def test_uniform_on_xl(xl, attn, mlp, heads, hidden) -> None:

@@ -43,6 +43,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 from . import _inspect, _search  # noqa: E402,F401  (registers the commands)
+from . import _sample  # noqa: E402,F401  (registers sample and eval)
 from . import _train  # noqa: E402,F401  (registers train-supernet)
 
 

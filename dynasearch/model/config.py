@@ -60,6 +60,24 @@ class DiTConfig:
             value = getattr(self, key)
             if value is not None and len(value) != self.depth:
                 raise ConfigError(f"model config '{self.name}': {key} has {len(value)} entries for {self.depth} blocks")
+        self._check_blocks()
+
+    def _check_blocks(self) -> None:
+        """Physical per-block sizes must be whole heads / channel groups within the full model."""
+        group = self.mlp_hidden // self.num_heads
+        for i, h in enumerate(self.block_heads or ()):
+            if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= self.num_heads:
+                raise ConfigError(f"model config '{self.name}': block {i} heads must be an integer in [1, {self.num_heads}], got {h!r}")
+        for i, m in enumerate(self.block_mlp_hidden or ()):
+            ok = isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= self.mlp_hidden
+            if not ok or m % group:
+                raise ConfigError(
+                    f"model config '{self.name}': block {i} MLP width must be a multiple of {group} in "
+                    f"[{group}, {self.mlp_hidden}], got {m!r}"
+                )
+        for i, r in enumerate(self.block_token_ratios or ()):
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
+                raise ConfigError(f"model config '{self.name}': block {i} token ratio must be in (0, 1], got {r!r}")
 
     @property
     def head_dim(self) -> int:
@@ -151,11 +169,11 @@ class DiTConfig:
         if unknown:
             raise ConfigError(f"model config has unknown keys: {', '.join(unknown)}")
         kwargs = dict(data)
-        for key in ("block_heads", "block_mlp_hidden"):
+        for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
             if kwargs.get(key) is not None:
-                kwargs[key] = tuple(int(v) for v in kwargs[key])
-        if kwargs.get("block_token_ratios") is not None:
-            kwargs["block_token_ratios"] = tuple(float(v) for v in kwargs["block_token_ratios"])
+                if not isinstance(kwargs[key], (list, tuple)):
+                    raise ConfigError(f"model config: {key} must be a list, got {kwargs[key]!r}")
+                kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
 
     def to_json(self) -> str:

@@ -26,8 +26,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class DynaLinear(nn.Linear):
     """An nn.Linear owning full-size weights whose input and/or output side can shrink at run time.
 
-    `dyna_dim = (in_dynamic, out_dynamic)` chooses the sides that follow `width_mult`; explicit sizes passed to
-    `forward` take precedence. Slicing keeps the first channels (`weight[:out, :in]`), so channels should be
+    `dyna_dim = (in_dynamic, out_dynamic)` chooses the sides that follow `width_mult`, rounded to whole groups
+    (`num_groups`, e.g. attention heads; None: single channels); explicit sizes passed to `forward` take precedence. Slicing keeps the first channels (`weight[:out, :in]`), so channels should be
     ordered by importance first (see `dynasearch.slicing.reorder_by_importance`).
     """
 
@@ -37,7 +37,7 @@ class DynaLinear(nn.Linear):
         out_features: int,
         bias: bool = True,
         dyna_dim: tuple[bool, bool] = (True, True),
-        num_groups: int = 1,
+        num_groups: int | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.in_features_max = in_features
@@ -51,11 +51,13 @@ class DynaLinear(nn.Linear):
         if in_features is None:
             in_features = self.in_features_max
             if self.dyna_dim[0] and self.width_mult != 1.0:
-                in_features = round_to_nearest(self.in_features_max, self.width_mult, self.num_groups)
+                groups = self.num_groups or self.in_features_max
+                in_features = round_to_nearest(self.in_features_max, self.width_mult, groups)
         if out_features is None:
             out_features = self.out_features_max
             if self.dyna_dim[1] and self.width_mult != 1.0:
-                out_features = round_to_nearest(self.out_features_max, self.width_mult, self.num_groups)
+                groups = self.num_groups or self.out_features_max
+                out_features = round_to_nearest(self.out_features_max, self.width_mult, groups)
         return in_features, out_features
 
     def forward(self, x: torch.Tensor, in_features: int | None = None, out_features: int | None = None) -> torch.Tensor:
