@@ -31,6 +31,18 @@ _EXITS = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORTS = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort)})
 
 
+def print_frame(df: object, title: str) -> None:
+    """Print a pandas DataFrame as a rich table (numbers to 4 significant digits)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in df.columns:  # type: ignore[attr-defined]
+        table.add_column(str(col), justify="right")
+    for row in df.itertuples(index=False):  # type: ignore[attr-defined]
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
 def _debug() -> bool:
     return os.environ.get("DYNASEARCH_DEBUG", "") not in ("", "0")
 
@@ -42,7 +54,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         os.environ["DYNASEARCH_DEBUG"] = "1"
 
 
-from . import _inspect, _search  # noqa: E402,F401  (registers the commands)
+from . import _inspect, _report, _search  # noqa: E402,F401  (registers the commands)
 from . import _sample  # noqa: E402,F401  (registers sample and eval)
 from . import _train  # noqa: E402,F401  (registers train-supernet)
 
