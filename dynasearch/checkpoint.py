@@ -37,6 +37,13 @@ CONFIG_NAME = "config.json"
 WEIGHT_NAMES = ("model.safetensors", "supernet.safetensors")
 
 
+def _umask_mode() -> int:
+    """The mode a plain `open()` would give a new file (mkstemp's files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename: readers never see half a file."""
     path = Path(path)
@@ -46,6 +53,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -64,6 +72,7 @@ def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
