@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .checkpoint import load_checkpoint
-from .errors import ConfigError
+from .errors import ConfigError, SubnetError
 from .flops import closed_form_by_module, closed_form_flops, closed_form_params, count_flops
 from .model.config import DIT_CONFIGS, DiTConfig, get_config
 from .model.dit import DiT
@@ -102,7 +102,10 @@ def _build(query: FlopsQuery) -> DiT:
 def _subnet(query: FlopsQuery, model: DiT) -> Subnet:
     if query.subnet_file is not None:
         subnet = Subnet.load(query.subnet_file)
-        subnet.validate(model.config)
+        try:
+            subnet.validate(model.config)
+        except SubnetError as exc:
+            raise SubnetError(f"subnet file '{query.subnet_file}': {exc}") from None
         return subnet
     rates = (query.attn_rate, query.mlp_rate, query.token_ratio)
     if all(r is None for r in rates):

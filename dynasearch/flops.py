@@ -195,7 +195,9 @@ def parse_budget(text: str, full_flops: int | None = None) -> int:
         value = value * full_flops / (100.0 if match["pct"] else 1.0)
     else:
         value *= _UNITS[match["unit"] or ""]
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise BudgetError(f"FLOPs budget '{text}' is not a finite number")
+    if value <= 0:
         raise BudgetError(f"FLOPs budget '{text}' must be positive")
     return int(round(value))
 

@@ -46,12 +46,12 @@ def make_model(config: DiTConfig, seed: int = 0) -> DiT:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def torch_single_thread():
-    """Run a module's tests with one intra-op thread (restored afterwards).
+    """Run the suite with one intra-op thread (restored afterwards).
 
-    The models here are tiny: a second thread gains nothing, and on a shared 2-core machine thread oversubscription
-    made the model tests ~7x slower.
+    The test models are tiny: a second thread gains nothing, and on a shared 2-core machine every OpenMP parallel
+    region waits for a descheduled thread (thread oversubscription made the model tests ~7x slower).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(1)

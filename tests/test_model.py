@@ -31,7 +31,6 @@ from dynasearch.model import (
 )
 from dynasearch.space import BlockChoice, Subnet
 
-pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 PAPER = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 """depth, hidden, heads of the DiT paper's models (Peebles & Xie, Table 1)."""

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = getattr(exc, "ctx", None)
         where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
         message = exc.format_message().replace("Value error, ", "")
+        value = _offending_value(exc, args)
+        if value is not None and repr(value) not in message and f"'{value}'" not in message:
+            message = f"{message} (got {value!r})"
         print(f"error: {message}{where}", file=sys.stderr)
         return 2
     except DynasearchError as exc:
@@ -95,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     return 0
+
+
+def _offending_value(exc: Exception, args: list[str]) -> str | None:
+    """The command-line text given for the option a BadParameter error is about (typer's message omits it)."""
+    param = getattr(exc, "param", None)
+    opts = list(getattr(param, "opts", []) or []) + list(getattr(param, "secondary_opts", []) or [])
+    for i, arg in enumerate(args):
+        for opt in opts:
+            if arg == opt and i + 1 < len(args):
+                return args[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1 :]
+    return None
 
 
 def run() -> None:
