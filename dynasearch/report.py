@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import torch
 
 from .checkpoint import atomic_write_text, load_checkpoint
 from .errors import DynasearchError

@@ -633,8 +633,14 @@ class _Metrics:
         """Keep the rows up to `step` (rewritten atomically); returns their last elapsed_seconds."""
         if not self.path.is_file():
             return 0.0
+        kept: list[dict[str, str]] = []
         with self.path.open(newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if r.get("step", "").isdigit() and int(r["step"]) <= step]
+            for r in csv.DictReader(handle):
+                # skip a line torn by a crash (missing fields) and anything past the checkpoint
+                if any(r.get(c) is None for c in METRIC_COLUMNS) or not r["step"].isdigit():
+                    continue
+                if int(r["step"]) <= step and (not kept or int(r["step"]) > int(kept[-1]["step"])):
+                    kept.append(r)
         if self.enabled:
             buf = io.StringIO()
             writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")

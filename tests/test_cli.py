@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import make_model
 from dynasearch.checkpoint import save_checkpoint
