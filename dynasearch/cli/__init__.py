@@ -54,7 +54,7 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         os.environ["DYNASEARCH_DEBUG"] = "1"
 
 
-from . import _demo, _inspect, _report, _search  # noqa: E402,F401  (registers the commands)
+from . import _bench, _demo, _inspect, _report, _search  # noqa: E402,F401  (registers the commands)
 from . import _sample  # noqa: E402,F401  (registers sample and eval)
 from . import _train  # noqa: E402,F401  (registers train-supernet)
 

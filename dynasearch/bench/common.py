@@ -1,0 +1,175 @@
+"""What every benchmark shares: the result type, the machine record, thread control and the files written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pandas as pd
+import torch
+
+from ..checkpoint import atomic_write_text
+from ..errors import DynasearchError
+
+__all__ = ["BenchError", "BenchResult", "machine_info", "command_line", "torch_threads", "resolve_device", "write_bench"]
+
+
+class BenchError(DynasearchError):
+    """A benchmark that cannot run with the options given."""
+
+
+@dataclass
+class BenchResult:
+    """One benchmark's main table, its extra tables, a summary (target met or not) and how it was made."""
+
+    name: str  # file stem: latency-cpu, flops, search, ranking, train-cpu
+    table: pd.DataFrame  # written as NAME.csv and printed
+    summary: dict[str, Any]  # headline figures, written into NAME.json
+    settings: dict[str, Any]  # the config, written into NAME.json
+    command: str  # a command line that reproduces the run
+    machine: dict[str, Any]
+    extra: dict[str, pd.DataFrame] = field(default_factory=dict)  # written as NAME_KEY.csv
+    notes: list[str] = field(default_factory=list)
+    date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """CPU model, cores, torch version, intra-op threads and the device name, as recorded with every benchmark."""
+    device = torch.device(device)
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        usable = os.cpu_count() or 0
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": _cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _flag_value(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    text = str(value)
+    return f"'{text}'" if any(c.isspace() for c in text) or not text else text
+
+
+def command_line(sub: str, config: Any, **overrides: Any) -> str:
+    """`dynasearch bench SUB --field value ...` for every set field of a config dataclass (defaults spelled out);
+    `overrides` replace a field's value as written (e.g. models="all")."""
+    parts = ["dynasearch", "bench", sub]
+    for f in dataclasses.fields(config):
+        value = overrides.get(f.name, getattr(config, f.name))
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            continue
+        text = _flag_value(value)
+        if text is not None:
+            parts += [flag, text]
+    return " ".join(parts)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Set torch's intra-op threads for a block (None: leave them) and restore them afterwards; yields the count."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_device(name: str) -> torch.device:
+    """cpu or cuda (an error when CUDA is asked for but absent)."""
+    if name not in ("cpu", "cuda"):
+        raise BenchError(f"--device must be cpu or cuda, got '{name}'")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def check_positive(**values: int | float | None) -> None:
+    """Raise BenchError naming the first option that is not a positive number."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise BenchError(f"--{key.replace('_', '-')} must be positive, got {value!r}")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_bench(result: BenchResult, out: str | Path, plot: Callable[[BenchResult, Path], Path] | None = None) -> list[Path]:
+    """Write NAME.csv (+ NAME_KEY.csv per extra table), NAME.png (when a plotter is given) and the NAME.json sidecar."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BenchError(f"output directory '{out}' cannot be created: {exc.strerror}") from None
+    files = [out / f"{result.name}.csv"]
+    atomic_write_text(files[0], result.table.to_csv(index=False))
+    for key, df in result.extra.items():
+        path = out / f"{result.name}_{key}.csv"
+        atomic_write_text(path, df.to_csv(index=False))
+        files.append(path)
+    if plot is not None:
+        files.append(plot(result, out / f"{result.name}.png"))
+    sidecar = out / f"{result.name}.json"
+    files.append(sidecar)
+    doc = {
+        "bench": result.name,
+        "command": f"{result.command} --out {_flag_value(str(out))}",
+        "date": result.date,
+        "machine": result.machine,
+        "settings": result.settings,
+        "summary": result.summary,
+        "notes": result.notes,
+        "files": [p.name for p in files],
+    }
+    atomic_write_text(sidecar, json.dumps(_jsonable(doc), indent=2) + "\n")
+    return files

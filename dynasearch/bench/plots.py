@@ -1,0 +1,150 @@
+"""The benchmarks' figures (matplotlib, Agg), drawn from a :class:`BenchResult`'s tables only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .common import BenchResult  # noqa: E402
+
+__all__ = ["PLOTS", "plot_latency", "plot_flops", "plot_search", "plot_ranking", "plot_train", "plot_for"]
+
+
+def _save(fig: plt.Figure, path: Path, result: BenchResult) -> Path:
+    m = result.machine
+    fig.text(0.01, 0.005, f"{m.get('device_name', '?')} | torch {m.get('torch', '?')} | {m.get('threads', '?')} threads | "
+             f"{result.date}", fontsize=6, color="#666666")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(result: BenchResult, path: Path) -> Path:
+    """Latency ratio against FLOPs ratio (the diagonal is 'speed-up = FLOPs saving', with the 10% band)."""
+    t, s = result.table, result.summary
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = np.linspace(0, 1.05, 50)
+    a.plot(x, x, c="black", lw=1, label="latency ratio = FLOPs ratio")
+    a.fill_between(x, 0.9 * x, 1.1 * x, color="#cccccc", alpha=0.5, label="within 10%")
+    a.axvspan(0.3, 0.7, color="#7aa6d6", alpha=0.08, label="target range")
+    for kind, colour, marker in (("full", "black", "*"), ("uniform", "#e08b3a", "o"), ("searched", "#1f4e8c", "s")):
+        k = t[t["kind"] == kind]
+        a.scatter(k["flops_ratio"], k["latency_ratio"], c=colour, marker=marker, s=50 if kind != "full" else 120, label=kind,
+                  zorder=5)
+    a.set_xlim(0, 1.05)
+    a.set_ylim(0, max(1.1, float(t["latency_ratio"].max()) * 1.05))
+    a.set_xlabel("FLOPs ratio (subnet / full)")
+    a.set_ylabel("latency ratio (subnet / full)")
+    a.set_title(f"{s['model']}, batch {s['batch']}, {s['device']} ({s['dtype']})", fontsize=9)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=7)
+    sub = t[t["kind"] != "full"]
+    b.bar(range(len(sub)), sub["quotient"], color=["#1f4e8c" if k == "searched" else "#e08b3a" for k in sub["kind"]])
+    b.axhline(1.0, c="black", lw=1)
+    b.axhline(s.get("dydit_reference_quotient", 0.84), c="#c0392b", ls="--", lw=1, label="DyDiT-XL (0.84)")
+    b.set_xticks(range(len(sub)))
+    b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(sub["name"], sub["flops_ratio"])], fontsize=6, rotation=30)
+    b.set_ylabel("quotient = FLOPs ratio / latency ratio")
+    b.set_title("1.0: the speed-up equals the FLOPs saving", fontsize=9)
+    b.grid(alpha=0.3, axis="y")
+    b.legend(fontsize=7)
+    return _save(fig, path, result)
+
+
+def plot_flops(result: BenchResult, path: Path) -> Path:
+    """GFLOPs per registry model, fvcore and closed form side by side (log scale), and parameters."""
+    t = result.table
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    i = np.arange(len(t))
+    a.bar(i - 0.2, t["gflops_fvcore"], 0.4, label="fvcore (+ attention handler)", color="#1f4e8c")
+    a.bar(i + 0.2, t["gflops_closed_form"], 0.4, label="closed form", color="#e08b3a")
+    a.set_yscale("log")
+    a.set_ylabel("GFLOPs (multiply-adds, batch 1)")
+    a.set_xticks(i)
+    a.set_xticklabels(t["model"], rotation=60, fontsize=7)
+    a.set_title(result.summary.get("data", ""), fontsize=9)
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3, axis="y")
+    b.bar(i, t["params_m"], color="#2e8b57")
+    b.set_yscale("log")
+    b.set_ylabel("parameters (M, without token routers)")
+    b.set_xticks(i)
+    b.set_xticklabels(t["model"], rotation=60, fontsize=7)
+    b.grid(alpha=0.3, axis="y")
+    return _save(fig, path, result)
+
+
+def plot_search(result: BenchResult, path: Path) -> Path:
+    """Mean hypervolume against trials per sampler (band: min-max over seeds), random's final mean as a line."""
+    c = result.extra["curves"]
+    s = result.summary
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for sampler, runs in c.groupby("sampler", sort=False):
+        hv = runs.pivot(index="trial", columns="seed", values="hypervolume")
+        ax.plot(hv.index, hv.mean(axis=1), lw=2, label=sampler)
+        ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.15)
+    if s.get("random_final_hv_mean") is not None:
+        ax.axhline(s["random_final_hv_mean"], c="black", ls="--", lw=1, label="random: final mean")
+    trials = int(c["trial"].max())
+    ax.axvline(trials / 3, c="#c0392b", ls=":", lw=1, label="1/3 of the trials")
+    ax.set_xlabel("trials")
+    ax.set_ylabel("hypervolume (GFLOPs x proxy loss)")
+    ref = s["reference"]
+    ax.set_title(f"{s['model']}, budget {s['budget_gflops']:.3g} GFLOPs; reference ({ref['gflops']:.3g}, "
+                 f"{ref['proxy_loss']:.3g})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path, result)
+
+
+def plot_ranking(result: BenchResult, path: Path) -> Path:
+    """Fine-tuned against inherited proxy loss, coloured by GFLOPs, with Kendall tau."""
+    t, s = result.table, result.summary
+    fig, ax = plt.subplots(figsize=(6, 4.8))
+    sc = ax.scatter(t["inherited_loss"], t["finetuned_loss"], c=t["flops_ratio"], cmap="viridis", s=50, zorder=5)
+    for _, r in t.iterrows():
+        ax.annotate(str(int(r["subnet"])), (r["inherited_loss"], r["finetuned_loss"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    fig.colorbar(sc, ax=ax, label="FLOPs ratio")
+    ax.set_xlabel("proxy loss inherited from the supernet")
+    ax.set_ylabel("proxy loss after fine-tuning alone")
+    tau = s.get("kendall_tau")
+    ax.set_title(f"{s['model']}: Kendall tau = {tau:.3f}" if tau is not None else f"{s['model']}: tau undefined",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path, result)
+
+
+def plot_train(result: BenchResult, path: Path) -> Path:
+    """Measured against ideal time per part of the sandwich step, and the step's overhead over the steps."""
+    t, steps = result.table, result.extra["steps"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    i = np.arange(len(t))
+    a.bar(i - 0.2, t["measured_ms"], 0.4, label="measured", color="#1f4e8c")
+    a.bar(i + 0.2, t["ideal_ms"], 0.4, label="FLOPs-proportional ideal", color="#bbbbbb")
+    a.set_xticks(i)
+    a.set_xticklabels(t["part"], fontsize=7, rotation=20)
+    a.set_ylabel("fwd + bwd time (ms, median)")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3, axis="y")
+    b.plot(steps["step"], steps["overhead"], marker="o", c="#c0392b")
+    b.axhline(1.0, c="black", lw=1)
+    b.set_xlabel("step")
+    b.set_ylabel("sandwich step / ideal")
+    b.set_title(f"{result.summary['model']}: median overhead {result.summary['overhead_median']:.2f}x", fontsize=9)
+    b.grid(alpha=0.3)
+    return _save(fig, path, result)
+
+
+PLOTS = {"latency": plot_latency, "flops": plot_flops, "search": plot_search, "ranking": plot_ranking, "train": plot_train}
+
+
+def plot_for(result: BenchResult):
+    """The plotting function of a result (by its name's first part: latency-cpu -> latency)."""
+    return PLOTS[result.name.split("-")[0]]

@@ -1,0 +1,198 @@
+"""`dynasearch bench latency|flops|search|ranking|train`: measurements behind the claims, as CSV + PNG + JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from . import app, console, print_frame
+
+bench_app = typer.Typer(
+    name="bench",
+    help="Benchmarks: latency vs FLOPs, FLOPs counters, samplers, supernet ranking, sandwich-step cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(bench_app, name="bench")
+
+_OUT = typer.Option(Path("results/bench"), help="Output directory (NAME.csv, NAME.png, NAME.json).")
+_THREADS = typer.Option(None, help="torch intra-op threads for the run (default: torch's own); recorded either way.")
+
+
+def _split(text: str, option: str, cast: Callable[[str], Any] = str) -> tuple[Any, ...]:
+    from ..bench import BenchError
+
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    try:
+        return tuple(cast(s) for s in items)
+    except ValueError:
+        raise BenchError(f"{option} must be a comma-separated list, got '{text}'") from None
+
+
+def _run(
+    gather: Callable[[Callable[[str], None]], Any],
+    out: Path,
+    title: Callable[[Any], str],
+    columns: list[str] | None = None,
+) -> Any:
+    """Gather with a status line, write the files, print the table (title from the result), and the notes."""
+    from ..bench import save_bench
+
+    with console.status("benchmarking") as status:
+        result = gather(lambda msg: status.update(msg))
+    files = save_bench(result, out)
+    table = result.table if columns is None else result.table[[c for c in columns if c in result.table.columns]]
+    print_frame(table, title(result))
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"machine: {result.machine['device_name']}, {result.machine['threads']} threads, "
+                  f"torch {result.machine['torch']}", highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in files), highlight=False)
+    return result
+
+
+@bench_app.command("latency")
+def latency(
+    model: str = typer.Option("DiT-B/2", help="Registry model (ignored with --supernet)."),
+    input_size: int = typer.Option(32, help="Latent side length."),
+    in_channels: int = typer.Option(4, help="Latent channels."),
+    num_classes: int = typer.Option(1000, help="Number of classes."),
+    batch: int = typer.Option(8, help="Batch size of each timed forward pass."),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)."),
+    repeats: int = typer.Option(10, help="Timed runs per model and round (the median is kept)."),
+    warmup: int = typer.Option(3, help="Untimed runs before each model's timed runs."),
+    rounds: int = typer.Option(3, help="Round-robin passes over all models (median of the per-round medians)."),
+    ratios: str = typer.Option("0.3,0.4,0.5,0.6,0.7", help="FLOPs ratios of the uniform subnets."),
+    supernet: Optional[Path] = typer.Option(None, help="Supernet run directory (default: random weights)."),
+    search_results: Optional[Path] = typer.Option(None, help="A search output directory: time its exported subnets too."),
+    threads: Optional[int] = _THREADS,
+    seed: int = typer.Option(0, help="Seed of the random weights."),
+    out: Path = _OUT,
+) -> None:
+    """Sliced subnets against the full model: FLOPs ratio, latency ratio and their quotient (1.0 = ideal)."""
+    from ..bench import LatencyBenchConfig, bench_latency
+
+    cfg = LatencyBenchConfig(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                             batch=batch, device=device, repeats=repeats, warmup=warmup, rounds=rounds,
+                             ratios=_split(ratios, "--ratios", float), supernet=supernet,
+                             search_results=search_results, threads=threads, seed=seed)
+    result = _run(lambda _s: bench_latency(cfg), out,
+                  lambda r: f"latency: {r.summary['model']}, batch {batch}, {device} ({r.summary['dtype']})",
+                  ["name", "gflops", "flops_ratio", "latency_ms", "latency_ratio", "quotient", "within_10pct"])
+    s = result.summary
+    verdict = "met" if s["target_met"] else "not met"
+    quotient = "n/a" if s["quotient_mean_in_range"] is None else f"{s['quotient_mean_in_range']:.3f}"
+    console.print(f"target ({s['target']}): {verdict}; mean quotient in range {quotient}", highlight=False)
+
+
+@bench_app.command("flops")
+def flops(
+    models: str = typer.Option("all", help="Comma-separated registry models, or 'all'."),
+    input_size: int = typer.Option(32, help="Latent side length."),
+    in_channels: int = typer.Option(4, help="Latent channels."),
+    num_classes: int = typer.Option(1000, help="Number of classes."),
+    batch: int = typer.Option(1, help="Batch size."),
+    threads: Optional[int] = _THREADS,
+    out: Path = _OUT,
+) -> None:
+    """The registry's GFLOPs by fvcore (with the attention handler) and in closed form, and its parameters."""
+    from ..bench import FlopsBenchConfig, bench_flops
+    from ..model.config import DIT_CONFIGS
+
+    names = tuple(DIT_CONFIGS) if models.strip() == "all" else _split(models, "--models")
+    cfg = FlopsBenchConfig(models=names, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                           batch=batch, threads=threads)
+    result = _run(lambda _s: bench_flops(cfg), out, lambda r: f"FLOPs: {r.summary['data']}",
+                  ["model", "params_m", "gflops_fvcore", "gflops_closed_form", "match", "params_match"])
+    console.print(f"fvcore == closed form for every model: {result.summary['all_match']}", highlight=False)
+
+
+@bench_app.command("search")
+def search(
+    supernet: Path = typer.Option(Path("runs/demo"), help="Supernet run directory."),
+    trials: int = typer.Option(60, help="Trials per run."),
+    seeds: int = typer.Option(3, help="Runs (sampler seeds) per sampler."),
+    samplers: str = typer.Option("tpe,nsga2,gp,random", help="Comma-separated samplers."),
+    flops: str = typer.Option("0.5x", help="FLOPs budget: 50G, 500M, 0.5x or 50%."),
+    space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
+    proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
+    seed: int = typer.Option(0, help="First sampler seed and the proxy set's seed."),
+    enqueue: bool = typer.Option(True, help="Start each study with the largest, smallest and best uniform subnet."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = _THREADS,
+    out: Path = _OUT,
+) -> None:
+    """Hypervolume against trials per sampler; trials needed to reach random search's final hypervolume."""
+    from ..bench import SearchBenchConfig, bench_search
+
+    cfg = SearchBenchConfig(supernet=supernet, trials=trials, seeds=seeds, samplers=_split(samplers, "--samplers"),
+                            flops=flops, space=space, proxy_samples=proxy_samples, seed=seed, enqueue=enqueue,
+                            device=device, threads=threads)
+    result = _run(lambda status: bench_search(cfg, status), out,
+                  lambda r: f"search: {r.summary['model']}, {trials} trials x {seeds} seeds, budget {flops}",
+                  ["sampler", "final_hv_mean", "final_hv_std", "trials_to_random_final", "fraction_of_trials",
+                   "goal_met"])
+    console.print(f"goal ({result.summary['goal']}): {result.summary['goal_met']}", highlight=False)
+
+
+@bench_app.command("ranking")
+def ranking(
+    supernet: Path = typer.Option(Path("runs/demo"), help="Supernet run directory."),
+    k: int = typer.Option(8, help="Subnets, spread over the FLOPs range."),
+    finetune_steps: int = typer.Option(200, help="Fine-tuning steps of each sliced subnet."),
+    batch_size: int = typer.Option(64, help="Fine-tuning batch size."),
+    lr: float = typer.Option(1e-4, help="Fine-tuning AdamW learning rate (constant)."),
+    space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
+    proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
+    flops_range: str = typer.Option("0,1", help="LO,HI: FLOPs ratios the subnets are drawn from (e.g. 0.45,0.55)."),
+    seed: int = typer.Option(0, help="Seed of the subnet choice, the batches and the proxy set."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    threads: Optional[int] = _THREADS,
+    out: Path = _OUT,
+) -> None:
+    """Kendall tau between the proxy loss subnets inherit and their proxy loss after fine-tuning alone."""
+    from ..bench import RankingBenchConfig, bench_ranking
+
+    cfg = RankingBenchConfig(supernet=supernet, k=k, finetune_steps=finetune_steps, batch_size=batch_size, lr=lr,
+                             space=space, proxy_samples=proxy_samples,
+                             flops_range=_split(flops_range, "--flops-range", float), seed=seed, device=device,
+                             threads=threads)
+    result = _run(lambda status: bench_ranking(cfg, status), out,
+                  lambda r: f"ranking: {r.summary['model']}, {k} subnets, {finetune_steps} fine-tuning steps",
+                  ["subnet", "gflops", "inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned",
+                   "improvement"])
+    s = result.summary
+    tau = "undefined" if s["kendall_tau"] is None else f"{s['kendall_tau']:.3f}"
+    console.print(f"Kendall tau {tau} (goal {s['goal']}: {'met' if s['goal_met'] else 'not met'}); "
+                  f"FLOPs-only baseline {s['kendall_tau_flops_baseline']}", highlight=False)
+
+
+@bench_app.command("train")
+def train(
+    model: str = typer.Option("DiT-T/2", help="Registry model."),
+    steps: int = typer.Option(20, help="Timed steps."),
+    warmup: int = typer.Option(3, help="Untimed steps first."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    sandwich: int = typer.Option(2, help="Random subnets per step besides the largest and smallest."),
+    distill: float = typer.Option(1.0, help="In-place distillation weight."),
+    space: str = typer.Option("blockwise", help="Search space the subnets are drawn from."),
+    data: str = typer.Option("digits", help="digits | folder:PATH | npz:PATH."),
+    image_size: Optional[int] = typer.Option(None, help="Resize images to this side."),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)."),
+    seed: int = typer.Option(0, help="Seed of the weights, batches and subnets."),
+    threads: Optional[int] = _THREADS,
+    out: Path = _OUT,
+) -> None:
+    """The sandwich step's time against the FLOPs-proportional ideal of its subnets."""
+    from ..bench import TrainBenchConfig, bench_train
+
+    cfg = TrainBenchConfig(model=model, steps=steps, warmup=warmup, batch_size=batch_size, sandwich=sandwich,
+                           distill=distill, space=space, data=data, image_size=image_size, device=device, seed=seed,
+                           threads=threads)
+    result = _run(lambda status: bench_train(cfg, status), out,
+                  lambda r: f"sandwich step: {model}, batch {batch_size}, {r.summary['device']}")
+    console.print(f"sandwich step / FLOPs-proportional ideal: {result.summary['overhead_median']:.2f}x (median)",
+                  highlight=False)

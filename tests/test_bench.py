@@ -1,0 +1,264 @@
+"""`dynasearch bench`: every benchmark's code path on tiny settings (DiT-N/2, 8x8x1, 10 classes) -- the files, the
+columns and the relations between them, never the timings."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from dynasearch.bench import (
+    BenchError,
+    FlopsBenchConfig,
+    LatencyBenchConfig,
+    RankingBenchConfig,
+    SearchBenchConfig,
+    TrainBenchConfig,
+    bench_flops,
+    bench_latency,
+    bench_ranking,
+    bench_search,
+    bench_train,
+    hypervolume_curve,
+    save_bench,
+    spread_subnets,
+    trials_to_reach,
+    uniform_at_ratio,
+)
+from dynasearch.checkpoint import save_checkpoint
+from dynasearch.cli import main
+from dynasearch.flops import closed_form_flops
+from dynasearch.model import create_supernet, get_config
+from dynasearch.searchspace import load_space
+
+TINY = dict(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name"}
+
+
+def _fake_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise", seed: int = 0) -> Path:
+    """A supernet run directory as train-supernet writes it, with random (non-zero) weights."""
+    torch.manual_seed(seed)
+    model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    extra = {"space": load_space(space).to_dict(), "data": {"spec": "digits", "seed": 0, "val_fraction": 0.1}}
+    save_checkpoint(model, path, weights_name="supernet.safetensors", extra=extra)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _fake_run(tmp_path_factory.mktemp("run") / "supernet")
+
+
+def _check_files(out: Path, stem: str, extra: tuple[str, ...] = ()) -> dict:
+    for name in (f"{stem}.csv", f"{stem}.png", f"{stem}.json", *(f"{stem}_{e}.csv" for e in extra)):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / f"{stem}.json").read_text())
+    assert MACHINE_KEYS <= set(doc["machine"]) and doc["date"] and doc["settings"]
+    assert doc["command"].startswith(f"dynasearch bench {stem.split('-')[0]} ") and f"--out {out}" in doc["command"]
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# latency
+# ---------------------------------------------------------------------------------------------------------------------
+def test_latency_rows_ratios_and_files(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    cfg = LatencyBenchConfig(**TINY, batch=2, repeats=1, warmup=1, rounds=2, ratios=(0.3, 0.5, 0.7), threads=2)
+    result = bench_latency(cfg)
+    assert torch.get_num_threads() == before  # restored
+    t = result.table
+    assert {"name", "gflops", "flops_ratio", "latency_ms", "latency_ratio", "quotient", "within_10pct"} <= set(t.columns)
+    full = t.iloc[0]
+    assert full["name"] == "full" and full["flops_ratio"] == 1.0 and full["latency_ratio"] == 1.0 and full["quotient"] == 1.0
+    assert ((t["flops_ratio"] > 0) & (t["flops_ratio"] <= 1)).all() and (t["latency_ms"] > 0).all()
+    assert len(t) == 4 and (t.loc[1:, "kind"] == "uniform").all()
+    np.testing.assert_allclose(t["quotient"], t["flops_ratio"] / t["latency_ratio"])
+    assert (t.loc[1:, "flops_ratio"] < 1).all() and t["flops_ratio"].is_unique
+    assert result.machine["threads"] == 2 and result.summary["threads"] == 2
+    assert any("random weights" in n for n in result.notes)
+    save_bench(result, tmp_path)
+    doc = _check_files(tmp_path, "latency-cpu")
+    assert doc["summary"]["target_met"] is False  # batch 2 < 8: never claimed
+    assert pd.read_csv(tmp_path / "latency-cpu.csv").shape == t.shape
+
+
+def test_uniform_subnets_are_balanced_and_nearest() -> None:
+    config = get_config("DiT-B/2")
+    full = closed_form_flops(config)
+    for r in (0.3, 0.5, 0.7):
+        s = uniform_at_ratio(config, r)
+        assert abs(closed_form_flops(config, s) / full - r) < 0.05
+        b = s.blocks[0]
+        assert len(set(s.blocks)) == 1 and abs(b.heads - b.mlp_hidden // config.mlp_group_size) <= 1
+        assert b.token_ratio == 1.0
+
+
+def test_latency_with_searched_subnets(run_dir: Path, tmp_path: Path) -> None:
+    space, config = load_space("blockwise"), get_config("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+    results = tmp_path / "search"
+    for name, subnet in (("best", space.smallest(config)), ("pareto-01", space.uniform(config, 0.5, 0.5, 0.75))):
+        (results / "subnets" / name).mkdir(parents=True)
+        subnet.save(results / "subnets" / name / "subnet.json")
+    (results / "best.json").write_text(json.dumps({"settings": {"supernet": str(run_dir)}}))
+    result = bench_latency(LatencyBenchConfig(**TINY, batch=1, repeats=1, warmup=0, rounds=1, ratios=(0.5,),
+                                              search_results=results))
+    t = result.table
+    assert list(t["kind"]) == ["full", "uniform", "searched", "searched"]
+    assert set(t["name"]) >= {"searched-best", "searched-pareto-01"}
+    assert any(str(run_dir) in n for n in result.notes)  # the supernet named by best.json was used
+    with pytest.raises(BenchError, match="subnets/"):
+        bench_latency(LatencyBenchConfig(**TINY, repeats=1, search_results=tmp_path, supernet=run_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# flops
+# ---------------------------------------------------------------------------------------------------------------------
+def test_flops_fvcore_equals_closed_form(tmp_path: Path) -> None:
+    result = bench_flops(FlopsBenchConfig(models=("DiT-N/2", "DiT-N/8"), input_size=8, in_channels=1, num_classes=10))
+    t = result.table
+    assert list(t["model"]) == ["DiT-N/2", "DiT-N/8"]
+    assert t["match"].all() and t["params_match"].all() and result.summary["all_match"]
+    assert (t["gflops_fvcore"] == t["gflops_closed_form"]).all() and (t["gflops_fvcore"] > 0).all()
+    assert "aten::scaled_dot_product_attention" not in result.summary["fvcore_skipped_ops"]
+    save_bench(result, tmp_path)
+    _check_files(tmp_path, "flops")
+    with pytest.raises(BenchError, match="DiT-Q/2"):
+        FlopsBenchConfig(models=("DiT-Q/2",))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------------------------------
+def test_hypervolume_helpers() -> None:
+    g = np.array([0.5, 0.2, 0.1, 0.2])
+    loss = np.array([2.0, 2.5, 0.1, np.nan])  # the third is over budget, the fourth failed
+    curve = hypervolume_curve(g, loss, np.array([True, True, False, True]), (1.0, 3.0))
+    np.testing.assert_allclose(curve, [0.5, 0.5 + 0.3 * 0.5, 0.65, 0.65])
+    assert trials_to_reach(curve, 0.65) == 2 and trials_to_reach(curve, 5.0) is None
+
+
+def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
+    cfg = SearchBenchConfig(supernet=run_dir, trials=6, seeds=2, proxy_samples=32)
+    result = bench_search(cfg)
+    t, c = result.table, result.extra["curves"]
+    assert list(t["sampler"]) == ["tpe", "nsga2", "gp", "random"]
+    assert {"final_hv_mean", "trials_to_random_final", "fraction_of_trials", "goal_met"} <= set(t.columns)
+    for (_sampler, _seed), run in c.groupby(["sampler", "seed"]):
+        assert list(run["trial"]) == list(range(1, 7))
+        assert (np.diff(run["hypervolume"].to_numpy()) >= 0).all() and (run["hypervolume"] >= 0).all()
+    # random reaches its own final mean at the latest on its last trial
+    assert 1 <= t.set_index("sampler").loc["random", "trials_to_random_final"] <= 6
+    ref = result.summary["reference"]
+    assert ref["proxy_loss"] == pytest.approx(c["proxy_loss"].max()) and ref["gflops"] == result.summary["budget_gflops"]
+    assert result.summary["cache_hits"] > 0  # the seeded trials repeat across runs
+    mean = result.extra["mean"]
+    assert list(mean.columns) == ["trial", "tpe", "nsga2", "gp", "random"] and len(mean) == 6
+    np.testing.assert_allclose(mean["random"], c[c["sampler"] == "random"].groupby("trial")["hypervolume"].mean())
+    save_bench(result, tmp_path)
+    _check_files(tmp_path, "search", extra=("curves", "mean"))
+    assert not list(tmp_path.glob("*.journal")) and not Path("study.journal").exists()  # studies stay in memory
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ranking
+# ---------------------------------------------------------------------------------------------------------------------
+def test_spread_subnets_cover_the_flops_range() -> None:
+    config = get_config("DiT-T/2", input_size=8, in_channels=1, num_classes=10)
+    space = load_space("blockwise")
+    subnets = spread_subnets(space, config, 5, seed=0)
+    flops = [closed_form_flops(config, s) for s in subnets]
+    assert len(set(subnets)) == 5 and flops == sorted(flops)
+    assert subnets[0] == space.smallest(config) and subnets[-1] == space.largest(config)
+    full = closed_form_flops(config)
+    near = spread_subnets(space, config, 4, seed=0, flops_range=(0.45, 0.55))
+    assert len(set(near)) == 4 and all(0.45 <= closed_form_flops(config, s) / full <= 0.55 for s in near)
+    with pytest.raises(BenchError, match="--flops-range"):
+        spread_subnets(space, config, 4, seed=0, flops_range=(0.5, 0.5001))
+
+
+def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
+    result = bench_ranking(RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=2, batch_size=8, proxy_samples=32))
+    t, s = result.table, result.summary
+    assert len(t) == 3 and (np.diff(t["gflops"]) > 0).all() and t["flops_ratio"].iloc[-1] == 1.0
+    assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned"} <= set(t.columns)
+    assert (t["finetuned_loss"] != t["inherited_loss"]).all()  # the fine-tune moved the weights
+    assert s["kendall_tau"] is None or -1.0 <= s["kendall_tau"] <= 1.0
+    save_bench(result, tmp_path)
+    _check_files(tmp_path, "ranking")
+    with pytest.raises(BenchError, match="--k"):
+        RankingBenchConfig(k=2)
+    with pytest.raises(BenchError, match="--flops-range"):
+        RankingBenchConfig(flops_range=(0.6, 0.4))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------------------------
+def test_train_overhead(tmp_path: Path) -> None:
+    result = bench_train(TrainBenchConfig(model="DiT-N/2", steps=2, warmup=1, batch_size=8, sandwich=1))
+    t = result.table.set_index("part")
+    assert list(t.index) == ["max subnet", "min subnet", "random subnets (each)", "subnets alone, summed", "sandwich step"]
+    assert t.loc["max subnet", "measured_over_ideal"] == pytest.approx(1.0)  # the ideal is scaled from the largest
+    assert (t["measured_ms"] > 0).all() and (t["ideal_ms"] > 0).all()
+    steps = result.extra["steps"]
+    assert list(steps["step"]) == [2, 3] and result.summary["subnets_per_step"] == 3
+    np.testing.assert_allclose(steps["overhead"], steps["sandwich_ms"] / steps["ideal_ms"])
+    assert len(result.extra["subnets"]) == 2 * 3
+    save_bench(result, tmp_path)
+    _check_files(tmp_path, "train-cpu", extra=("steps", "subnets"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------------
+def test_cli_flops_and_recorded_command_reproduces(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "flops", "--models", "DiT-N/2,DiT-N/4", "--input-size", "8", "--in-channels", "1",
+                 "--num-classes", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "DiT-N/4" in printed and "flops.csv" in printed
+    doc = _check_files(out, "flops")
+    first = pd.read_csv(out / "flops.csv")
+    again = tmp_path / "again"
+    argv = shlex.split(doc["command"].replace(f"--out {out}", f"--out {again}"))
+    assert argv[:3] == ["dynasearch", "bench", "flops"] and main(argv[1:]) == 0
+    second = pd.read_csv(again / "flops.csv")
+    pd.testing.assert_frame_equal(first.drop(columns=["build_s", "count_s"]), second.drop(columns=["build_s", "count_s"]))
+
+
+def test_cli_train_writes_files(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "train", "--model", "DiT-N/2", "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                 "--sandwich", "0", "--threads", "1", "--out", str(out)]) == 0
+    _check_files(out, "train-cpu", extra=("steps", "subnets"))
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["bench", "latency", "--batch", "0"], "--batch"),
+        (["bench", "latency", "--ratios", "0.5,1.5"], "--ratios"),
+        (["bench", "latency", "--model", "DiT-Q/2"], "DiT-Q/2"),
+        (["bench", "search", "--samplers", "tpe,annealing"], "annealing"),
+        (["bench", "ranking", "--supernet", "does-not-exist"], "does-not-exist"),
+        (["bench", "train", "--device", "tpu"], "tpu"),
+        (["bench", "ranking", "--flops-range", "0.5"], "--flops-range"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(argv: list[str], words: str, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench"
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err and "Traceback" not in err
+    assert not out.exists()
