@@ -150,14 +150,19 @@ def _device(name: str) -> str:
     return name
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """An Optuna sampler by name; constraints reach it through `trial.set_constraint` (Optuna 5)."""
+def make_sampler(name: str, seed: int, trials: int = 200) -> optuna.samplers.BaseSampler:
+    """An Optuna sampler by name; constraints reach it through `trial.set_constraint` (Optuna 5).
+
+    The random start (TPE/GP startup trials, NSGA-II's first population) scales with the trial budget, so that
+    short searches are not random searches in disguise.
+    """
+    startup = max(4, min(10, trials // 10))
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=20)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(8, min(20, trials // 6)))
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=10)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -261,7 +266,7 @@ def finished_count(study: optuna.Study) -> int:
 
 def run_trials(ctx: SearchContext, worker: int = 0, on_trial: Callable[[int], None] | None = None) -> optuna.Study:
     """Run this worker's share of trials until the study holds `trials` finished ones."""
-    study = open_study(ctx, make_sampler(ctx.config.sampler, ctx.config.seed + worker))
+    study = open_study(ctx, make_sampler(ctx.config.sampler, ctx.config.seed + worker, ctx.config.trials))
     if worker == 0:
         seed_study(ctx, study)
     remaining = ctx.config.trials - finished_count(study)

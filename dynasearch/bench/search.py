@@ -93,7 +93,7 @@ def trials_to_reach(curve: np.ndarray, target: float) -> int | None:
 
 
 def _run(ctx: Any, sampler: str, seed: int, trials: int, enqueue: bool) -> pd.DataFrame:
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(sampler, seed))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(sampler, seed, trials))
     if enqueue:
         seed_study(ctx, study)
     study.optimize(make_objective(ctx, study), n_trials=trials, catch=(Exception,))
