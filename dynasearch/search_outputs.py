@@ -178,8 +178,11 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
     entries = [("best", best_subnet, {"role": "best within budget", **best})]
     for rank, idx in enumerate(_pick_exports(pareto, ctx.config.export_top), start=1):
         row = pareto.iloc[idx]
+        subnet = Subnet.from_dict(json.loads(row["subnet"]))
+        if subnet == best_subnet:
+            continue  # already exported as "best"
         info = {"role": "pareto", "trial": int(row["number"]), "proxy_loss": float(row["proxy_loss"])}
-        entries.append((f"pareto-{rank:02d}", Subnet.from_dict(json.loads(row["subnet"])), info))
+        entries.append((f"pareto-{rank:02d}", subnet, info))
     exported = export_subnets(ctx, entries)
     _write_csv(trials, out / "trials.csv")
     _write_csv(pareto, out / "pareto.csv")
