@@ -96,3 +96,20 @@ def model_inputs(config: DiTConfig, batch: int = 2, seed: int = 0) -> tuple[torc
 def inputs_for():
     """Factory fixture: inputs_for(config, batch=2, seed=0) -> (x, t, y)."""
     return model_inputs
+
+
+def fake_supernet_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise", seed: int = 0) -> Path:
+    """A supernet run directory as train-supernet writes it (digits, 8x8x1, 10 classes), random non-zero weights."""
+    from dynasearch.checkpoint import save_checkpoint
+    from dynasearch.model import create_supernet
+    from dynasearch.searchspace import load_space
+
+    torch.manual_seed(seed)
+    model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    extra = {"space": load_space(space).to_dict(), "data": {"spec": "digits", "seed": 0, "val_fraction": 0.1}}
+    save_checkpoint(model, path, weights_name="supernet.safetensors", extra=extra)
+    return path

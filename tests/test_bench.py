@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import fake_supernet_run
+
 from dynasearch.bench import (
     BenchError,
     FlopsBenchConfig,
@@ -30,27 +32,16 @@ from dynasearch.bench import (
     trials_to_reach,
     uniform_at_ratio,
 )
-from dynasearch.checkpoint import save_checkpoint
 from dynasearch.cli import main
 from dynasearch.flops import closed_form_flops
-from dynasearch.model import create_supernet, get_config
+from dynasearch.model import get_config
 from dynasearch.searchspace import load_space
 
 TINY = dict(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10)
 MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name"}
 
 
-def _fake_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise", seed: int = 0) -> Path:
-    """A supernet run directory as train-supernet writes it, with random (non-zero) weights."""
-    torch.manual_seed(seed)
-    model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    extra = {"space": load_space(space).to_dict(), "data": {"spec": "digits", "seed": 0, "val_fraction": 0.1}}
-    save_checkpoint(model, path, weights_name="supernet.safetensors", extra=extra)
-    return path
+_fake_run = fake_supernet_run
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import fake_supernet_run
+
 from dynasearch.checkpoint import load_checkpoint, save_checkpoint
 from dynasearch.errors import BudgetError, SearchError, SearchSpaceError
 from dynasearch.flops import closed_form_flops, count_flops
@@ -21,17 +23,7 @@ from dynasearch.searchspace import load_space
 from dynasearch.space import Subnet
 
 
-def _fake_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise", seed: int = 0) -> Path:
-    """A supernet run directory as train-supernet writes it, with random (non-zero) weights."""
-    torch.manual_seed(seed)
-    model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    extra = {"space": load_space(space).to_dict(), "data": {"spec": "digits", "seed": 0, "val_fraction": 0.1}}
-    save_checkpoint(model, path, weights_name="supernet.safetensors", extra=extra)
-    return path
+_fake_run = fake_supernet_run
 
 
 @pytest.fixture(scope="module")
