@@ -207,11 +207,11 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
     """Prepare, run (resuming any earlier study), and write every output of a search."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    ctx = prepare_search(config)  # every input is checked before anything is written
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
-    ctx = prepare_search(config)
     procs = start_workers(config) if config.workers > 1 else []
     columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
