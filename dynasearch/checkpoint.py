@@ -7,7 +7,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +23,7 @@ __all__ = [
     "load_checkpoint",
     "read_config",
     "load_weights",
+    "check_state_dict",
     "save_weights",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -169,23 +170,32 @@ def load_checkpoint(
     return model.to(device).eval()
 
 
-def _load_state(model: DiT, state: dict[str, torch.Tensor], source: str, allow_missing_router: bool = False) -> None:
+def check_state_dict(
+    model: DiT, state: dict[str, torch.Tensor], source: str, optional: Callable[[str], bool] = lambda _k: False
+) -> None:
+    """Raise CheckpointError unless `state` has every tensor of `model` (but `optional` ones) with the right shape."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not (allow_missing_router and ".token_router." in k)]
+    missing = [k for k in expected if k not in state and not optional(k)]
     unexpected = [k for k in state if k not in expected]
+    where = f"model '{model.config.name}' at {model.config.input_size}x{model.config.input_size}x{model.config.in_channels}"
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. '{unexpected[0]}'")
-        raise CheckpointError(f"'{source}' does not fit model '{model.config.name}': {'; '.join(parts)}")
+        raise CheckpointError(f"{source} does not fit {where}: {'; '.join(parts)}")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"'{source}' does not fit model '{model.config.name}': '{key}' has shape {tuple(value.shape)}, "
+                f"{source} does not fit {where}: '{key}' has shape {tuple(value.shape)}, "
                 f"expected {tuple(expected[key].shape)}"
             )
+
+
+def _load_state(model: DiT, state: dict[str, torch.Tensor], source: str, allow_missing_router: bool = False) -> None:
+    optional = (lambda k: ".token_router." in k) if allow_missing_router else (lambda _k: False)
+    check_state_dict(model, state, f"'{source}'", optional)
     model.load_state_dict(state, strict=not allow_missing_router)
 
 

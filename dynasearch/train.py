@@ -46,6 +46,7 @@ from torch import Tensor
 
 from .checkpoint import (
     atomic_write_bytes,
+    check_state_dict,
     atomic_write_text,
     infer_config_from_state_dict,
     load_dit_state_dict,
@@ -536,22 +537,7 @@ def _load_init_state(model: DiT, state: dict[str, Tensor], source: str) -> dict[
         )
         del state[table]
         reinit.append(table)
-    unexpected = [k for k in state if k not in expected]
-    missing = [k for k in expected if k not in state and ".token_router." not in k and k not in reinit]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s) e.g. '{missing[0]}'")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} tensor(s) e.g. '{unexpected[0]}'")
-        raise CheckpointError(f"--init-from '{source}' does not fit model '{model.config.name}': {'; '.join(parts)}")
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise CheckpointError(
-                f"--init-from '{source}' does not fit the data: '{key}' has shape {tuple(value.shape)}, "
-                f"expected {tuple(expected[key].shape)} (model '{model.config.name}' at "
-                f"{model.config.input_size}x{model.config.input_size}x{model.config.in_channels})"
-            )
+    check_state_dict(model, state, f"--init-from '{source}'", lambda k: ".token_router." in k or k in reinit)
     model.load_state_dict(state, strict=False)
     return {"reinitialised": reinit, "kept_init": [k for k in expected if k not in state]}
 
