@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import atomic_write_bytes, load_checkpoint, read_config
+from .device import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DynasearchError
 from .model.config import DiTConfig
@@ -101,22 +102,6 @@ def _check_labels(labels: Sequence[int], num_classes: int) -> None:
     for label in labels:
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
             raise ConfigError(f"label {label!r} is outside the model's classes [0, {num_classes - 1}]")
-
-
-# ---------------------------------------------------------------------------------------------------------- device
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cuda' without CUDA is a ConfigError."""
-    if isinstance(name, torch.device):
-        return name
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was requested but CUDA is not available here; use --device cpu or auto")
-    return device
 
 
 # ---------------------------------------------------------------------------------------------------------- sampling

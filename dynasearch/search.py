@@ -19,6 +19,7 @@ import optuna
 import torch
 
 from .checkpoint import load_checkpoint, read_config
+from .device import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import BudgetError, SearchError
 from .evaluate import ProxyEvaluator, build_proxy_set, dataset_from_run_config
@@ -107,7 +108,7 @@ def subnet_params(n_groups: int, attn: list[float], mlp: list[float], tok: list[
 def prepare_search(config: SearchConfig) -> SearchContext:
     """Load the supernet and its data, resolve the space and the budget (raising clear errors)."""
     doc = read_config(config.supernet)
-    model = load_checkpoint(config.supernet, device=_device(config.device))
+    model = load_checkpoint(config.supernet, device=resolve_device(config.device))
     if model.config.is_sliced:
         raise SearchError(f"'{config.supernet}' is a sliced model; search needs a supernet (a training run directory)")
     train_space = SearchSpace.from_dict(doc["space"], source=f"{config.supernet}/config.json") if doc.get("space") else None
@@ -140,14 +141,6 @@ def prepare_search(config: SearchConfig) -> SearchContext:
         "proxy_seed": config.seed,
     }
     return SearchContext(config, model, space, train_space, ProxyEvaluator(model, proxy), budget, full, smallest, settings)
-
-
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SearchError("--device cuda was asked for, but no CUDA device is available")
-    return name
 
 
 def make_sampler(name: str, seed: int, trials: int = 200) -> optuna.samplers.BaseSampler:

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from ..checkpoint import atomic_write_text
+from ..device import resolve_device
 from ..errors import DynasearchError
 
 __all__ = ["BenchError", "BenchResult", "machine_info", "command_line", "torch_threads", "resolve_device", "write_bench"]
@@ -110,15 +111,6 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-
-
-def resolve_device(name: str) -> torch.device:
-    """cpu or cuda (an error when CUDA is asked for but absent)."""
-    if name not in ("cpu", "cuda"):
-        raise BenchError(f"--device must be cpu or cuda, got '{name}'")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
 
 
 def check_positive(**values: int | float | None) -> None:
