@@ -49,6 +49,7 @@ def _quick(cfg: DemoConfig) -> dict[str, object]:
 
 def run_demo(cfg: DemoConfig, stage: Callable[[str], None] | None = None, progress: bool = True) -> DemoResult:
     """Train a supernet on digits, search at the budget, export, evaluate and report; returns the report path."""
+    from .flops import parse_budget
     from .report import ReportConfig, build_report
     from .search import SearchConfig
     from .search_outputs import run_search
@@ -56,6 +57,7 @@ def run_demo(cfg: DemoConfig, stage: Callable[[str], None] | None = None, progre
 
     stage = stage or (lambda _m: None)
     settings = _quick(cfg)
+    parse_budget(cfg.flops, full_flops=1)  # a malformed budget fails now, not after the training stage
     for path in (cfg.out, cfg.run_dir):
         if path.exists() and any(path.iterdir()) and not cfg.overwrite:
             raise DynasearchError(f"demo output '{path}' exists and is not empty; pass --overwrite to replace it")

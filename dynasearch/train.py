@@ -29,9 +29,13 @@ import hashlib
 import io
 import math
 import os
+import pickle
 import platform
 import random
+import shutil
+import signal
 import statistics
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -73,7 +77,9 @@ __all__ = [
     "TrainBatch",
     "SubnetLoss",
     "TrainingWarning",
+    "TrainingInterrupted",
     "train_supernet",
+    "recover_run_dir",
     "sandwich_step",
     "sandwich_subnets",
     "draw_batch",
@@ -94,6 +100,9 @@ STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.csv"
 RUN_FILES = (SUPERNET_NAME, RAW_NAME, CONFIG_NAME, STATE_NAME, METRICS_NAME)
 """The files a run directory holds."""
+PENDING_DIR = ".checkpoint.tmp"
+"""A checkpoint being written (its files, then COMMIT_NAME), renamed into place once complete."""
+COMMIT_NAME = "COMMIT"
 
 METRIC_COLUMNS = (
     "step",
@@ -398,6 +407,70 @@ def sandwich_step(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Stopping: Ctrl-C (SIGINT) or SIGTERM finish the current step, write a checkpoint and exit
+# ---------------------------------------------------------------------------------------------------------------------
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT/SIGTERM at a safe point, after writing a complete checkpoint of `step`."""
+
+    def __init__(self, step: int, total: int, out: Path, signal_name: str) -> None:
+        self.step, self.total, self.out, self.signal_name = step, total, out, signal_name
+        super().__init__(
+            f"interrupted ({signal_name}) at step {step} of {total}; checkpoint saved; "
+            f"resume with: dynasearch train-supernet --resume --out {out}"
+        )
+
+    def __str__(self) -> str:
+        """The one-line message (KeyboardInterrupt's own str would be the args tuple's first item anyway)."""
+        return str(self.args[0])
+
+
+class _StopSignals:
+    """While installed, the first SIGINT or SIGTERM only records a request (honoured at the end of the step); a
+    second one interrupts at once (KeyboardInterrupt), which checkpoint transactions also survive."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        """Take over the signals (only possible in the main thread; elsewhere they keep their handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Give the signals their previous handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.requested is not None:
+            self.uninstall()
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _collective(ddp: _Dist, what: str, out: Path, last_ckpt: int | None) -> Any:
+    """Turn a failed collective (a dead peer, a --dist-timeout) into one TrainingError line on this rank."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not ddp.enabled:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainingError(
+            f"DDP rank {ddp.rank} of {ddp.world}: {what} failed ({first}); another process died or stalled "
+            f"for longer than --dist-timeout; {_kept(out, last_ckpt)}; resume with --resume"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Distributed helpers (no DDP wrapper: gradients are averaged by hand after the sandwich)
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -476,8 +549,17 @@ def _mean_over_ranks(values: list[float], ddp: _Dist, device: torch.device) -> l
 
 
 def _barrier(ddp: _Dist) -> None:
-    if ddp.enabled:
+    """Wait for every rank; a dead or stuck peer becomes a TrainingError after --dist-timeout."""
+    if not ddp.enabled:
+        return
+    try:
         dist.barrier()
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrainingError(
+            f"DDP rank {ddp.rank} of {ddp.world}: waiting for the other processes failed ({first}); another process "
+            "died or stalled for longer than --dist-timeout"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -491,6 +573,7 @@ def _check_run_dir(cfg: TrainConfig) -> bool:
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if cfg.resume:
         if STATE_NAME in entries:
+            _check_writable(out)
             return True
         foreign = [e for e in entries if e not in RUN_FILES and not _is_temp(e)]
         if foreign:
@@ -498,12 +581,14 @@ def _check_run_dir(cfg: TrainConfig) -> bool:
                 f"--resume: '{out}' holds no checkpoint ({STATE_NAME}) but other files (e.g. '{foreign[0]}'); "
                 "nothing to resume"
             )
+        _check_writable(out)
         return False  # nothing was checkpointed yet: start from scratch
     if entries and not cfg.overwrite:
         raise TrainingError(
             f"run directory '{out}' already exists and is not empty; pass --resume to continue it "
             "or --overwrite to replace it"
         )
+    _check_writable(out)
     return False
 
 
@@ -516,8 +601,33 @@ def _clear_run_files(out: Path) -> None:
     if not out.is_dir():
         return
     for entry in out.iterdir():
-        if entry.is_file() and (entry.name in RUN_FILES or _is_temp(entry.name)):
+        if entry.is_dir() and entry.name == PENDING_DIR:
+            shutil.rmtree(entry)
+        elif entry.is_file() and (entry.name in RUN_FILES or _is_temp(entry.name)):
             entry.unlink()
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse a run directory that cannot be created or written (checked before anything is loaded)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainingError(f"run directory '{out}' cannot be created: '{probe}' is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainingError(f"run directory '{out}' cannot be written: '{probe}' is read-only")
+
+
+def _make_run_dir(out: Path) -> None:
+    """Create the run directory and clear old run files (rank 0 of a fresh run)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_run_files(out)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"run directory '{out}' cannot be written: {exc.strerror or exc}") from None
 
 
 def _load_init_state(model: DiT, state: dict[str, Tensor], source: str) -> dict[str, list[str]]:
@@ -668,35 +778,99 @@ def _fmt_cell(value: Any) -> Any:
 def _save_run(
     out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any], metrics: _Metrics
 ) -> None:
-    """Write a checkpoint of `step`: metrics, raw weights, EMA weights + config.json, and train_state.pt last."""
+    """Write a checkpoint of `step` as one transaction: every file goes to PENDING_DIR, then a COMMIT record, then the
+    files are renamed into place; a crash before the record leaves the previous checkpoint whole, one after it is
+    completed by :func:`recover_run_dir`."""
     metrics.flush()
-    save_weights(
-        model.state_dict(), out / RAW_NAME, {"format": "dynasearch", "model": model.config.name, "step": str(step)}
-    )
-    extra = dict(meta)
-    extra["step"] = step
-    extra["train"] = {**meta["train"], "step": step}
-    save_checkpoint(model, out, extra=extra, weights_name=SUPERNET_NAME, state_dict=ema.state_dict())
-    state: dict[str, Any] = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "ema_updates": ema.num_updates,
-        "seed": meta["train"]["seed"],
-        "rng": {"torch": torch.get_rng_state()},
-    }
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(out / STATE_NAME, buf.getvalue())
+    pending = out / PENDING_DIR
+    try:
+        if pending.exists():
+            shutil.rmtree(pending)
+        pending.mkdir()
+        save_weights(
+            model.state_dict(), pending / RAW_NAME, {"format": "dynasearch", "model": model.config.name, "step": str(step)}
+        )
+        extra = dict(meta)
+        extra["step"] = step
+        extra["train"] = {**meta["train"], "step": step}
+        save_checkpoint(model, pending, extra=extra, weights_name=SUPERNET_NAME, state_dict=ema.state_dict())
+        state: dict[str, Any] = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "ema_updates": ema.num_updates,
+            "seed": meta["train"]["seed"],
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(pending / STATE_NAME, buf.getvalue())
+        _fsync_dir(pending)
+        atomic_write_text(pending / COMMIT_NAME, f"{step}\n")
+        _apply_pending(out)
+    except (OSError, CheckpointError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(f"cannot write the step-{step} checkpoint into '{out}': {detail}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _apply_pending(out: Path) -> None:
+    """Move a committed checkpoint's files into place (train_state.pt last) and remove the pending directory."""
+    pending = out / PENDING_DIR
+    for name in (RAW_NAME, SUPERNET_NAME, CONFIG_NAME, STATE_NAME):
+        if (pending / name).exists():
+            os.replace(pending / name, out / name)
+    _fsync_dir(out)
+    shutil.rmtree(pending)
+
+
+def recover_run_dir(out: str | Path) -> str | None:
+    """Finish or discard a checkpoint a crash interrupted; remove stale temporary files. Returns what was done."""
+    out = Path(out)
+    pending = out / PENDING_DIR
+    done = None
+    if not pending.is_dir() and not (out / STATE_NAME).is_file():
+        return None  # not a run directory (or nothing to repair): leave every file alone
+    try:
+        if (pending / COMMIT_NAME).is_file():
+            _apply_pending(out)
+            done = "completed an interrupted checkpoint"
+        elif pending.exists():
+            shutil.rmtree(pending)
+            done = "discarded an unfinished checkpoint"
+        for entry in out.iterdir() if out.is_dir() else ():
+            if entry.is_file() and _is_temp(entry.name):
+                entry.unlink()
+    except OSError as exc:
+        raise TrainingError(f"--resume: cannot repair '{out}' after a crash: {exc.strerror or exc}") from None
+    return done
 
 
 def _restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, doc: dict[str, Any]) -> int:
     """Load a checkpoint written by :func:`_save_run`; every file must be from the same step."""
     try:
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a corrupt checkpoint
-        raise TrainingError(f"--resume: '{out / STATE_NAME}' cannot be read ({type(exc).__name__}: {exc})") from None
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip().rstrip(".") for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        raise TrainingError(
+            f"--resume: '{out / STATE_NAME}' was refused: it holds pickled objects other than tensors"
+            + (f" ({detail})" if detail else "") + "; no code in it was run"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other unpickling failure is a corrupt checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TrainingError(f"--resume: '{out / STATE_NAME}' cannot be read ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise TrainingError(f"--resume: '{out / STATE_NAME}' is not a dynasearch training state (no integer step)")
     step = int(state["step"])
     from safetensors import safe_open
 
@@ -914,7 +1088,11 @@ def train_supernet(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> TrainResult:
     out = Path(cfg.out)
 
-    # -- the run directory: decide resume / refuse to clobber, on every rank, before anything is written
+    # -- the run directory: repair a crashed checkpoint (--resume), decide resume / refuse to clobber, on every rank
+    repaired = None
+    if cfg.resume and ddp.is_main:
+        repaired = recover_run_dir(out)
+    _barrier(ddp)
     resuming = _check_run_dir(cfg)
     doc = read_config(out) if resuming else None
     if resuming:
@@ -971,8 +1149,7 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
         meta["init"] = doc.get("init", init_info)
         elapsed = metrics.restore(start)
     elif ddp.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _clear_run_files(out)
+        _make_run_dir(out)
     if ddp.enabled:
         for tensor in model.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -980,12 +1157,16 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
 
     order = _EpochOrder(int(split.train_x.shape[0]), cfg.seed)
     reporter = _Progress(show, start, cfg.steps, cfg.log_every)
+    if repaired:
+        reporter.note(f"'{out}': {repaired} left by a crash")
     if resuming:
         reporter.note(f"resumed '{out}' at step {start} of {cfg.steps}")
     last_ckpt = start if resuming else None
     t_session = time.perf_counter()
     step = start
+    stop = _StopSignals()
     try:
+        stop.install()
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             lr = learning_rate(cfg, step)
@@ -1000,8 +1181,11 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
             # forward + backward of every subnet, gradients averaged over ranks, one optimiser step, EMA
             optimizer.zero_grad(set_to_none=True)
             losses = sandwich_step(model, diffusion, batch, subnets, cfg.distill, autocast_dtype)
-            _average_gradients(params, ddp)
-            values = _mean_over_ranks([v for r in losses for v in (r.loss, r.gt, r.distill)], ddp, device)
+            with _collective(ddp, f"step {step}: averaging gradients over the DDP processes", out, last_ckpt):
+                _average_gradients(params, ddp)
+                flags = [1.0 if stop.requested else 0.0]  # every rank stops at the same step
+                values = _mean_over_ranks([v for r in losses for v in (r.loss, r.gt, r.distill)] + flags, ddp, device)
+            stop_now = values.pop() > 0 or (not ddp.enabled and stop.requested is not None)
             for i, r in enumerate(losses):
                 r.loss, r.gt, r.distill = values[3 * i : 3 * i + 3]
             _check_finite(losses, step, config, out, last_ckpt, metrics)
@@ -1022,11 +1206,16 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
             reporter.update(row)
             if step % cfg.log_every == 0:
                 metrics.flush()
-            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            if step % cfg.ckpt_every == 0 or step == cfg.steps or stop_now:
                 if ddp.is_main:
                     _save_run(out, model, ema, optimizer, step, meta, metrics)
                 last_ckpt = step
+            if stop_now and step < cfg.steps:
+                with _collective(ddp, f"step {step}: stopping on {stop.requested or 'a signal'}", out, last_ckpt):
+                    _barrier(ddp)  # rank 0 has finished writing before any process exits
+                raise TrainingInterrupted(step, cfg.steps, out, stop.requested or "a signal")
     finally:
+        stop.uninstall()
         reporter.close()
     seconds = time.perf_counter() - t_session
     if start >= cfg.steps:

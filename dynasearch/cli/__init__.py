@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a TrainingInterrupted says where it stopped and how to resume
+        print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place internal errors become a message
         if debug:

@@ -37,7 +37,7 @@ def _step_bar(description: str) -> Iterator:
         TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TimeElapsedColumn(), TimeRemainingColumn(),
     )
-    bar = Progress(*columns, console=err_console, transient=True)
+    bar = Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal)
     task = bar.add_task(description, total=None)
     started = False
 

@@ -1,0 +1,304 @@
+"""Every command, driven through its command line with bad inputs: each gives exactly one `error: ...` line naming the
+offending input, exit code 2, no traceback, and leaves the working directory byte-for-byte unchanged.
+
+One table (`CASES`) drives one test. The workspace (a tiny supernet run, a finished search, corrupt and malicious
+files) is built once per module; every case runs in-process with that workspace as the current directory, so
+commands whose outputs default to relative paths (``results/bench``, ``samples.png``) would be caught writing.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fake_supernet_run
+from dynasearch.cli import main
+
+MARKER_ENV = "DYNASEARCH_TEST_PWNED"
+"""The malicious pickle creates the file this variable names (if its code ever runs)."""
+
+SECRET = "hunter2-secret"
+"""The password in the unreachable storage URL: it must never be printed."""
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file named by $DYNASEARCH_TEST_PWNED."""
+
+    def __reduce__(self) -> tuple:
+        code = f"import os; open(os.environ.get('{MARKER_ENV}', os.devnull), 'w').close()"
+        return (exec, (code,))
+
+
+def _write_malicious_pt(path: Path) -> None:
+    """A `.pt` file (torch's zip format) whose state dict holds a code-running object beside a real tensor."""
+    torch.save({"x_embedder.proj.weight": torch.zeros(1), "evil": _Payload()}, path)
+
+
+def _write_malicious_raw_pickle(path: Path) -> None:
+    """A legacy (non-zip) `.pt` file that is a bare pickle running code."""
+    path.write_bytes(pickle.dumps(_Payload(), protocol=2))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad invocation: argv ({ws} = the workspace, {ro} = a read-only directory) and what the line must name."""
+
+    id: str
+    argv: tuple[str, ...]
+    needles: tuple[str, ...]
+    forbidden: tuple[str, ...] = ()
+    known_bug: str = ""  # a bug in a module this test's author may not edit: the case is a strict xfail
+
+
+def _ro_dir(ws: Path) -> Path:
+    """A directory nobody may write into: chmod 555 for ordinary users; root ignores modes, so /sys (read-only)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    return ws / "readonly"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The files the bad invocations point at (built once per module, copied for each case)."""
+    ws = tmp_path_factory.mktemp("template")
+    run = fake_supernet_run(ws / "run")  # DiT-N/2 supernet, blockwise space, digits 8x8x1
+    fake_supernet_run(ws / "other", name="DiT-N/4")
+    # a checkpoint directory whose weights belong to another model than its config says
+    (ws / "mixed").mkdir()
+    (ws / "mixed" / "config.json").write_bytes((run / "config.json").read_bytes())
+    (ws / "mixed" / "supernet.safetensors").write_bytes((ws / "other" / "supernet.safetensors").read_bytes())
+    # truncated and garbage safetensors
+    weights = (run / "supernet.safetensors").read_bytes()
+    for name, data in (("truncated", weights[: len(weights) // 2]), ("garbage", b"\x00\xff" * 64)):
+        (ws / name).mkdir()
+        (ws / name / "config.json").write_bytes((run / "config.json").read_bytes())
+        (ws / name / "supernet.safetensors").write_bytes(data)
+    _write_malicious_pt(ws / "evil.pt")
+    _write_malicious_raw_pickle(ws / "evil_raw.pt")
+    # a real (2-step) training run, and a copy whose train_state.pt is malicious (must be refused by --resume)
+    assert main(["train-supernet", "--model", "DiT-N/2", "--steps", "2", "--batch-size", "8", "--device", "cpu",
+                 "--sandwich", "0", "--out", str(ws / "trained")]) == 0
+    shutil.copytree(ws / "trained", ws / "evilrun")
+    _write_malicious_pt(ws / "evilrun" / "train_state.pt")
+    # search spaces: malformed YAML, an unknown key, choices the supernet was not trained on
+    (ws / "malformed.yaml").write_text("granularity: block\nattn_rate: [0.5, 1.0\n")
+    (ws / "unknown_key.yaml").write_text(
+        "granularity: block\nattn_rate: [0.5, 1.0]\nmlp_rate: [0.5, 1.0]\ntoken_ratio: [1.0]\nwidth: 3\n"
+    )
+    (ws / "untrained.yaml").write_text(
+        "granularity: block\nattn_rate: [0.3, 1.0]\nmlp_rate: [0.5, 1.0]\ntoken_ratio: [1.0]\n"
+    )
+    (ws / "notes.txt").write_text("not a run\n")
+    (ws / "existing_run").mkdir()
+    (ws / "existing_run" / "notes.txt").write_text("someone's files\n")
+    (ws / "not_npz.npz").write_bytes(b"this is not an npz archive")
+    (ws / "subnet12.json").write_text(
+        '{"blocks": ' + str([{"heads": 1, "mlp_hidden": 32, "token_ratio": 1.0}] * 12).replace("'", '"') + "}"
+    )
+    (ws / "empty_results").mkdir()
+    (ws / "empty_results" / "keep.txt").write_text("x\n")
+    ro = ws / "readonly"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    # a finished search with the blockwise space (its study then exists in study.journal)
+    code = main(["search", "--supernet", str(run), "--flops", "0.5x", "--trials", "2", "--proxy-samples", "8",
+                 "--export-top", "0", "--out", str(ws / "search"), "--study-name", "s1"])
+    assert code == 0
+    return ws
+
+
+@pytest.fixture
+def workspace(template: Path, tmp_path: Path) -> Path:
+    """A private copy of the template (so a case that does write cannot hide another case's writes)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(template, ws, symlinks=True)
+    return ws
+
+
+W = "{ws}"
+RUN = f"{W}/run"
+N2 = ("--model", "DiT-N/2", "--input-size", "8")
+TRAIN = ("train-supernet", "--model", "DiT-N/2", "--steps", "2", "--batch-size", "8", "--device", "cpu")
+SEARCH = ("search", "--supernet", RUN, "--trials", "2", "--proxy-samples", "8", "--out", f"{W}/new_search")
+
+CASES = [
+    # models / flops
+    Case("models-input-size-0", ("models", "--input-size", "0"), ("input_size", "0")),
+    Case("models-classes-abc", ("models", "--num-classes", "abc"), ("--num-classes", "abc")),
+    Case("flops-unknown-model", ("flops", "--model", "DiT-Q/2"), ("DiT-Q/2",)),
+    Case("flops-attn-rate-0", ("flops", *N2, "--attn-rate", "0"), ("--attn-rate", "0")),
+    Case("flops-mlp-rate-1.5", ("flops", *N2, "--mlp-rate", "1.5"), ("--mlp-rate", "1.5")),
+    Case("flops-token-ratio-abc", ("flops", *N2, "--token-ratio", "abc"), ("--token-ratio", "abc")),
+    Case("flops-subnet-other-depth", ("flops", *N2, "--subnet", f"{W}/subnet12.json"), ("12 blocks",)),
+    Case("flops-checkpoint-truncated", ("flops", "--checkpoint", f"{W}/truncated"), (f"{W}/truncated",)),
+    Case("flops-checkpoint-garbage", ("flops", "--checkpoint", f"{W}/garbage"), (f"{W}/garbage",)),
+    Case("flops-checkpoint-other-model", ("flops", "--checkpoint", f"{W}/mixed"), (f"{W}/mixed",)),
+    Case("flops-checkpoint-is-pt", ("flops", "--checkpoint", f"{W}/evil.pt"), (f"{W}/evil.pt",)),
+    # train-supernet
+    Case("train-unknown-model", ("train-supernet", "--model", "DiT-Q/2"), ("--model", "DiT-Q/2")),
+    Case("train-steps-0", (*TRAIN, "--steps", "0", "--out", f"{W}/t"), ("--steps", "0")),
+    Case("train-lr-abc", (*TRAIN, "--lr", "abc", "--out", f"{W}/t"), ("--lr", "abc")),
+    Case("train-lr-negative", (*TRAIN, "--lr", "-1", "--out", f"{W}/t"), ("--lr", "-1")),
+    Case("train-ema-1.5", (*TRAIN, "--ema-decay", "1.5", "--out", f"{W}/t"), ("--ema-decay", "1.5")),
+    Case("train-data-missing-folder", (*TRAIN, "--data", f"folder:{W}/nowhere", "--out", f"{W}/t"), (f"{W}/nowhere",)),
+    Case("train-data-bad-npz", (*TRAIN, "--data", f"npz:{W}/not_npz.npz", "--out", f"{W}/t"), (f"{W}/not_npz.npz",)),
+    Case("train-data-unknown-kind", (*TRAIN, "--data", "imagenet", "--out", f"{W}/t"), ("imagenet",)),
+    Case("train-space-malformed-yaml", (*TRAIN, "--space", f"{W}/malformed.yaml", "--out", f"{W}/t"),
+         (f"{W}/malformed.yaml",)),
+    Case("train-space-unknown-key", (*TRAIN, "--space", f"{W}/unknown_key.yaml", "--out", f"{W}/t"),
+         (f"{W}/unknown_key.yaml", "width")),
+    Case("train-space-unknown-name", (*TRAIN, "--space", "nonsense", "--out", f"{W}/t"), ("nonsense",)),
+    Case("train-out-exists", (*TRAIN, "--out", f"{W}/existing_run"), (f"{W}/existing_run", "--resume")),
+    Case("train-out-is-file", (*TRAIN, "--out", f"{W}/notes.txt"), (f"{W}/notes.txt",)),
+    Case("train-out-read-only", (*TRAIN, "--out", "{ro}/run"), ("{ro}/run",)),
+    Case("train-resume-foreign-dir", (*TRAIN, "--resume", "--out", f"{W}/existing_run"), (f"{W}/existing_run",)),
+    Case("train-resume-malicious-state", ("train-supernet", "--resume", "--out", f"{W}/evilrun"),
+         (f"{W}/evilrun/train_state.pt",)),
+    Case("train-resume-other-arguments", ("train-supernet", "--resume", "--lr", "0.5", "--out", f"{W}/trained"),
+         (f"{W}/trained", "--lr")),
+    Case("train-resume-other-model", ("train-supernet", "--resume", "--model", "DiT-N/4", "--out", f"{W}/trained"),
+         (f"{W}/trained", "DiT-N/4")),
+    Case("train-init-from-malicious-pt", (*TRAIN, "--init-from", f"{W}/evil.pt", "--out", f"{W}/t"),
+         (f"{W}/evil.pt", "refused")),
+    Case("train-init-from-raw-pickle", (*TRAIN, "--init-from", f"{W}/evil_raw.pt", "--out", f"{W}/t"),
+         (f"{W}/evil_raw.pt",)),
+    Case("train-init-from-truncated", (*TRAIN, "--init-from", f"{W}/truncated", "--out", f"{W}/t"),
+         (f"{W}/truncated",)),
+    Case("train-init-from-other-model", (*TRAIN, "--init-from", f"{W}/other", "--out", f"{W}/t"),
+         (f"{W}/other", "DiT-N/2")),
+    Case("train-init-from-missing", (*TRAIN, "--init-from", f"{W}/missing.pt", "--out", f"{W}/t"),
+         (f"{W}/missing.pt",)),
+    # search
+    Case("search-budget-50X", (*SEARCH, "--flops", "50X"), ("50X",)),
+    Case("search-budget-negative", (*SEARCH, "--flops", "-1G"), ("-1G",)),
+    Case("search-budget-0", (*SEARCH, "--flops", "0"), ("'0'",)),
+    Case("search-budget-below-smallest", (*SEARCH, "--flops", "0.01x"), ("0.01x", "smallest")),
+    Case("search-supernet-missing", ("search", "--supernet", f"{W}/nothing", "--flops", "0.5x", "--out", f"{W}/s"),
+         (f"{W}/nothing",)),
+    Case("search-supernet-corrupt", ("search", "--supernet", f"{W}/truncated", "--flops", "0.5x", "--out", f"{W}/s"),
+         (f"{W}/truncated",)),
+    Case("search-space-untrained-choices", (*SEARCH, "--flops", "0.5x", "--space", f"{W}/untrained.yaml"),
+         (f"{W}/untrained.yaml", "0.3")),
+    Case("search-space-malformed", (*SEARCH, "--flops", "0.5x", "--space", f"{W}/malformed.yaml"),
+         (f"{W}/malformed.yaml",)),
+    Case("search-sampler-unknown", (*SEARCH, "--flops", "0.5x", "--sampler", "annealing"), ("--sampler", "annealing")),
+    Case("search-trials-0", (*SEARCH, "--flops", "0.5x", "--trials", "0"), ("--trials", "0")),
+    Case("search-storage-unreachable", (*SEARCH, "--flops", "0.5x", "--storage",
+                                        f"postgresql://alice:{SECRET}@127.0.0.1:9/db"), ("127.0.0.1",), (SECRET,),
+         known_bug="search_outputs.run_search creates --out before the storage is opened"),
+    Case("search-storage-sqlite-unreachable", (*SEARCH, "--flops", "0.5x", "--storage",
+                                               f"sqlite:///{W}/no/such/dir/db.sqlite"), ("sqlite",),
+         known_bug="search_outputs.run_search creates --out before the storage is opened"),
+    Case("search-study-other-space", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
+                                      "--proxy-samples", "8", "--out", f"{W}/search", "--study-name", "s1",
+                                      "--space", "uniform"), ("s1", "space"),
+         known_bug="search.open_study's create_study(load_if_exists=True) appends to the journal before comparing"),
+    Case("search-out-read-only", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
+                                  "--out", "{ro}/search"), ("{ro}/search",)),
+    # sample / eval
+    Case("sample-checkpoint-missing", ("sample", "--checkpoint", f"{W}/nothing", "--out", f"{W}/g.png"),
+         (f"{W}/nothing",)),
+    Case("sample-checkpoint-corrupt", ("sample", "--checkpoint", f"{W}/garbage", "--out", f"{W}/g.png"),
+         (f"{W}/garbage",)),
+    Case("sample-labels-abc", ("sample", "--checkpoint", RUN, "--labels", "abc", "--out", f"{W}/g.png"), ("abc",)),
+    Case("sample-label-out-of-range", ("sample", "--checkpoint", RUN, "--labels", "0,42", "--out", f"{W}/g.png"),
+         ("42",)),
+    Case("sample-subnet-other-depth", ("sample", "--checkpoint", RUN, "--subnet", f"{W}/subnet12.json",
+                                       "--out", f"{W}/g.png"), ("12",)),
+    Case("sample-out-read-only", ("sample", "--checkpoint", RUN, "--num", "2", "--steps", "2",
+                                  "--out", "{ro}/g.png"), ("{ro}/g.png",)),
+    Case("eval-checkpoint-pt-file", ("eval", "--checkpoint", f"{W}/evil.pt", "--num", "4"), (f"{W}/evil.pt",)),
+    Case("eval-num-1", ("eval", "--checkpoint", RUN, "--num", "1"), ("--num", "1")),
+    # report / demo
+    Case("report-missing-dir", ("report", f"{W}/nothing"), (f"{W}/nothing",)),
+    Case("report-not-search-dir", ("report", f"{W}/empty_results"), (f"{W}/empty_results",)),
+    Case("demo-budget-50X", ("demo", "--quick", "--flops", "50X", "--out", f"{W}/d", "--run-dir", f"{W}/dr"),
+         ("50X",)),
+    Case("demo-out-exists", ("demo", "--quick", "--out", f"{W}/existing_run", "--run-dir", f"{W}/dr"),
+         (f"{W}/existing_run", "--overwrite")),
+    # bench
+    Case("bench-latency-unknown-model", ("bench", "latency", "--model", "DiT-Q/2"), ("DiT-Q/2",)),
+    Case("bench-latency-ratios-abc", ("bench", "latency", "--model", "DiT-N/2", "--ratios", "abc"), ("abc",)),
+    Case("bench-flops-unknown-models", ("bench", "flops", "--models", "DiT-N/2,DiT-Z/9"), ("DiT-Z/9",)),
+    Case("bench-search-unknown-sampler", ("bench", "search", "--supernet", RUN, "--samplers", "tpe,magic"),
+         ("magic",)),
+    Case("bench-ranking-flops-range", ("bench", "ranking", "--supernet", RUN, "--flops-range", "0.9,0.1"),
+         ("0.9,0.1",)),
+    Case("bench-train-unknown-data", ("bench", "train", "--model", "DiT-N/2", "--data", f"folder:{W}/nowhere"),
+         (f"{W}/nowhere",)),
+    Case("unknown-command", ("flopz",), ("flopz",)),
+]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Path -> (bytes, mode) of every file and directory under `root`."""
+    snap: dict[str, tuple[bytes | None, int]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        snap[str(path.relative_to(root))] = (path.read_bytes() if path.is_file() else None, st.st_mode)
+    return snap
+
+
+def _fill(text: str, ws: Path) -> str:
+    return text.replace("{ws}", str(ws)).replace("{ro}", str(_ro_dir(ws)))
+
+
+PARAMS = [
+    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.known_bug)] if c.known_bug else [])
+    for c in CASES
+]
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_bad_input(case: Case, workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv(MARKER_ENV, str(workspace / "PWNED"))
+    monkeypatch.delenv("DYNASEARCH_DEBUG", raising=False)
+    before = _snapshot(workspace)
+    capsys.readouterr()
+    code = main([_fill(a, workspace) for a in case.argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (code, err)
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in out + err
+    for needle in case.needles:
+        assert _fill(needle, workspace) in lines[0], (needle, lines[0])
+    for secret in case.forbidden:
+        assert secret not in out + err
+    assert not (workspace / "PWNED").exists(), "the pickled payload ran"
+    assert _snapshot(workspace) == before
+
+
+def test_there_are_enough_cases_over_every_command() -> None:
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+    commands = {c.argv[0] if c.argv[0] != "bench" else f"bench {c.argv[1]}" for c in CASES}
+    assert {"models", "flops", "train-supernet", "search", "sample", "eval", "report", "demo", "bench latency",
+            "bench flops", "bench search", "bench ranking", "bench train"} <= commands
+
+
+def test_the_malicious_pickle_really_runs_code_when_unpickled_unsafely(workspace: Path, tmp_path: Path) -> None:
+    """The payload is live: loading it without weights_only creates the marker (so the refusal above means something)."""
+    marker = tmp_path / "ran"
+    env = {**os.environ, MARKER_ENV: str(marker)}
+    code = f"import torch; torch.load({str(workspace / 'evil.pt')!r}, weights_only=False)"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    assert marker.exists()
+
+
+def test_debug_shows_the_traceback(workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workspace)
+    monkeypatch.setenv("DYNASEARCH_DEBUG", "0")  # --debug sets it; monkeypatch restores it
+    code = main(["--debug", "flops", "--checkpoint", str(workspace / "truncated")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
