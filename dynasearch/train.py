@@ -412,8 +412,8 @@ def sandwich_step(
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM at a safe point, after writing a complete checkpoint of `step`."""
 
-    def __init__(self, step: int, total: int, out: Path, signal_name: str) -> None:
-        self.step, self.total, self.out, self.signal_name = step, total, out, signal_name
+    def __init__(self, step: int, total: int, out: Path, signal_name: str, is_main: bool = True) -> None:
+        self.step, self.total, self.out, self.signal_name, self.is_main = step, total, out, signal_name, is_main
         super().__init__(
             f"interrupted ({signal_name}) at step {step} of {total}; checkpoint saved; "
             f"resume with: dynasearch train-supernet --resume --out {out}"
@@ -1213,7 +1213,7 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
             if stop_now and step < cfg.steps:
                 with _collective(ddp, f"step {step}: stopping on {stop.requested or 'a signal'}", out, last_ckpt):
                     _barrier(ddp)  # rank 0 has finished writing before any process exits
-                raise TrainingInterrupted(step, cfg.steps, out, stop.requested or "a signal")
+                raise TrainingInterrupted(step, cfg.steps, out, stop.requested or "a signal", ddp.is_main)
     finally:
         stop.uninstall()
         reporter.close()

@@ -54,6 +54,18 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         os.environ["DYNASEARCH_DEBUG"] = "1"
 
 
+_announced = False
+"""Whether the running command already printed why it stopped (see :func:`stop`)."""
+
+
+def stop(message: str, code: int) -> typer.Exit:
+    """Print `message` as the command's one line on stderr and return the Exit to raise (e.g. 130 after Ctrl-C)."""
+    global _announced
+    _announced = True
+    print(message, file=sys.stderr)
+    return typer.Exit(code)
+
+
 from . import _bench, _demo, _inspect, _report, _search  # noqa: E402,F401  (registers the commands)
 from . import _sample  # noqa: E402,F401  (registers sample and eval)
 from . import _train  # noqa: E402,F401  (registers train-supernet)
@@ -66,8 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         args = ["--help"]
     debug = "--debug" in args or _debug()
+    global _announced
+    _announced = False
     try:
-        command.main(args=args, prog_name="dynasearch", standalone_mode=False)
+        rv = command.main(args=args, prog_name="dynasearch", standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer turns Ctrl-C into a returned 130
+            if rv == 130 and not _announced:
+                print("interrupted", file=sys.stderr)
+            return rv
     except _EXITS as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
     except _ABORTS:

@@ -12,8 +12,8 @@ import typer
 
 from ..model.config import DIT_CONFIGS
 from ..searchspace import DEFAULT_SPACE
-from ..train import TrainConfig, TrainingWarning, load_run_config, train_supernet
-from . import app, console
+from ..train import TrainConfig, TrainingInterrupted, TrainingWarning, load_run_config, train_supernet
+from . import app, console, stop
 
 ModelName = Enum("ModelName", {name: name for name in DIT_CONFIGS}, type=str)  # CLI choices from the registry
 
@@ -104,9 +104,13 @@ def train_supernet_command(
         warnings.simplefilter("always", TrainingWarning)
         try:
             result = train_supernet(cfg, progress=True)
+        except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM: a complete checkpoint was written
+            result = exc
         finally:
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
+    if isinstance(result, TrainingInterrupted):  # its line comes last, after any warnings
+        raise stop(str(result), 130) if result.is_main else typer.Exit(130)
     if result.is_main:
         console.print(result.summary_table())
 
