@@ -16,12 +16,14 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError, ConfigError, SubnetError
 from .model.config import DIT_CONFIGS, DiTConfig
 from .model.dit import DiT
+from .schedule import SubnetSchedule
 from .space import Subnet
 
 __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
+    "read_schedule",
     "load_weights",
     "check_state_dict",
     "save_weights",
@@ -168,6 +170,18 @@ def load_checkpoint(
         except SubnetError as exc:
             raise CheckpointError(f"checkpoint config '{directory / CONFIG_NAME}': {exc}") from None
     return model.to(device).eval()
+
+
+def read_schedule(doc: dict[str, Any], config: DiTConfig, source: str | Path) -> SubnetSchedule | None:
+    """The timestep schedule a checkpoint's config carries (None for static models), checked against `config`."""
+    if doc.get("schedule") is None:
+        return None
+    try:
+        schedule = SubnetSchedule.from_dict(doc["schedule"])
+        schedule.validate(config)
+    except SubnetError as exc:
+        raise CheckpointError(f"checkpoint config '{Path(source) / CONFIG_NAME}': schedule: {exc}") from None
+    return schedule
 
 
 def check_state_dict(

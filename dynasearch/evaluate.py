@@ -16,6 +16,7 @@ from .data import DatasetSplit, load_dataset
 from .diffusion import GaussianDiffusion
 from .errors import SearchError
 from .model.dit import DiT
+from .schedule import SubnetSchedule
 from .space import Subnet
 
 __all__ = ["ProxySet", "ProxyEvaluator", "build_proxy_set", "dataset_from_run_config"]
@@ -34,6 +35,10 @@ class ProxySet:
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
+
+    def subset(self, index: torch.Tensor) -> ProxySet:
+        """The quadruples at `index` (e.g. one timestep bucket's), in that order."""
+        return ProxySet(self.x0[index], self.x_t[index], self.t[index], self.noise[index], self.y[index], self.seed)
 
     def to(self, device: torch.device | str) -> ProxySet:
         """The same set on another device."""
@@ -85,6 +90,25 @@ class ProxyEvaluator:
     def __call__(self, subnet: Subnet | None = None) -> float:
         """Mean epsilon MSE over the proxy set."""
         return float(self.per_sample(subnet).mean())
+
+    def restricted(self, index: torch.Tensor) -> ProxyEvaluator:
+        """An evaluator of the same model on the quadruples at `index` only (e.g. one timestep bucket)."""
+        return ProxyEvaluator(self.model, self.proxy.subset(index.to(self.proxy.t.device)), self.batch_size)
+
+    def schedule_losses(self, schedule: SubnetSchedule) -> list[float]:
+        """Mean epsilon MSE of each timestep bucket's quadruples under that bucket's subnet (nan if it has none)."""
+        bucket = schedule.buckets.bucket_index(self.proxy.t)  # (num,)
+        losses = []
+        for k, subnet in enumerate(schedule.subnets):
+            index = (bucket == k).nonzero().flatten()
+            losses.append(float(self.restricted(index).per_sample(subnet).mean()) if len(index) else float("nan"))
+        return losses
+
+    def schedule_loss(self, schedule: SubnetSchedule) -> float:
+        """Mean epsilon MSE over the proxy set, each quadruple scored by the subnet of its timestep's bucket."""
+        bucket = schedule.buckets.bucket_index(self.proxy.t)
+        weights = [int((bucket == k).sum()) / len(self.proxy) for k in range(len(schedule.buckets))]
+        return float(sum(w * loss for w, loss in zip(weights, self.schedule_losses(schedule)) if w > 0))
 
 
 def dataset_from_run_config(doc: dict[str, Any]) -> DatasetSplit:

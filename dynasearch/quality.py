@@ -36,12 +36,13 @@ from .sampling import (
     DEFAULT_STEPS,
     SAMPLERS,
     ProgressFn,
+    checkpoint_subnet,
     cycle_labels,
     diffusion_for,
-    load_subnet_file,
     resolve_device,
     sample_images,
 )
+from .schedule import SubnetSchedule
 from .space import Subnet
 
 __all__ = [
@@ -442,13 +443,25 @@ def _default_extractor(config: DiTConfig, cache_dir: str | Path | None, status: 
     return load_digit_classifier(cache)
 
 
+def _mean_flops(
+    model: DiT, subnet: Subnet | SubnetSchedule | None, steps: int, diffusion: GaussianDiffusion | None
+) -> float:
+    """Closed-form FLOPs per denoising step (batch 1, without guidance), averaged over the sampler's timesteps."""
+    from .flops import closed_form_flops
+
+    if isinstance(subnet, SubnetSchedule):
+        diffusion = diffusion if diffusion is not None else diffusion_for(model.config)
+        return subnet.mean_flops(model.config, diffusion.timestep_schedule(steps))
+    return float(closed_form_flops(model.config, subnet if subnet is not None else model.subnet))
+
+
 def evaluate_quality(
     model: DiT,
     num: int = 1000,
     cfg_scale: float = DEFAULT_CFG_SCALE,
     steps: int = DEFAULT_STEPS,
     seed: int = 0,
-    subnet: Subnet | None = None,
+    subnet: Subnet | SubnetSchedule | None = None,
     sampler: str = "ddim",
     extractor: FeatureExtractor | None = None,
     real_images: Tensor | None = None,
@@ -488,6 +501,7 @@ def evaluate_quality(
     result = evaluate_samples(images, labels, real_images, extractor, config.num_classes)
     result.steps, result.cfg_scale, result.sampler, result.seed = steps, float(cfg_scale), sampler, seed
     result.subnet = subnet.to_dict() if subnet is not None else None
+    result.extra["gflops_per_step"] = _mean_flops(model, subnet, steps, diffusion) / 1e9
     result.model = config.name
     result.sample_seconds = round(seconds, 3)
     return result
@@ -529,7 +543,7 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None, status: Sta
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint config '{config.checkpoint}': {exc}") from None
     diffusion = diffusion_for(model_config, doc)  # invalid diffusion settings fail here, before any work
-    subnet = load_subnet_file(config.subnet_file, model_config) if config.subnet_file is not None else None
+    subnet = checkpoint_subnet(config.checkpoint, doc, model_config, config.subnet_file)
     device = resolve_device(config.device)
     model = load_checkpoint(config.checkpoint, device=device)
     result = evaluate_quality(

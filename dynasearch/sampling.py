@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, read_config
+from .checkpoint import atomic_write_bytes, load_checkpoint, read_config, read_schedule
 from .device import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DynasearchError
 from .model.config import DiTConfig
 from .model.dit import DiT
+from .schedule import SubnetSchedule, load_subnet_or_schedule
 from .space import Subnet
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "decode_latents",
     "resolve_device",
     "load_subnet_file",
+    "checkpoint_subnet",
+    "run_schedule",
     "diffusion_for",
     "run_sample",
 ]
@@ -144,7 +147,7 @@ def sample_images(
     steps: int = DEFAULT_STEPS,
     sampler: str = "ddim",
     seed: int = 0,
-    subnet: Subnet | None = None,
+    subnet: Subnet | SubnetSchedule | None = None,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     batch_size: int | None = None,
@@ -155,6 +158,7 @@ def sample_images(
     `labels` gives one class per sample; without it, `num` samples cycle over the classes (0, 1, ..., C-1, 0, ...).
     Classifier-free guidance uses the null class `num_classes` (skipped when `cfg_scale == 1`). `subnet` runs that
     subnet of a supernet through `model.forward(..., subnet=)`; sliced models run their own default subnet.
+    A :class:`SubnetSchedule` switches subnets per denoising step: timestep t runs its bucket's subnet.
     The model runs where it is (`device`, if given, must match it).
     The result is a function of (model, labels, cfg_scale, steps, sampler, seed, batch_size): initial noise and DDPM
     noise come from one CPU `torch.Generator(seed)`, drawn batch after batch, so any device gives the same x_T.
@@ -175,6 +179,11 @@ def sample_images(
     _check_sampling_args(config, float(cfg_scale), steps, sampler, diffusion)
     if subnet is not None:
         subnet.validate(config)
+    if isinstance(subnet, SubnetSchedule) and subnet.buckets.num_timesteps != diffusion.num_timesteps:
+        raise ConfigError(
+            f"the schedule's timestep buckets end at {subnet.buckets.num_timesteps} but the diffusion has "
+            f"{diffusion.num_timesteps} timesteps"
+        )
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     dev = next(model.parameters()).device
@@ -190,6 +199,8 @@ def sample_images(
     done = 0
 
     def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        if isinstance(subnet, SubnetSchedule):
+            return run_schedule(model, subnet, x, t, y)
         return model(x, t, y, subnet=subnet, label_dropout=False)
 
     was_training = model.training
@@ -218,6 +229,23 @@ def sample_images(
         model.train(was_training)
     out = torch.cat(outputs, dim=0)  # (B, C, H, W)
     return out if latent else out.clamp(-1.0, 1.0)
+
+
+def run_schedule(model: DiT, schedule: SubnetSchedule, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+    """One forward pass where every sample runs the subnet of its timestep's bucket (one call per bucket present)."""
+    bucket = schedule.buckets.bucket_index(t)  # (B,)
+    present = bucket.unique().tolist()
+    if len(present) == 1:  # the sampler's case: one timestep per step
+        return model(x, t, y, subnet=schedule.subnets[present[0]], label_dropout=False)  # (B, C_out, H, W)
+    out: Tensor | None = None
+    for k in present:
+        index = (bucket == k).nonzero().flatten()  # (b,)
+        part = model(x[index], t[index], y[index], subnet=schedule.subnets[k], label_dropout=False)  # (b, C_out, H, W)
+        if out is None:
+            out = part.new_empty((x.shape[0], *part.shape[1:]))  # (B, C_out, H, W)
+        out[index] = part
+    assert out is not None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -419,14 +447,23 @@ class SampleResult:
         }
 
 
-def load_subnet_file(path: str | Path, config: DiTConfig) -> Subnet:
-    """A subnet JSON file, checked against `config` (SubnetError naming the file otherwise)."""
-    subnet = Subnet.load(path)
+def load_subnet_file(path: str | Path, config: DiTConfig) -> Subnet | SubnetSchedule:
+    """A subnet or timestep-schedule JSON file, checked against `config` (SubnetError naming the file otherwise)."""
+    subnet = load_subnet_or_schedule(path)
     try:
         subnet.validate(config)
     except DynasearchError as exc:
         raise type(exc)(f"subnet file '{path}' does not fit model '{config.name}': {exc}") from None
     return subnet
+
+
+def checkpoint_subnet(
+    checkpoint: Path, doc: dict[str, Any], config: DiTConfig, subnet_file: Path | None
+) -> Subnet | SubnetSchedule | None:
+    """What to run: the `--subnet` file if given, else the checkpoint's own timestep schedule (None: its subnet)."""
+    if subnet_file is not None:
+        return load_subnet_file(subnet_file, config)
+    return read_schedule(doc, config, checkpoint)
 
 
 def run_sample(config: SampleConfig, progress: ProgressFn | None = None) -> SampleResult:
@@ -447,7 +484,7 @@ def run_sample(config: SampleConfig, progress: ProgressFn | None = None) -> Samp
     if not latent and model_config.in_channels not in (1, 3):
         raise ConfigError(f"cannot draw {model_config.in_channels}-channel images as a grid (1 or 3 channels)")
     device = resolve_device(config.device)
-    subnet = load_subnet_file(config.subnet_file, model_config) if config.subnet_file is not None else None
+    subnet = checkpoint_subnet(config.checkpoint, doc, model_config, config.subnet_file)
     vae = load_vae(config.vae, device) if config.vae is not None else None
     model = load_checkpoint(config.checkpoint, device=device)
     samples = sample_images(

@@ -10,13 +10,16 @@ A search space is a small YAML file, read with ``yaml.safe_load``; unknown keys 
     attn_rate: [0.25, 0.5, 0.75, 1.0]   # fractions of the full model's attention heads
     mlp_rate: [0.25, 0.5, 0.75, 1.0]    # fractions of the full MLP width
     token_ratio: [0.5, 0.75, 1.0]       # fraction of tokens through the MLP (< 1 needs token selection)
+    timestep_buckets: 4        # optional: a timestep-aware space, one configuration per range of timesteps
+                               # (K equal ranges of [0, T), or inner boundaries such as [250, 500, 750])
 
 ``granularity``, ``attn_rate``, ``mlp_rate`` and ``token_ratio`` are required; a stage space needs exactly one of
 ``stages`` / ``stage_sizes``, other spaces accept neither. Each choice list holds distinct numbers in (0, 1]
 and is stored sorted. A decision *group* is a set of blocks sharing one choice per dimension: the whole model
 (global), one stage, or one block. Rates are fractions of the full supernet's widths (see
 :func:`dynasearch.space.rate_to_heads`); rates that round to the same head or channel count are allowed and
-counted once by :meth:`SearchSpace.size`. The shipped spaces (``uniform``, ``stagewise``, ``blockwise``) are
+counted once by :meth:`SearchSpace.size`. With ``timestep_buckets`` every timestep range takes its own choices
+(:mod:`dynasearch.schedule`); the methods below describe the space of one bucket. The shipped spaces (``uniform``, ``stagewise``, ``blockwise``) are
 package data in ``dynasearch/search_spaces/`` and load by name.
 """
 
@@ -31,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
-from .errors import SearchSpaceError
+from .errors import SearchSpaceError, SubnetError
+from .schedule import TimestepBuckets
 from .space import Subnet, rate_to_heads, rate_to_mlp_hidden
 
 if TYPE_CHECKING:
@@ -44,7 +48,7 @@ DEFAULT_SPACE = "blockwise"
 
 GRANULARITIES = ("global", "stage", "block")
 _DIMENSIONS = ("attn_rate", "mlp_rate", "token_ratio")
-_KEYS = ("name", "granularity", "stages", "stage_sizes", *_DIMENSIONS)
+_KEYS = ("name", "granularity", "stages", "stage_sizes", *_DIMENSIONS, "timestep_buckets")
 _REQUIRED = ("granularity", *_DIMENSIONS)
 _NO_FILE = "<dict>"
 _TOL = 1e-9
@@ -102,6 +106,7 @@ class SearchSpace:
     token_ratio: tuple[float, ...]
     stages: int | None = None
     stage_sizes: tuple[int, ...] | None = None
+    timestep_buckets: int | tuple[int, ...] | None = None
     source: str = field(default=_NO_FILE, compare=False)
 
     def __post_init__(self) -> None:
@@ -125,6 +130,8 @@ class SearchSpace:
             if not isinstance(sizes, (list, tuple)) or not sizes:
                 raise _error(label, f"stage_sizes must be a non-empty list of positive integers, got {sizes!r}")
             object.__setattr__(self, "stage_sizes", tuple(_positive_int(label, "stage_sizes", s) for s in sizes))
+        if self.timestep_buckets is not None:
+            object.__setattr__(self, "timestep_buckets", _bucket_spec(label, self.timestep_buckets))
 
     @property
     def label(self) -> str:
@@ -135,6 +142,18 @@ class SearchSpace:
         return self.name if isinstance(self.name, str) and self.name else _NO_FILE
 
     # --- structure ----------------------------------------------------------------------------------------------
+    @property
+    def timestep_aware(self) -> bool:
+        """True when each timestep bucket takes its own choices."""
+        return self.timestep_buckets is not None
+
+    def buckets(self, num_timesteps: int = 1000) -> TimestepBuckets:
+        """The timestep buckets over [0, num_timesteps) (one bucket for a static space)."""
+        try:
+            return TimestepBuckets.from_spec(self.timestep_buckets or 1, num_timesteps)
+        except SubnetError as exc:
+            raise _error(self.label, str(exc)) from None
+
     def groups(self, config: DiTConfig) -> list[list[int]]:
         """Block indices of each decision group of `config`, in block order."""
         depth = config.depth
@@ -283,6 +302,9 @@ class SearchSpace:
         if self.stage_sizes is not None:
             out["stage_sizes"] = list(self.stage_sizes)
         out.update({key: list(getattr(self, key)) for key in _DIMENSIONS})
+        if self.timestep_buckets is not None:
+            tb = self.timestep_buckets
+            out["timestep_buckets"] = tb if isinstance(tb, int) else list(tb)
         return out
 
     @classmethod
@@ -309,6 +331,7 @@ class SearchSpace:
             token_ratio=data["token_ratio"],
             stages=data.get("stages"),
             stage_sizes=data.get("stage_sizes"),
+            timestep_buckets=data.get("timestep_buckets"),
             source=source,
         )
 
@@ -320,7 +343,24 @@ class SearchSpace:
         elif self.stage_sizes is not None:
             how = f"stages of {'/'.join(str(s) for s in self.stage_sizes)} blocks"
         dims = ", ".join(f"{key} {'/'.join(str(v) for v in getattr(self, key))}" for key in _DIMENSIONS)
+        tb = self.timestep_buckets
+        if tb is not None:
+            how += f", {tb} timestep buckets" if isinstance(tb, int) else f", timestep buckets at {'/'.join(map(str, tb))}"
         return f"{self.name} ({how}): {dims}"
+
+
+def _bucket_spec(label: str, value: Any) -> int | tuple[int, ...]:
+    """Validate `timestep_buckets`: a positive count, or a strictly increasing list of positive boundaries."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _positive_int(label, "timestep_buckets", value)
+    if isinstance(value, (list, tuple)) and value:
+        bounds = tuple(_positive_int(label, "timestep_buckets", v) for v in value)
+        if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])):
+            raise _error(label, f"timestep_buckets boundaries {list(bounds)} must increase strictly")
+        return bounds
+    raise _error(
+        label, f"timestep_buckets has value {value!r}; give a count (e.g. 4) or inner boundaries (e.g. [250, 500, 750])"
+    )
 
 
 def _shipped_dir() -> Any:

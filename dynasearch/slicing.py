@@ -7,9 +7,12 @@ import torch.nn as nn
 from einops import rearrange
 
 from .model.dit import DiT, DiTBlock
+from .schedule import SubnetSchedule
 from .space import Subnet
 
-__all__ = ["slice_subnet", "sliced_config", "reorder_by_importance", "head_importance", "channel_importance"]
+__all__ = [
+    "slice_subnet", "slice_schedule", "sliced_config", "reorder_by_importance", "head_importance", "channel_importance",
+]
 
 
 def sliced_config(model: DiT, subnet: Subnet):
@@ -41,6 +44,16 @@ def slice_subnet(model: DiT, subnet: Subnet) -> DiT:
         dest.copy_(src)
     small.train(model.training)
     return small
+
+
+def slice_schedule(model: DiT, schedule: SubnetSchedule) -> DiT:
+    """A standalone DiT sliced to the union of a schedule's subnets; each bucket's subnet is a prefix slice of it.
+
+    Slicing keeps prefixes of heads and channels, so every bucket's choice (heads, MLP channels, token ratio)
+    is valid on the result and runs exactly as it did on the supernet.
+    """
+    schedule.validate(model.config)
+    return slice_subnet(model, schedule.union())
 
 
 def head_importance(block: DiTBlock) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dynasearch.model.config import DiTConfig, get_config
 from dynasearch.searchspace import DEFAULT_SPACE, SearchSpace, load_space, shipped_spaces
 from dynasearch.space import BlockChoice, Subnet
 
-SHIPPED = ("uniform", "stagewise", "blockwise")
+SHIPPED = ("uniform", "stagewise", "blockwise", "timestep")
 RATES = (0.25, 0.5, 0.75, 1.0)
 TOKENS = (0.5, 0.75, 1.0)
 REPO_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -113,10 +113,10 @@ def test_largest_smallest_tiny(tiny: DiTConfig) -> None:
 @pytest.mark.parametrize(
     "model,depth,heads,small,decisions,size",
     [
-        ("DiT-S/2", 12, 6, BlockChoice(2, 512, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 36},
-         {"uniform": 48, "stagewise": 48**4, "blockwise": 48**12}),
-        ("DiT-XL/2", 28, 16, BlockChoice(4, 1152, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 84},
-         {"uniform": 48, "stagewise": 48**4, "blockwise": 48**28}),
+        ("DiT-S/2", 12, 6, BlockChoice(2, 512, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 36, "timestep": 36},
+         {"uniform": 48, "stagewise": 48**4, "blockwise": 48**12, "timestep": 48**12}),  # timestep: per bucket
+        ("DiT-XL/2", 28, 16, BlockChoice(4, 1152, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 84, "timestep": 84},
+         {"uniform": 48, "stagewise": 48**4, "blockwise": 48**28, "timestep": 48**28}),
     ],
 )
 def test_real_configs(model: str, depth: int, heads: int, small: BlockChoice, decisions: dict, size: dict) -> None:
@@ -206,7 +206,7 @@ def test_check_trained_on() -> None:
 
 # --- bad files ------------------------------------------------------------------------------------------------------
 BAD = [
-    ("unknown.yaml", GOOD + "timestep_buckets: 4\n", ["timestep_buckets", "allowed keys: name, granularity"]),
+    ("unknown.yaml", GOOD + "width_buckets: 4\n", ["width_buckets", "allowed keys: name, granularity"]),
     ("missing.yaml", "granularity: block\nattn_rate: [1.0]\ntoken_ratio: [1.0]\n", ["missing", "mlp_rate"]),
     ("scalar.yaml", GOOD.replace("attn_rate: [0.5, 1.0]", "attn_rate: 0.5"), ["attn_rate must be a list", "0.5"]),
     ("empty_list.yaml", GOOD.replace("[0.5, 1.0]", "[]", 1), ["attn_rate is an empty list"]),
