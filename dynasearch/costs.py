@@ -8,11 +8,12 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, read_config, read_schedule
 from .errors import ConfigError, SubnetError
 from .flops import closed_form_by_module, closed_form_flops, closed_form_params, count_flops
 from .model.config import DIT_CONFIGS, DiTConfig, get_config
 from .model.dit import DiT
+from .schedule import SubnetSchedule, load_subnet_or_schedule
 from .space import Subnet
 
 __all__ = ["FlopsQuery", "FlopsReport", "run_flops_query", "registry_rows"]
@@ -32,6 +33,7 @@ class FlopsQuery:
     mlp_rate: float | None = None
     token_ratio: float | None = None
     batch: int = 1
+    sample_steps: int = 50  # timestep schedules: the DDIM run their mean FLOPs per step is taken over
 
 
 @dataclass
@@ -47,6 +49,8 @@ class FlopsReport:
     batch: int
     by_module_fvcore: dict[str, int] = field(default_factory=dict)
     by_module_closed_form: dict[str, int] = field(default_factory=dict)
+    schedule: SubnetSchedule | None = None
+    bucket_rows: list[dict[str, Any]] = field(default_factory=list)  # per timestep bucket, for schedules
 
     @property
     def gflops(self) -> float:
@@ -83,6 +87,11 @@ class FlopsReport:
             "params": self.params,
             "subnet": self.subnet.to_dict(),
         }
+        if self.schedule is not None:
+            out["schedule"] = self.schedule.to_dict()
+            out["buckets"] = self.bucket_rows
+            out["gflops_per_step"] = out.pop("gflops")
+            out["gflops_closed_form_per_step"] = out.pop("gflops_closed_form")
         if by_module:
             out["by_module"] = {k: {"fvcore": fv, "closed_form": cf} for k, (fv, cf) in self.module_rows().items()}
         return out
@@ -99,9 +108,9 @@ def _build(query: FlopsQuery) -> DiT:
         return DiT(config).eval()
 
 
-def _subnet(query: FlopsQuery, model: DiT) -> Subnet:
+def _subnet(query: FlopsQuery, model: DiT) -> Subnet | SubnetSchedule:
     if query.subnet_file is not None:
-        subnet = Subnet.load(query.subnet_file)
+        subnet = load_subnet_or_schedule(query.subnet_file)
         try:
             subnet.validate(model.config)
         except SubnetError as exc:
@@ -109,6 +118,10 @@ def _subnet(query: FlopsQuery, model: DiT) -> Subnet:
         return subnet
     rates = (query.attn_rate, query.mlp_rate, query.token_ratio)
     if all(r is None for r in rates):
+        if query.checkpoint is not None:
+            schedule = read_schedule(read_config(query.checkpoint), model.config, query.checkpoint)
+            if schedule is not None:
+                return schedule
         return model.subnet
     if model.config.is_sliced:
         raise ConfigError("rates apply to supernets; this checkpoint is a sliced model (give --subnet instead)")
@@ -117,9 +130,11 @@ def _subnet(query: FlopsQuery, model: DiT) -> Subnet:
 
 
 def run_flops_query(query: FlopsQuery) -> FlopsReport:
-    """Count FLOPs (fvcore and closed form) and parameters for a query."""
+    """Count FLOPs (fvcore and closed form) and parameters for a query; schedules per bucket and per step."""
     model = _build(query)
     subnet = _subnet(query, model)
+    if isinstance(subnet, SubnetSchedule):
+        return _schedule_report(query, model, subnet)
     counted = count_flops(model, subnet, batch=query.batch)
     return FlopsReport(
         model=model.config.name,
@@ -131,6 +146,37 @@ def run_flops_query(query: FlopsQuery) -> FlopsReport:
         batch=query.batch,
         by_module_fvcore=counted.by_module,
         by_module_closed_form=closed_form_by_module(model.config, subnet, batch=query.batch),
+    )
+
+
+def _schedule_report(query: FlopsQuery, model: DiT, schedule: SubnetSchedule) -> FlopsReport:
+    """Every bucket counted both ways; the totals are means per denoising step of a `sample_steps` DDIM run."""
+    from .sampling import diffusion_for
+
+    if not 1 <= query.sample_steps <= 1000:
+        raise ConfigError(f"--sample-steps must be in [1, 1000], got {query.sample_steps}")
+    doc = read_config(query.checkpoint) if query.checkpoint is not None else None
+    timesteps = diffusion_for(model.config, doc).timestep_schedule(query.sample_steps)
+    counts = schedule.buckets.step_counts(timesteps)
+    rows = []
+    for k, subnet in enumerate(schedule.subnets):
+        rows.append({
+            "bucket": k, "timesteps": schedule.buckets.label(k), "steps": counts[k],
+            "flops": count_flops(model, subnet, batch=query.batch).total,
+            "flops_closed_form": closed_form_flops(model.config, subnet, batch=query.batch),
+            "subnet": subnet.describe(model.config.supernet()),
+        })
+    n = len(timesteps)
+    return FlopsReport(
+        model=model.config.name,
+        config=model.config,
+        subnet=schedule.union(),
+        flops=round(sum(r["flops"] * r["steps"] for r in rows) / n),
+        flops_closed_form=round(sum(r["flops_closed_form"] * r["steps"] for r in rows) / n),
+        params=closed_form_params(model.config, schedule.union()),
+        batch=query.batch,
+        schedule=schedule,
+        bucket_rows=rows,
     )
 
 

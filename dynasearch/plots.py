@@ -10,9 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .report_data import History, ParetoPlotData, WidthMap  # noqa: E402
+from .report_data import BucketFronts, BucketWidthMap, History, ParetoPlotData, WidthMap  # noqa: E402
 
-__all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows"]
+__all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows", "plot_bucket_fronts", "plot_bucket_widths"]
+
+_METHOD_STYLE = {  # marker and colour of each schedule in the timestep figures
+    "knapsack": ("o", "#c0392b"), "joint": ("s", "#2e8b57"), "static uniform": ("x", "#e08b3a"),
+    "static reference": ("^", "#6a3d9a"),
+}
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -87,3 +92,50 @@ def plot_sample_rows(grids: list[tuple[str, np.ndarray]], path: Path) -> Path:
         ax.set_title(name, fontsize=8)
         ax.axis("off")
     return _save(fig, path)
+
+
+def plot_bucket_fronts(d: BucketFronts, path: Path) -> Path:
+    """One panel per timestep bucket: candidates, the bucket's Pareto front and each schedule's chosen point."""
+    fig, axes = plt.subplots(1, len(d.labels), figsize=(3.4 * len(d.labels), 3.4), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        ax.scatter(*d.points[k], s=8, c="#bbbbbb", label="candidates")
+        ax.step(*d.fronts[k], where="post", c="#1f4e8c", lw=1.5, label="bucket front")
+        for method, picks in d.chosen.items():
+            marker, colour = _METHOD_STYLE.get(method, ("D", "black"))
+            ax.scatter([picks[k][0]], [picks[k][1]], marker=marker, s=60, c=colour, label=method, zorder=5)
+        ax.set_title(d.labels[k], fontsize=9)
+        ax.set_xlabel("GFLOPs per step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("bucket proxy loss")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Each timestep bucket's own front, and the point every schedule takes", y=1.02)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_bucket_widths(w: BucketWidthMap, path: Path) -> Path:
+    """Heat maps (timestep bucket x block) of heads, MLP width and token ratio, one row per schedule."""
+    rows = max(1, len(w.methods))
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 0.6 + 1.6 * rows), squeeze=False, sharex=True, sharey=True)
+    im = None
+    for r in range(rows):
+        for c, (data, name) in enumerate(zip((w.attn, w.mlp, w.tokens), ("attention heads", "MLP width", "token ratio"))):
+            ax = axes[r][c]
+            if len(w.methods):
+                im = ax.imshow(data[r][::-1], vmin=0, vmax=1, cmap="viridis", aspect="auto")  # noisiest bucket on top
+                ax.set_xticks(range(data.shape[2]))
+                ax.set_yticks(range(len(w.bucket_labels)))
+                ax.set_yticklabels(w.bucket_labels[::-1], fontsize=7)
+            if r == 0:
+                ax.set_title(name)
+            if c == 0 and len(w.methods):
+                ax.set_ylabel(w.methods[r], fontsize=9)
+            if r == rows - 1:
+                ax.set_xlabel("block")
+    if im is not None:
+        fig.colorbar(im, ax=axes, fraction=0.02, label="fraction of the full model")
+    fig.suptitle("Where each schedule prunes, per timestep bucket (noisiest steps on top)", y=1.02)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

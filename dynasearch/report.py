@@ -11,11 +11,26 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from .checkpoint import atomic_write_text, load_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, read_config, read_schedule
 from .errors import DynasearchError
 from .latency import measure_latency
-from .plots import plot_history, plot_pareto, plot_sample_rows, plot_widths
-from .report_data import SearchTables, history, pareto_plot_data, read_search, width_map
+from .model.dit import DiT
+from .plots import plot_bucket_fronts, plot_bucket_widths, plot_history, plot_pareto, plot_sample_rows, plot_widths
+from .report_data import (
+    SearchTables,
+    TimestepTables,
+    bucket_fronts,
+    bucket_width_map,
+    history,
+    is_timestep_search,
+    pareto_plot_data,
+    read_search,
+    read_timestep_search,
+    width_map,
+)
+from .sampling import diffusion_for
+from .schedule import SubnetSchedule
+from .space import Subnet
 
 __all__ = ["ReportConfig", "ReportResult", "build_report"]
 
@@ -54,30 +69,62 @@ def _models(t: SearchTables) -> list[tuple[str, Path | None]]:
     return entries
 
 
-def _measure(cfg: ReportConfig, t: SearchTables, status: StatusFn) -> tuple[pd.DataFrame, list[tuple[str, Any]], list[str]]:
+def _schedule_models(t: TimestepTables) -> list[tuple[str, Path | None]]:
+    """('full model', supernet dir) followed by every exported timestep-dynamic checkpoint."""
+    entries: list[tuple[str, Path | None]] = [("full model", Path(t.best["settings"]["supernet"]))]
+    sub = t.out / "schedules"
+    if sub.is_dir():
+        entries += [(p.name, p) for p in sorted(sub.iterdir()) if (p / "config.json").is_file()]
+    return entries
+
+
+def _latency(model: DiT, schedule: SubnetSchedule | None, cfg: ReportConfig) -> float:
+    """Median forward seconds; for a schedule, the mean over a `cfg.steps` DDIM run of its buckets' latencies."""
+    if schedule is None:
+        return measure_latency(model, batch=cfg.latency_batch, repeats=cfg.latency_repeats)
+    counts = schedule.buckets.step_counts(diffusion_for(model.config).timestep_schedule(cfg.steps))
+    per_bucket = [measure_latency(model, batch=cfg.latency_batch, subnet=s, repeats=cfg.latency_repeats) if n else 0.0
+                  for s, n in zip(schedule.subnets, counts)]
+    return sum(n * v for n, v in zip(counts, per_bucket)) / sum(counts)
+
+
+def _measure(
+    cfg: ReportConfig, entries: list[tuple[str, Path | None]], full_gflops: float, status: StatusFn,
+    flops_steps: int | None = None,
+) -> tuple[pd.DataFrame, list[tuple[str, Any]], list[str]]:
+    """FLOPs, parameters, latency, FD / class accuracy and a sample grid of every model (schedules switch per step).
+
+    A schedule's FLOPs are its mean per step over a `flops_steps` DDIM run (default: the report's `steps`).
+    """
     from .flops import closed_form_flops, closed_form_params
     from .sampling import cycle_labels, grid_array, sample_images
 
     notes: list[str] = []
     rows, grids, full_latency = [], [], None
-    for name, path in _models(t):
+    for name, path in entries:
         try:
             model = load_checkpoint(path)
+            schedule = read_schedule(read_config(path), model.config, path)
         except DynasearchError as exc:
             notes.append(f"{name}: not measured ({exc})")
             continue
         if name == "full model":
-            model.set_subnet(model.subnet.full(model.config))
-        subnet = model.subnet
-        flops = closed_form_flops(model.config, subnet)
+            model.set_subnet(Subnet.full(model.config))
+            schedule = None
+        run: Subnet | SubnetSchedule = schedule if schedule is not None else model.subnet
+        if schedule is not None:
+            timesteps = diffusion_for(model.config).timestep_schedule(flops_steps or cfg.steps)
+            flops = schedule.mean_flops(model.config, timesteps)
+        else:
+            flops = closed_form_flops(model.config, model.subnet)
         row: dict[str, Any] = {
             "model": name,
             "gflops": flops / 1e9,
-            "% of full FLOPs": 100 * flops / (t.best["full_gflops"] * 1e9),
-            "params (M)": closed_form_params(model.config, subnet) / 1e6,
+            "% of full FLOPs": 100 * flops / (full_gflops * 1e9),
+            "params (M)": closed_form_params(model.config) / 1e6,
         }
         status(f"timing {name}")
-        latency = measure_latency(model, batch=cfg.latency_batch, repeats=cfg.latency_repeats)
+        latency = _latency(model, schedule, cfg)
         full_latency = latency if name == "full model" else full_latency
         row["latency (ms)"] = latency * 1e3
         row["latency ratio"] = latency / full_latency if full_latency else None
@@ -85,13 +132,13 @@ def _measure(cfg: ReportConfig, t: SearchTables, status: StatusFn) -> tuple[pd.D
             from .quality import evaluate_quality
 
             status(f"scoring {name} on {cfg.eval_num} samples")
-            q = evaluate_quality(model, num=cfg.eval_num, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed)
+            q = evaluate_quality(model, num=cfg.eval_num, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed, subnet=run)
             row["FD"] = q.fd
             row["class accuracy"] = q.class_accuracy
         if cfg.samples and model.config.in_channels in (1, 3):
             status(f"sampling {name}")
             labels = cycle_labels(model.config.num_classes, 4 * min(model.config.num_classes, 10))
-            images = sample_images(model, labels, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed)
+            images = sample_images(model, labels, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed, subnet=run)
             grids.append((f"{name}\n{row['gflops']:.3g} GFLOPs", grid_array(images, nrow=min(model.config.num_classes, 10))))
         rows.append(row)
     return pd.DataFrame(rows), grids, notes
@@ -114,8 +161,10 @@ def _pareto_table(t: SearchTables) -> pd.DataFrame:
 
 
 def build_report(cfg: ReportConfig, status: StatusFn | None = None) -> ReportResult:
-    """Write pareto.png, widths.png, history.png, samples.png, report.html, report.md and report.json."""
+    """Write the figures, report.html, report.md and report.json of a static or timestep-aware search directory."""
     status = status or (lambda _m: None)
+    if is_timestep_search(cfg.out):
+        return _timestep_report(cfg, status)
     t = read_search(cfg.out)
     out = cfg.out
     files = [
@@ -123,7 +172,7 @@ def build_report(cfg: ReportConfig, status: StatusFn | None = None) -> ReportRes
         plot_widths(width_map(t), out / "widths.png"),
         plot_history(history(t), out / "history.png"),
     ]
-    models, grids, notes = _measure(cfg, t, status)
+    models, grids, notes = _measure(cfg, _models(t), t.best["full_gflops"], status)
     if grids:
         files.append(plot_sample_rows(grids, out / "samples.png"))
     settings = {k: v for k, v in t.best.get("settings", {}).items() if k != "space"}
@@ -136,12 +185,53 @@ def build_report(cfg: ReportConfig, status: StatusFn | None = None) -> ReportRes
         "settings": settings,
         "notes": notes + t.best.get("notes", []),
     }
+    tables = [("Exported subnets and the full model", models), ("Pareto front", _pareto_table(t))]
+    return _write_pages(out, files, summary, _best_line(t), tables)
+
+
+def _timestep_report(cfg: ReportConfig, status: StatusFn) -> ReportResult:
+    """The report of a timestep-aware search: bucket fronts, width maps with a bucket axis, the comparison."""
+    t = read_timestep_search(cfg.out)
+    out, b = cfg.out, t.best
+    files = [plot_bucket_fronts(bucket_fronts(t), out / "buckets.png"), plot_bucket_widths(bucket_width_map(t), out / "widths.png")]
+    steps = int(b.get("sample_steps") or cfg.steps)
+    models, grids, notes = _measure(cfg, _schedule_models(t), b["full_gflops"], status, flops_steps=steps)
+    if steps != cfg.steps:
+        notes.append(f"FLOPs are means over the search's {steps} DDIM steps; samples and metrics used {cfg.steps} steps")
+    if grids:
+        files.append(plot_sample_rows(grids, out / "samples.png"))
+    comparison = t.comparison.drop(columns=["schedule", "static"], errors="ignore").copy()
+    comparison["flops_ratio"] = 100 * comparison["flops_ratio"]
+    comparison = comparison.rename(columns={"flops_ratio": "% of full FLOPs"})
+    settings = {k: v for k, v in b.get("settings", {}).items() if k != "space"}
+    summary = {
+        "budget_gflops": b["budget_gflops"], "full_gflops": b["full_gflops"], "sample_steps": b.get("sample_steps"),
+        "best": {k: b.get(k) for k in ("method", "mean_gflops", "flops_ratio", "proxy_loss")},
+        "comparison": json.loads(comparison.to_json(orient="records")),
+        "models": json.loads(models.to_json(orient="records")), "settings": settings, "notes": notes + b.get("notes", []),
+    }
+    static = t.comparison[t.comparison["method"].str.startswith("static")]
+    headline = (f"Timestep-aware schedule ({b['method']}): {b['mean_gflops']:.4g} GFLOPs per step on average over "
+                f"{b.get('sample_steps')} DDIM steps ({100 * b['flops_ratio']:.1f}% of the full model), proxy loss "
+                f"{b['proxy_loss']:.5f}")
+    if not static.empty:
+        s = static.sort_values("proxy_loss").iloc[0]
+        headline += f"; best static subnet ({s['method']}): {s['mean_gflops']:.4g} GFLOPs, proxy loss {s['proxy_loss']:.5f}"
+    tables = [("Schedules compared (same supernet, same proxy set)", comparison),
+              ("Exported schedules and the full model", models)]
+    return _write_pages(out, files, summary, headline + ".", tables)
+
+
+def _write_pages(
+    out: Path, files: list[Path], summary: dict[str, Any], headline: str, tables: list[tuple[str, pd.DataFrame]]
+) -> ReportResult:
+    """report.json, report.html (self-contained) and report.md from the figures, tables and summary."""
     atomic_write_text(out / "report.json", json.dumps(summary, indent=2) + "\n")
     files.append(out / "report.json")
-    best_line = _best_line(t)
-    atomic_write_text(out / "report.html", _html(t, files, models, settings, best_line, summary["notes"]))
-    atomic_write_text(out / "report.md", _markdown(t, files, models, settings, best_line))
+    atomic_write_text(out / "report.html", _html(out, files, tables, summary["settings"], headline, summary["notes"]))
+    atomic_write_text(out / "report.md", _markdown(out, files, tables, summary["settings"], headline))
     files += [out / "report.html", out / "report.md"]
+    models = next((df for title, df in tables if "full model" in title), pd.DataFrame())
     return ReportResult(files, models, summary["notes"])
 
 
@@ -154,21 +244,24 @@ def _best_line(t: SearchTables) -> str:
     return line + "."
 
 
-def _html(t: SearchTables, files: list[Path], models: pd.DataFrame, settings: dict, best: str, notes: list[str]) -> str:
+_NOTE = ("Latency: median forward time, same process, batch as in the settings (a schedule: the mean over its "
+         "sampling steps); FD and class accuracy from the digit classifier's feature space (lower FD is better).")
+
+
+def _html(out: Path, files: list[Path], tables: list[tuple[str, pd.DataFrame]], settings: dict, best: str, notes: list[str]) -> str:
     figures = "".join(f"<h2>{html.escape(p.stem)}</h2>{_img(p)}" for p in files if p.suffix == ".png")
+    sections = "".join(f"<h2>{html.escape(title)}</h2>{_table(df)}" for title, df in tables)
     settings_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     notes_html = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>dynasearch report: {html.escape(t.out.name)}</title>
+<html><head><meta charset="utf-8"><title>dynasearch report: {html.escape(out.name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}}
 table.t,table.s{{border-collapse:collapse;margin:1em 0}}td,th{{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}}
 td:first-child{{text-align:left}}</style></head><body>
-<h1>dynasearch report: {html.escape(t.out.name)}</h1>
+<h1>dynasearch report: {html.escape(out.name)}</h1>
 <p>{html.escape(best)}</p>
-<h2>Exported subnets and the full model</h2>{_table(models)}
-<p>Latency: median forward time, same process, batch as in the settings; FD and class accuracy from the digit
-classifier's feature space (lower FD is better).</p>
-<h2>Pareto front</h2>{_table(_pareto_table(t))}
+{sections}
+<p>{html.escape(_NOTE)}</p>
 {figures}
 <h2>Search settings</h2><table class="s">{settings_rows}</table>
 {f"<h2>Notes</h2><ul>{notes_html}</ul>" if notes else ""}
@@ -176,7 +269,7 @@ classifier's feature space (lower FD is better).</p>
 """
 
 
-def _markdown(t: SearchTables, files: list[Path], models: pd.DataFrame, settings: dict, best: str) -> str:
+def _markdown(out: Path, files: list[Path], tables: list[tuple[str, pd.DataFrame]], settings: dict, best: str) -> str:
     def md(df: pd.DataFrame) -> str:
         cols = list(df.columns)
         lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
@@ -185,6 +278,6 @@ def _markdown(t: SearchTables, files: list[Path], models: pd.DataFrame, settings
         return "\n".join(lines)
 
     figures = "\n\n".join(f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png")
+    sections = "".join(f"## {title}\n\n{md(df)}\n\n" for title, df in tables)
     settings_md = "\n".join(f"- {k}: {v}" for k, v in settings.items())
-    return (f"# dynasearch report: {t.out.name}\n\n{best}\n\n## Exported subnets and the full model\n\n{md(models)}\n\n"
-            f"## Pareto front\n\n{md(_pareto_table(t))}\n\n{figures}\n\n## Search settings\n\n{settings_md}\n")
+    return f"# dynasearch report: {out.name}\n\n{best}\n\n{sections}{figures}\n\n## Search settings\n\n{settings_md}\n"

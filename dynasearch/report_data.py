@@ -22,6 +22,13 @@ __all__ = [
     "width_map",
     "history",
     "hypervolume_2d",
+    "TimestepTables",
+    "BucketFronts",
+    "BucketWidthMap",
+    "is_timestep_search",
+    "read_timestep_search",
+    "bucket_fronts",
+    "bucket_width_map",
 ]
 
 
@@ -40,26 +47,33 @@ class SearchTables:
     best: dict[str, Any]
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV output, with a clear error when it is missing or unreadable."""
+    if not path.is_file():
+        raise ReportError(f"results directory '{path.parent}' has no {path.name} (run 'dynasearch search' first)")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ReportError(f"'{path}' is not a readable CSV file: {exc}") from None
+
+
+def _read_best(out: Path) -> dict[str, Any]:
+    """best.json of a search directory."""
+    try:
+        return json.loads((out / "best.json").read_text())
+    except FileNotFoundError:
+        raise ReportError(f"results directory '{out}' has no best.json") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"'{out / 'best.json'}' is not valid JSON: {exc.msg}") from None
+
+
 def read_search(out: str | Path) -> SearchTables:
     """Read trials.csv, pareto.csv, baseline.csv and best.json of a search directory."""
     out = Path(out)
     if not out.is_dir():
         raise ReportError(f"results directory '{out}' does not exist")
-    frames = {}
-    for name in ("trials", "pareto", "baseline"):
-        path = out / f"{name}.csv"
-        if not path.is_file():
-            raise ReportError(f"results directory '{out}' has no {name}.csv (run 'dynasearch search' first)")
-        try:
-            frames[name] = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise ReportError(f"'{path}' is not a readable CSV file: {exc}") from None
-    try:
-        best = json.loads((out / "best.json").read_text())
-    except FileNotFoundError:
-        raise ReportError(f"results directory '{out}' has no best.json") from None
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"'{out / 'best.json'}' is not valid JSON: {exc.msg}") from None
+    frames = {name: _read_csv(out / f"{name}.csv") for name in ("trials", "pareto", "baseline")}
+    best = _read_best(out)
     return SearchTables(out, frames["trials"], frames["pareto"], frames["baseline"], best)
 
 
@@ -155,3 +169,88 @@ def history(t: SearchTables) -> History:
         best.append(current)
         hv.append(hypervolume_2d(np.array(pts).reshape(-1, 2), reference))
     return History(np.arange(1, len(done) + 1), np.array(best), np.array(hv), reference)
+
+
+# ---------------------------------------------------------------------------------------------------- timestep search
+@dataclass
+class TimestepTables:
+    """The outputs of a timestep-aware search: bucket candidates, joint trials, the method comparison."""
+
+    out: Path
+    buckets: pd.DataFrame
+    joint: pd.DataFrame
+    comparison: pd.DataFrame
+    best: dict[str, Any]
+
+
+def is_timestep_search(out: str | Path) -> bool:
+    """True for the output directory of a timestep-aware search."""
+    return (Path(out) / "schedules.csv").is_file()
+
+
+def read_timestep_search(out: str | Path) -> TimestepTables:
+    """Read bucket_trials.csv, joint_trials.csv, schedules.csv and best.json."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ReportError(f"results directory '{out}' does not exist")
+    return TimestepTables(
+        out, _read_csv(out / "bucket_trials.csv"), _read_csv(out / "joint_trials.csv"), _read_csv(out / "schedules.csv"),
+        _read_best(out),
+    )
+
+
+@dataclass
+class BucketFronts:
+    """Per timestep bucket: every candidate, the bucket's Pareto front and each method's chosen point."""
+
+    labels: list[str]
+    points: list[tuple[np.ndarray, np.ndarray]]
+    fronts: list[tuple[np.ndarray, np.ndarray]]
+    chosen: dict[str, list[tuple[float, float]]]
+
+
+def bucket_fronts(t: TimestepTables) -> BucketFronts:
+    """What buckets.png shows: GFLOPs against bucket loss, per bucket, with the schedules' choices marked."""
+    labels, points, fronts = [], [], []
+    for k, group in t.buckets.groupby("bucket", sort=True):
+        labels.append(str(group["timesteps"].iloc[0]))
+        points.append((group["gflops"].to_numpy(float), group["proxy_loss"].to_numpy(float)))
+        f = group[group["on_front"].astype(bool)].sort_values("gflops")
+        fronts.append((f["gflops"].to_numpy(float), f["proxy_loss"].to_numpy(float)))
+    chosen = {
+        str(row["method"]): [(float(row[f"gflops_t{k}"]), float(row[f"loss_t{k}"])) for k in range(len(labels))]
+        for _, row in t.comparison.iterrows()
+    }
+    return BucketFronts(labels, points, fronts, chosen)
+
+
+@dataclass
+class BucketWidthMap:
+    """Per-block rates of each method's schedule: arrays (methods, buckets, blocks)."""
+
+    methods: list[str]
+    bucket_labels: list[str]
+    attn: np.ndarray
+    mlp: np.ndarray
+    tokens: np.ndarray
+
+
+def bucket_width_map(t: TimestepTables) -> BucketWidthMap:
+    """Where each schedule prunes, block by block, for every timestep bucket."""
+    model = t.best.get("model_config") or {}
+    heads = float(model.get("num_heads", 0)) or None
+    mlp_full = float(model.get("hidden_size", 0) * model.get("mlp_ratio", 0)) or None
+    methods, attn, mlp, tokens = [], [], [], []
+    labels: list[str] = []
+    for _, row in t.comparison.iterrows():
+        schedule = json.loads(row["schedule"])
+        bounds = schedule["timestep_boundaries"]
+        labels = [f"t {lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])]
+        blocks = [b["blocks"] for b in schedule["buckets"]]
+        h = np.array([[c["heads"] for c in bs] for bs in blocks], float)
+        m = np.array([[c["mlp_hidden"] for c in bs] for bs in blocks], float)
+        methods.append(str(row["method"]))
+        attn.append(h / (heads or h.max()))
+        mlp.append(m / (mlp_full or m.max()))
+        tokens.append(np.array([[c["token_ratio"] for c in bs] for bs in blocks], float))
+    return BucketWidthMap(methods, labels, np.array(attn), np.array(mlp), np.array(tokens))

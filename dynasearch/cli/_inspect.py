@@ -59,11 +59,12 @@ def flops(
     input_size: int = typer.Option(32, help="Latent (or image) side length."),
     in_channels: int = typer.Option(4, help="Latent channels."),
     num_classes: int = typer.Option(1000, help="Number of classes."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet JSON file."),
+    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file."),
     attn_rate: Optional[float] = typer.Option(None, help="Uniform attention-head rate in (0, 1]."),
     mlp_rate: Optional[float] = typer.Option(None, help="Uniform MLP-width rate in (0, 1]."),
     token_ratio: Optional[float] = typer.Option(None, help="Uniform token ratio in (0, 1]."),
     batch: int = typer.Option(1, min=1, help="Batch size (classifier-free guidance doubles it)."),
+    sample_steps: int = typer.Option(50, help="Timestep schedules: DDIM steps the mean FLOPs per step is taken over."),
     by_module: bool = typer.Option(False, "--by-module", help="Per-module table."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -89,12 +90,22 @@ def flops(
         mlp_rate=mlp_rate,
         token_ratio=token_ratio,
         batch=batch,
+        sample_steps=sample_steps,
     )
     result = run_flops_query(query)
     if as_json:
         print(json.dumps(result.to_dict(by_module), indent=2))
         return
-    table = Table(title=f"{result.model}: {result.subnet_description}")
+    if result.schedule is not None:
+        buckets = Table(title=f"{result.model}: timestep schedule, {sample_steps} DDIM steps")
+        for h in ("bucket", "timesteps", "steps", "GFLOPs (fvcore)", "GFLOPs (closed form)", "subnet"):
+            buckets.add_column(h, justify="left" if h in ("timesteps", "subnet") else "right")
+        for r in result.bucket_rows:
+            buckets.add_row(str(r["bucket"]), r["timesteps"], str(r["steps"]), f"{r['flops'] / 1e9:.4f}",
+                            f"{r['flops_closed_form'] / 1e9:.4f}", r["subnet"])
+        console.print(buckets)
+    title = "mean per denoising step" if result.schedule is not None else result.subnet_description
+    table = Table(title=f"{result.model}: {title}")
     for h in ("GFLOPs (fvcore)", "GFLOPs (closed form)", "params (M)", "batch"):
         table.add_column(h, justify="right")
     table.add_row(f"{result.gflops:.4f}", f"{result.gflops_closed_form:.4f}", f"{result.params / 1e6:.3f}", str(batch))
