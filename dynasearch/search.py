@@ -4,12 +4,23 @@ Two objectives, both minimised: the quality proxy (:mod:`dynasearch.evaluate`) a
 The budget is an Optuna constraint (``trial.set_constraint``), so every sampler treats over-budget trials as
 infeasible. Studies live in an Optuna storage (a journal file in the output directory by default, or any RDB
 URL), so a rerun resumes and several workers can share one study.
+
+Crashes: every trial records which process runs it and starts out marked ``crashed`` with the reason "the worker
+process died during the trial"; the objective clears the mark when it returns or raises. A trial left RUNNING by
+a dead worker (this machine: its process id is gone; other machines: its RDB heartbeat stopped) is failed at the
+next start of any worker, and its parameters are enqueued once more (user attribute ``retry_of``; a retry that
+crashes again is not retried). Crashed trials stay in the study as FAIL but do not count toward ``--trials``:
+the study ends with exactly ``--trials`` counted trials (COMPLETE, or FAIL from the evaluation itself) and
+every crashed one in addition. Finished trials are never run again.
 """
 
 from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,17 +33,43 @@ from .checkpoint import load_checkpoint, read_config
 from .device import resolve_device
 from .diffusion import GaussianDiffusion
 from .errors import BudgetError, SearchError
-from .evaluate import ProxyEvaluator, build_proxy_set, dataset_from_run_config
+from .evaluate import ProxyEvaluator, ProxySet, build_proxy_set, dataset_from_run_config
 from .flops import closed_form_flops, format_flops, parse_budget
 from .model.dit import DiT
 from .searchspace import DEFAULT_SPACE, SearchSpace, load_space
 from .space import Subnet
-from .storage import make_storage, mask_url
+from .storage import make_storage, mask_url, worker_identity, worker_is_dead
 
-__all__ = ["SAMPLERS", "SearchConfig", "SearchContext", "prepare_search", "make_sampler", "run_trials", "subnet_params"]
+__all__ = [
+    "SAMPLERS",
+    "SearchConfig",
+    "SearchContext",
+    "SearchInterrupted",
+    "prepare_search",
+    "make_sampler",
+    "run_trials",
+    "subnet_params",
+    "finished_count",
+    "crashed_numbers",
+    "recover_stale_trials",
+]
 
 SAMPLERS = ("tpe", "nsga2", "gp", "random")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+_FAIL, _RUNNING = optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING
+ATTR_WORKER, ATTR_CRASHED, ATTR_RETRY_OF, ATTR_SEED = "worker", "crashed", "retry_of", "seed"
+CRASH_REASON = "the worker process died during the trial"
+INTERRUPT_REASON = "stopped at once by a second Ctrl-C during the trial"
+
+
+class SearchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the search; the study is consistent and a rerun of the same command resumes it."""
+
+    def __init__(self, finished: int, target: int) -> None:
+        """`finished` of `target` trials were done when the search stopped."""
+        super().__init__(f"interrupted after {finished} of {target} trials")
+        self.finished = finished
+        self.target = target
 
 
 @dataclass(frozen=True)
@@ -105,8 +142,11 @@ def subnet_params(n_groups: int, attn: list[float], mlp: list[float], tok: list[
     return params
 
 
-def prepare_search(config: SearchConfig) -> SearchContext:
-    """Load the supernet and its data, resolve the space and the budget (raising clear errors)."""
+def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> SearchContext:
+    """Load the supernet and its data, resolve the space and the budget (raising clear errors).
+
+    `proxy`: the proxy set another worker of this search already built (skips loading the dataset).
+    """
     doc = read_config(config.supernet)
     model = load_checkpoint(config.supernet, device=resolve_device(config.device))
     if model.config.is_sliced:
@@ -127,9 +167,10 @@ def prepare_search(config: SearchConfig) -> SearchContext:
             f"FLOPs budget '{config.flops}' ({format_flops(budget)}) is below the smallest subnet of space "
             f"'{space.name}', {format_flops(smallest)} ({smallest / full:.1%} of the full model)"
         )
-    split = dataset_from_run_config(doc)
-    diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
-    proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=config.proxy_samples, seed=config.seed)
+    if proxy is None:
+        split = dataset_from_run_config(doc)
+        diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+        proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=config.proxy_samples, seed=config.seed)
     settings = {
         "supernet": str(config.supernet),
         "model": model.config.name,
@@ -162,7 +203,7 @@ def make_sampler(name: str, seed: int, trials: int = 200) -> optuna.samplers.Bas
 def open_study(ctx: SearchContext, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create or load the study; a study of the same name with other settings is an error."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = make_storage(ctx.config.storage, ctx.config.out)
+    storage = make_storage(ctx.config.storage, ctx.config.out, on_stale=_retry)
     try:
         study = optuna.create_study(
             study_name=ctx.config.study_name,
@@ -192,7 +233,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def seed_study(ctx: SearchContext, study: optuna.Study) -> None:
-    """Enqueue the largest, the smallest and the uniform subnet nearest the budget (only into a new study)."""
+    """Enqueue the largest, the smallest and the uniform subnet nearest the budget (only into a new study).
+
+    Workers that start together may each enqueue the seeds; the objective prunes every copy but the first.
+    """
     if study.get_trials(deepcopy=False):
         return
     s, n = ctx.space, len(ctx.groups)
@@ -209,82 +253,209 @@ def seed_study(ctx: SearchContext, study: optuna.Study) -> None:
     if best_uniform is not None:
         _, a, m, r = best_uniform
         seeds.append(subnet_params(n, [a] * n, [m] * n, [r] * n))
-    for params in seeds:
-        study.enqueue_trial(params, skip_if_exists=True)
+    for i, params in enumerate(seeds):
+        study.enqueue_trial(params, user_attrs={ATTR_SEED: i}, skip_if_exists=True)
 
 
-def make_objective(ctx: SearchContext, study: optuna.Study) -> Callable[[optuna.Trial], tuple[float, float]]:
-    """The objective: proxy loss and GFLOPs of the trial's subnet, with the budget as a constraint."""
-    s, n = ctx.space, len(ctx.groups)
+def make_objective(
+    ctx: SearchContext, study: optuna.Study, stop: threading.Event | None = None
+) -> Callable[[optuna.Trial], tuple[float, float]]:
+    """The objective: proxy loss and GFLOPs of the trial's subnet, with the budget as a constraint.
+
+    Trials start only while `stop` is unset; a trial that starts recovers crashed trials first.
+    """
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
+        if stop is not None and stop.is_set():
+            study.stop()
+            raise optuna.TrialPruned("the search was interrupted")
+        recover_stale_trials(study)
         if _surplus(study, trial, ctx.config.trials):
             study.stop()
             raise optuna.TrialPruned("the requested number of trials is already reached")
-        params = {}
-        for g in range(n):
-            params[f"attn_{g}"] = trial.suggest_categorical(f"attn_{g}", s.attn_rate)
-            params[f"mlp_{g}"] = trial.suggest_categorical(f"mlp_{g}", s.mlp_rate)
-            params[f"tok_{g}"] = trial.suggest_categorical(f"tok_{g}", s.token_ratio)
-        subnet = ctx.subnet_from_params(params)
-        flops = ctx.flops(subnet)
-        trial.set_constraint("flops", (flops - ctx.budget) / ctx.budget)
-        trial.set_user_attr("flops", flops)
-        trial.set_user_attr("subnet", subnet.to_dict())
-        start = time.perf_counter()
+        if _duplicate_seed(study, trial):
+            raise optuna.TrialPruned("another worker enqueued the same seed subnet first")
+        trial.set_user_attr(ATTR_WORKER, worker_identity())
+        trial.set_user_attr("fail_reason", CRASH_REASON)  # stays if the process dies before the trial ends
+        trial.set_user_attr(ATTR_CRASHED, True)
         try:
-            loss = ctx.evaluator(subnet)
+            values, reason = _evaluate(ctx, trial)
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", INTERRUPT_REASON)
+            _retry(study, _frozen(study, trial.number))
+            raise
         except Exception as exc:
             trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr(ATTR_CRASHED, False)
             raise
-        trial.set_user_attr("eval_seconds", time.perf_counter() - start)
-        if not math.isfinite(loss):
-            trial.set_user_attr("fail_reason", f"proxy loss is {loss}")
-        return loss, flops / 1e9
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr(ATTR_CRASHED, False)
+        return values
 
     return objective
 
 
+def _evaluate(ctx: SearchContext, trial: optuna.Trial) -> tuple[tuple[float, float], str]:
+    """Suggest the trial's subnet and score it: ((proxy loss, GFLOPs), failure reason or '')."""
+    s, n = ctx.space, len(ctx.groups)
+    params = {}
+    for g in range(n):
+        params[f"attn_{g}"] = trial.suggest_categorical(f"attn_{g}", s.attn_rate)
+        params[f"mlp_{g}"] = trial.suggest_categorical(f"mlp_{g}", s.mlp_rate)
+        params[f"tok_{g}"] = trial.suggest_categorical(f"tok_{g}", s.token_ratio)
+    subnet = ctx.subnet_from_params(params)
+    flops = ctx.flops(subnet)
+    trial.set_constraint("flops", (flops - ctx.budget) / ctx.budget)
+    trial.set_user_attr("flops", flops)
+    trial.set_user_attr("subnet", subnet.to_dict())
+    start = time.perf_counter()
+    loss = ctx.evaluator(subnet)
+    trial.set_user_attr("eval_seconds", time.perf_counter() - start)
+    reason = "" if math.isfinite(loss) else f"proxy loss is {loss}"
+    return (loss, flops / 1e9), reason
+
+
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """The stored trial with this number."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+def crashed_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
+    """Numbers of FAIL trials whose worker died or was stopped mid-trial: they do not count toward --trials."""
+    retried = {t.user_attrs[ATTR_RETRY_OF] for t in trials if ATTR_RETRY_OF in t.user_attrs}
+    return {t.number for t in trials if t.state == _FAIL and (t.user_attrs.get(ATTR_CRASHED) or t.number in retried)}
+
+
+def _counted(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials that count toward --trials: COMPLETE, or FAIL from the evaluation itself."""
+    crashed = crashed_numbers(trials)
+    return [t for t in trials if t.state in FINISHED and t.number not in crashed]
+
+
 def _surplus(study: optuna.Study, trial: optuna.Trial, target: int) -> bool:
-    """True when `target` earlier trials are already finished or running (exact counts across workers)."""
-    states = (*FINISHED, optuna.trial.TrialState.RUNNING)
-    earlier = [t for t in study.get_trials(deepcopy=False, states=states) if t.number < trial.number]
-    return len(earlier) >= target
+    """True when `target` earlier trials are already counted or running (exact counts across workers)."""
+    trials = study.get_trials(deepcopy=False)
+    earlier = [t for t in _counted(trials) if t.number < trial.number]
+    running = [t for t in trials if t.state == _RUNNING and t.number < trial.number]
+    return len(earlier) + len(running) >= target
+
+
+def _duplicate_seed(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """True when an earlier, unpruned trial carries the same seed subnet (two workers seeded a new study)."""
+    key = trial.user_attrs.get(ATTR_SEED)
+    if key is None:
+        return False
+    return any(
+        t.number < trial.number and t.user_attrs.get(ATTR_SEED) == key and t.state != optuna.trial.TrialState.PRUNED
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _retry(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Enqueue a crashed trial's parameters once more (a retry that crashes too is not retried).
+
+    The parameters are those it had suggested, over those it was enqueued with (a seed that crashed early).
+    """
+    if ATTR_RETRY_OF in trial.user_attrs:
+        return
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={ATTR_RETRY_OF: trial.number})
+
+
+def recover_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials of workers that died on this machine and retry them once; returns their numbers.
+
+    Only the worker whose FAIL lands first retries a trial, so several workers recovering at once retry it once.
+    (Trials of dead workers on other machines are failed by the RDB heartbeat, which calls :func:`_retry`.)
+    """
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(_RUNNING,)):
+        if not worker_is_dead(t.user_attrs.get(ATTR_WORKER)):
+            continue
+        try:
+            study.tell(t.number, state=_FAIL)
+        except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
+            continue  # another worker failed it first (and retries it)
+        failed.append(t.number)
+        _retry(study, t)
+    return failed
 
 
 def finished_count(study: optuna.Study) -> int:
-    """Trials that completed or failed."""
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Trials that count toward --trials: completed, or failed in the evaluation (crashed ones are retried)."""
+    return len(_counted(study.get_trials(deepcopy=False)))
 
 
-def run_trials(ctx: SearchContext, worker: int = 0, on_trial: Callable[[int], None] | None = None) -> optuna.Study:
-    """Run this worker's share of trials until the study holds `trials` finished ones."""
+def run_trials(
+    ctx: SearchContext,
+    worker: int = 0,
+    on_trial: Callable[[int], None] | None = None,
+    stop: threading.Event | None = None,
+) -> optuna.Study:
+    """Run this worker's share of trials until the study holds `trials` counted ones (or `stop` is set).
+
+    Crashed trials of earlier runs are failed and retried first; `stop` ends the loop after the running trial.
+    """
     study = open_study(ctx, make_sampler(ctx.config.sampler, ctx.config.seed + worker, ctx.config.trials))
     if worker == 0:
         seed_study(ctx, study)
-    remaining = ctx.config.trials - finished_count(study)
-    if remaining <= 0:
+    recover_stale_trials(study)
+    if finished_count(study) >= ctx.config.trials:
         return study
-    callbacks = [optuna.study.MaxTrialsCallback(ctx.config.trials, states=FINISHED)]
-    if on_trial is not None:
-        callbacks.append(lambda st, _t: on_trial(finished_count(st)))
-    study.optimize(make_objective(ctx, study), n_trials=remaining, callbacks=callbacks, catch=(Exception,))
+
+    def after_trial(st: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        done = finished_count(st)
+        if on_trial is not None:
+            on_trial(done)
+        if done >= ctx.config.trials or (stop is not None and stop.is_set()):
+            st.stop()
+
+    study.optimize(make_objective(ctx, study, stop), n_trials=None, callbacks=[after_trial], catch=(Exception,))
     return study
 
 
-def _worker_main(config_dict: dict[str, Any], worker: int) -> None:
-    """Entry point of an extra worker process."""
+def graceful_sigint(stop: threading.Event, forward: Callable[[], None] | None = None, once: bool = True) -> Any:
+    """Make Ctrl-C set `stop` (then call `forward`); with `once`, a second Ctrl-C raises KeyboardInterrupt.
+
+    Returns the previous handler (for :func:`signal.signal`). Only call from the main thread.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        if once and stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if forward is not None:
+            forward()
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _watch_parent(parent: int, stop: threading.Event) -> None:
+    """Set `stop` once the process that started this worker is gone (checked every second)."""
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            stop.set()
+
+
+def _worker_main(
+    config_dict: dict[str, Any], worker: int, parent: int | None = None, proxy: ProxySet | None = None
+) -> None:
+    """Entry point of an extra worker process: Ctrl-C (from the terminal or the parent) stops after the trial."""
+    stop = threading.Event()
+    graceful_sigint(stop, once=False)  # the parent forwards Ctrl-C; a forced stop is its SIGTERM
+    if parent is not None:
+        threading.Thread(target=_watch_parent, args=(parent, stop), daemon=True).start()
     torch.set_num_threads(1)
     config = SearchConfig(**{**config_dict, "supernet": Path(config_dict["supernet"]), "out": Path(config_dict["out"])})
-    run_trials(prepare_search(config), worker=worker)
+    run_trials(prepare_search(config, proxy=proxy), worker=worker, stop=stop)
 
 
-def start_workers(config: SearchConfig) -> list[mp.process.BaseProcess]:
-    """Start workers 1..N-1 as processes (worker 0 runs in the calling process)."""
+def start_workers(config: SearchConfig, proxy: ProxySet | None = None) -> list[mp.process.BaseProcess]:
+    """Start workers 1..N-1 as processes (worker 0 runs in the calling process), handing them `proxy` if given."""
     ctx = mp.get_context("spawn")
     procs = []
     for w in range(1, config.workers):
-        p = ctx.Process(target=_worker_main, args=(asdict(config), w), daemon=True)
+        p = ctx.Process(target=_worker_main, args=(asdict(config), w, os.getpid(), proxy), daemon=True)
         p.start()
         procs.append(p)
     return procs

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,21 @@ import pandas as pd
 from .checkpoint import atomic_write_text, save_checkpoint
 from .errors import SearchError
 from .flops import count_flops
-from .search import SearchConfig, SearchContext, finished_count, prepare_search, run_trials, start_workers
+from .search import (
+    ATTR_RETRY_OF,
+    SearchConfig,
+    SearchContext,
+    SearchInterrupted,
+    crashed_numbers,
+    finished_count,
+    graceful_sigint,
+    make_sampler,
+    open_study,
+    prepare_search,
+    run_trials,
+    seed_study,
+    start_workers,
+)
 from .slicing import slice_subnet
 from .space import Subnet
 from .storage import mask_url
@@ -45,9 +63,16 @@ def _block_columns(ctx: SearchContext, subnet: Subnet) -> dict[str, float]:
 
 
 def trials_frame(ctx: SearchContext, study: optuna.Study) -> pd.DataFrame:
-    """One row per trial (pruned surplus trials left out): choices, GFLOPs, proxy loss, feasibility, seconds."""
+    """One row per trial (pruned surplus trials left out): choices, GFLOPs, proxy loss, feasibility, seconds.
+
+    `counted` says whether the trial counts toward --trials (crashed trials do not: their retry does);
+    `retry_of` names the crashed trial a retry re-runs.
+    """
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    crashed = crashed_numbers(trials)
+    retries = {t.user_attrs[ATTR_RETRY_OF]: t.number for t in trials if ATTR_RETRY_OF in t.user_attrs}
+    for t in trials:
         if t.state in (optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.WAITING):
             continue
         subnet = Subnet.from_dict(t.user_attrs["subnet"]) if "subnet" in t.user_attrs else None
@@ -61,13 +86,25 @@ def trials_frame(ctx: SearchContext, study: optuna.Study) -> pd.DataFrame:
             "proxy_loss": t.values[0] if done and t.values else None,
             "feasible": bool(flops is not None and flops <= ctx.budget),
             "seconds": seconds,
-            "fail_reason": t.user_attrs.get("fail_reason", ""),
+            "fail_reason": _fail_reason(t, t.number in crashed, retries.get(t.number)),
+            "counted": t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) and t.number not in crashed,
+            "retry_of": t.user_attrs.get(ATTR_RETRY_OF),
         }
         if subnet is not None:
             row.update(_block_columns(ctx, subnet))
             row["subnet"] = subnet.to_json()
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _fail_reason(trial: optuna.trial.FrozenTrial, crashed: bool, retry: int | None) -> str:
+    """Why a FAIL trial failed ('' for other states); crashed trials name the trial that retries them."""
+    if trial.state != optuna.trial.TrialState.FAIL:
+        return ""
+    reason = trial.user_attrs.get("fail_reason") or ("the worker stopped sending heartbeats" if crashed else "")
+    if crashed:
+        reason += f"; retried as trial {retry}" if retry is not None else "; not retried (it was a retry)"
+    return reason
 
 
 def pareto_frame(trials: pd.DataFrame) -> pd.DataFrame:
@@ -173,6 +210,12 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
     notes = []
     if ctx.budget >= ctx.full_flops:
         notes.append(f"the budget is at or above the full model ({ctx.full_flops / 1e9:.4f} GFLOPs): the full model is returned")
+    done = finished_count(study)
+    if done < ctx.config.trials:
+        notes.append(
+            f"{done} of {ctx.config.trials} trials are finished (other workers are still running, or died): "
+            "rerun the same command to finish"
+        )
     uniform_ok = baseline[baseline["feasible"]]
     best_uniform = uniform_ok.sort_values("proxy_loss").iloc[0].to_dict() if not uniform_ok.empty else None
     entries = [("best", best_subnet, {"role": "best within budget", **best})]
@@ -197,6 +240,7 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
                      "study_name": ctx.config.study_name, "storage": mask_url(ctx.config.storage or str(out / "study.journal")),
                      "workers": ctx.config.workers},
         "finished_trials": finished_count(study),
+        "crashed_trials": int((~trials["counted"] & (trials["state"] == "FAIL")).sum()) if not trials.empty else 0,
         "notes": notes,
     }
     atomic_write_text(out / "best.json", json.dumps(summary, indent=2, default=float) + "\n")
@@ -204,7 +248,12 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
 
 
 def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
-    """Prepare, run (resuming any earlier study), and write every output of a search."""
+    """Prepare, run (resuming any earlier study), and write every output of a search.
+
+    Ctrl-C (SIGINT) stops every worker after its running trial and raises :class:`SearchInterrupted` without
+    touching the outputs (they stay those of the last finished run); a second Ctrl-C stops at once (the running
+    trials are retried on resume). Either way a rerun of the same command resumes the study.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ctx = prepare_search(config)  # every input is checked before anything is written
@@ -212,17 +261,60 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
-    procs = start_workers(config) if config.workers > 1 else []
-    columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("trials", total=config.trials)
-        study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)))
+    # seed before any worker starts, so that no worker's first trial precedes the seeds
+    seed_study(ctx, open_study(ctx, make_sampler(config.sampler, config.seed, config.trials)))
+    stop = threading.Event()
+    procs: list = []
+
+    def forward() -> None:
+        print("stopping after the running trial(s); press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
         for p in procs:
-            while p.is_alive():
-                bar.update(task, completed=min(finished_count(study), config.trials))
-                p.join(timeout=0.5)
-        bar.update(task, completed=min(finished_count(study), config.trials))
+            if p.is_alive() and p.pid is not None:
+                _signal(p.pid, signal.SIGINT)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = graceful_sigint(stop, forward) if in_main else None
+    study = None
+    try:
+        procs.extend(start_workers(config, ctx.evaluator.proxy.to("cpu")) if config.workers > 1 else [])
+        columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("trials", total=config.trials)
+            study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)), stop=stop)
+            for p in procs:
+                while p.is_alive():
+                    bar.update(task, completed=min(finished_count(study), config.trials))
+                    p.join(timeout=0.5)
+            bar.update(task, completed=min(finished_count(study), config.trials))
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now; the running trials are retried on resume
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        study = study or open_study(ctx, make_sampler(config.sampler, config.seed, config.trials))
+        raise SearchInterrupted(finished_count(study), config.trials) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    done = finished_count(study)
+    if stop.is_set() and done < config.trials:
+        raise SearchInterrupted(done, config.trials)
     failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
     if failed:
-        raise SearchError(f"{len(failed)} search worker process(es) failed (exit codes {failed})")
-    return write_outputs(ctx, study)
+        raise SearchError(
+            f"{len(failed)} search worker process(es) failed (exit codes {failed}); "
+            "rerun the same command to resume the study"
+        )
+    try:
+        return write_outputs(ctx, study)
+    except KeyboardInterrupt:
+        raise SearchInterrupted(done, config.trials) from None
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Send `sig` to `pid`, ignoring a process that just exited."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from . import app, console
+from . import app, console, err_console
 
 
 @app.command()
@@ -28,7 +28,7 @@ def search(
     out: Path = typer.Option(Path("results/search"), help="Output directory."),
 ) -> None:
     """Search per-block heads, MLP widths and token ratios under a FLOPs budget; export the best subnets."""
-    from ..search import SearchConfig
+    from ..search import SearchConfig, SearchInterrupted
     from ..search_outputs import run_search
 
     config = SearchConfig(
@@ -36,7 +36,16 @@ def search(
         study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
         device=device,
     )
-    result = run_search(config)
+    try:
+        result = run_search(config)
+    except SearchInterrupted as stopped:
+        err_console.print(
+            f"interrupted after {stopped.finished} trials (of {stopped.target}); resume with: "
+            f"{resume_command(config)} (same --out)",
+            highlight=False, markup=False, soft_wrap=True,
+        )
+        # SystemExit, not typer.Exit: typer turns Exit into a return value that cli.main does not pass on
+        raise SystemExit(130) from None
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     table = Table(title=f"Pareto front ({len(result.pareto)} subnets within {result.best['budget_gflops']:.4f} GFLOPs)")
@@ -55,3 +64,21 @@ def search(
     for e in result.exported:
         console.print(f"exported {e['name']}: {e['gflops']:.4f} GFLOPs, {e['params'] / 1e6:.3f}M params -> {e['path']}")
     console.print(f"results in {result.out}")
+
+
+def resume_command(config: "SearchConfig") -> str:  # noqa: F821 - imported lazily above
+    """The `dynasearch search` command line that resumes `config`'s study (storage password masked)."""
+    import shlex
+    from dataclasses import fields
+
+    from ..search import SearchConfig
+    from ..storage import mask_url
+
+    parts = ["dynasearch", "search"]
+    for f in fields(SearchConfig):
+        value = getattr(config, f.name)
+        if f.name not in ("supernet", "flops", "out") and value == f.default:
+            continue
+        text = mask_url(str(value)) if f.name == "storage" else str(value)
+        parts += [f"--{f.name.replace('_', '-')}", shlex.quote(text)]
+    return " ".join(parts)
