@@ -218,3 +218,34 @@ def test_report_of_a_timestep_search(searched) -> None:
     table = result.comparison.set_index("method")
     assert rows.loc["knapsack", "% of full FLOPs"] == pytest.approx(100 * table.loc["knapsack", "flops_ratio"])
     assert any("search's 10 DDIM steps" in n for n in report.notes)
+
+
+def test_cli_sample_eval_and_flops_understand_schedules(
+    searched, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dynasearch.cli import main
+
+    root, result = searched
+    monkeypatch.setenv("DYNASEARCH_CACHE", str(root / "cache"))  # the digit classifier is trained into the test's dir
+    ckpt = root / "out" / "schedules" / "knapsack"
+    png = root / "grid.png"
+    assert main(["sample", "--checkpoint", str(ckpt), "--labels", "0,1", "--per-label", "2", "--steps", "4",
+                 "--out", str(png), "--device", "cpu"]) == 0
+    assert png.is_file()
+    capsys.readouterr()
+    assert main(["flops", "--checkpoint", str(ckpt), "--sample-steps", "10", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    schedule = SubnetSchedule.from_dict(doc["schedule"])
+    assert [b["steps"] for b in doc["buckets"]] == [3, 2, 2, 3]
+    assert all(b["flops"] == b["flops_closed_form"] for b in doc["buckets"])  # fvcore agrees bucket by bucket
+    mean = schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10))
+    assert doc["flops_closed_form"] == round(mean)
+    assert doc["flops_closed_form"] / 1e9 == pytest.approx(result.comparison.set_index("method").loc["knapsack", "mean_gflops"])
+    # a supernet with the schedule file: the same per-step mean
+    assert main(["flops", "--checkpoint", str(root / "run"), "--subnet", str(root / "out" / "schedule.json"),
+                 "--sample-steps", "10", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["flops"] == round(result.schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10)))
+    assert main(["eval", "--checkpoint", str(ckpt), "--num", "20", "--steps", "2", "--device", "cpu", "--json"]) == 0
+    quality = json.loads(capsys.readouterr().out)
+    assert quality["subnet"] == schedule.to_dict()
+    assert quality["extra"]["gflops_per_step"] == pytest.approx(schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9)

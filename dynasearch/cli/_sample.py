@@ -58,7 +58,7 @@ def _step_bar(description: str) -> Iterator:
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., help="Supernet, training run or sliced checkpoint directory."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet JSON file to run (supernets)."),
+    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file to run (supernets; timestep-dynamic checkpoints switch subnets per step by themselves)."),
     labels: Optional[str] = typer.Option(None, help="Classes, one grid row each: '0,1,2' or '0-9'."),
     num: Optional[int] = typer.Option(None, min=1, help="Number of samples, labels cycling over the classes."),
     per_label: int = typer.Option(8, min=1, help="Samples per label (the grid's columns) with --labels."),
@@ -102,7 +102,7 @@ def sample(
 @app.command(name="eval")
 def eval_(
     checkpoint: Path = typer.Option(..., help="Supernet, training run or sliced checkpoint directory."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet JSON file to evaluate (supernets)."),
+    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file to evaluate (supernets; timestep-dynamic checkpoints switch per step by themselves)."),
     num: int = typer.Option(1000, min=2, help="Generated samples (labels cycling over the classes)."),
     steps: int = typer.Option(DEFAULT_STEPS, min=1, help="Sampling steps."),
     cfg_scale: float = typer.Option(DEFAULT_CFG_SCALE, min=0.0, help="Classifier-free guidance scale (1 = off)."),
