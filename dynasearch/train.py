@@ -425,10 +425,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class _StopSignals:
-    """While installed, the first SIGINT or SIGTERM only records a request (honoured at the end of the step); a
-    second one interrupts at once (KeyboardInterrupt), which checkpoint transactions also survive."""
+    """While installed, the first SIGINT or SIGTERM only records a request (honoured at the end of the step); the
+    same signal again interrupts at once (KeyboardInterrupt), which checkpoint transactions also survive. The other
+    signal is absorbed: torchrun answers Ctrl-C by sending SIGTERM to workers that are already stopping."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = tuple(sig.name for sig in SIGNALS)
 
     def __init__(self) -> None:
         self.requested: str | None = None
@@ -449,10 +451,11 @@ class _StopSignals:
         self._previous = {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.requested is not None:
+        name = signal.Signals(signum).name
+        if self.requested == name:
             self.uninstall()
             raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
+        self.requested = self.requested or name
 
 
 @contextlib.contextmanager
@@ -511,7 +514,15 @@ def _setup_distributed(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.dist_timeout))
+        try:
+            dist.init_process_group(backend=backend, timeout=timedelta(seconds=cfg.dist_timeout))
+        except (RuntimeError, ValueError) as exc:  # DistStoreError (a rank never came), bad MASTER_* variables
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise TrainingError(
+                f"DDP rank {os.environ.get('RANK', '?')} of {world}: joining the process group at {where} failed "
+                f"({first}); every process must start within --dist-timeout ({cfg.dist_timeout:g} s)"
+            ) from None
         owns = True
     return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns), device
 
@@ -1183,9 +1194,12 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
             losses = sandwich_step(model, diffusion, batch, subnets, cfg.distill, autocast_dtype)
             with _collective(ddp, f"step {step}: averaging gradients over the DDP processes", out, last_ckpt):
                 _average_gradients(params, ddp)
-                flags = [1.0 if stop.requested else 0.0]  # every rank stops at the same step
+                flags = [float(stop.requested == name) for name in _StopSignals.NAMES]  # all ranks stop together
                 values = _mean_over_ranks([v for r in losses for v in (r.loss, r.gt, r.distill)] + flags, ddp, device)
-            stop_now = values.pop() > 0 or (not ddp.enabled and stop.requested is not None)
+            stop_by = [name for name, v in zip(_StopSignals.NAMES, values[-len(flags) :]) if v > 0]
+            del values[-len(flags) :]
+            stop_by = stop_by or ([stop.requested] if not ddp.enabled and stop.requested else [])
+            stop_now = bool(stop_by)
             for i, r in enumerate(losses):
                 r.loss, r.gt, r.distill = values[3 * i : 3 * i + 3]
             _check_finite(losses, step, config, out, last_ckpt, metrics)
@@ -1211,9 +1225,9 @@ def _train(cfg: TrainConfig, ddp: _Dist, device: torch.device, show: bool) -> Tr
                     _save_run(out, model, ema, optimizer, step, meta, metrics)
                 last_ckpt = step
             if stop_now and step < cfg.steps:
-                with _collective(ddp, f"step {step}: stopping on {stop.requested or 'a signal'}", out, last_ckpt):
+                with _collective(ddp, f"step {step}: stopping on {stop_by[0]}", out, last_ckpt):
                     _barrier(ddp)  # rank 0 has finished writing before any process exits
-                raise TrainingInterrupted(step, cfg.steps, out, stop.requested or "a signal", ddp.is_main)
+                raise TrainingInterrupted(step, cfg.steps, out, stop_by[0], ddp.is_main)
     finally:
         stop.uninstall()
         reporter.close()
