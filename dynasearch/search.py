@@ -400,7 +400,7 @@ def run_trials(
     if worker == 0:
         seed_study(ctx, study)
     recover_stale_trials(study)
-    if finished_count(study) >= ctx.config.trials:
+    if finished_count(study) >= ctx.config.trials or (stop is not None and stop.is_set()):
         return study
 
     def after_trial(st: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
@@ -454,8 +454,16 @@ def start_workers(config: SearchConfig, proxy: ProxySet | None = None) -> list[m
     """Start workers 1..N-1 as processes (worker 0 runs in the calling process), handing them `proxy` if given."""
     ctx = mp.get_context("spawn")
     procs = []
-    for w in range(1, config.workers):
-        p = ctx.Process(target=_worker_main, args=(asdict(config), w, os.getpid(), proxy), daemon=True)
-        p.start()
-        procs.append(p)
+    # workers start with Ctrl-C ignored (a terminal's SIGINT would otherwise hit them mid-import); _worker_main
+    # then installs the graceful handler, and the parent repeats its SIGINT until they exit
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+    try:
+        for w in range(1, config.workers):
+            p = ctx.Process(target=_worker_main, args=(asdict(config), w, os.getpid(), proxy), daemon=True)
+            p.start()
+            procs.append(p)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     return procs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import signal
 import sys
@@ -264,7 +265,7 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
     # seed before any worker starts, so that no worker's first trial precedes the seeds
     seed_study(ctx, open_study(ctx, make_sampler(config.sampler, config.seed, config.trials)))
     stop = threading.Event()
-    procs: list = []
+    procs: list[mp.process.BaseProcess] = []
 
     def forward() -> None:
         print("stopping after the running trial(s); press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
@@ -283,6 +284,8 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
             study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)), stop=stop)
             for p in procs:
                 while p.is_alive():
+                    if stop.is_set() and p.pid is not None:  # again: a worker may have been starting up
+                        _signal(p.pid, signal.SIGINT)
                     bar.update(task, completed=min(finished_count(study), config.trials))
                     p.join(timeout=0.5)
             bar.update(task, completed=min(finished_count(study), config.trials))

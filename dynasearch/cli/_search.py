@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from . import app, console, err_console
+
+if TYPE_CHECKING:
+    from ..search import SearchConfig
 
 
 @app.command()
@@ -66,7 +69,7 @@ def search(
     console.print(f"results in {result.out}")
 
 
-def resume_command(config: "SearchConfig") -> str:  # noqa: F821 - imported lazily above
+def resume_command(config: SearchConfig) -> str:
     """The `dynasearch search` command line that resumes `config`'s study (storage password masked)."""
     import shlex
     from dataclasses import fields
