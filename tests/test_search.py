@@ -169,3 +169,57 @@ def test_search_on_registry_config(tmp_path: Path) -> None:
     result = run_search(_config(run, tmp_path / "s", flops="0.9x", trials=4, export_top=1, proxy_samples=16), progress=False)
     assert len(result.trials) == 4
     assert result.best["gflops"] <= result.best["budget_gflops"]
+
+
+def test_mask_url_hides_every_password_form() -> None:
+    from dynasearch.storage import mask_url
+
+    assert mask_url("postgresql://user:s3cr@t@db.example:5432/opt") == "postgresql://user:***@db.example:5432/opt"
+    assert mask_url("postgresql://:pw@127.0.0.1/db") == "postgresql://:***@127.0.0.1/db"
+    assert mask_url("postgresql://u@h/db?sslmode=require&password=pw&x=1") == "postgresql://u@h/db?sslmode=require&password=***&x=1"
+    assert mask_url("sqlite:///tmp/study.db") == "sqlite:///tmp/study.db"
+    assert mask_url("runs/study.journal") == "runs/study.journal"
+
+
+def test_missing_database_driver_names_it_and_masks_the_password(tmp_path: Path) -> None:
+    from dynasearch.storage import make_storage
+
+    with pytest.raises(SearchError) as info:
+        make_storage("mysql://user:hunter2@127.0.0.1:1/db", tmp_path)
+    assert "hunter2" not in str(info.value) and "user:***@" in str(info.value)
+    assert "driver" in str(info.value) and "None" not in str(info.value)
+
+
+def test_torn_journal_line_is_cut_before_the_next_append(tmp_path: Path) -> None:
+    """A writer killed mid-append leaves half a record; the next writer removes it instead of gluing onto it."""
+    from dynasearch.storage import make_storage
+
+    path = tmp_path / "study.journal"
+    optuna.create_study(study_name="a", storage=make_storage(str(path), tmp_path))
+    good = path.read_text()
+    path.write_text(good + '{"op_code": 4, "worker_id": "x", "study_id": 0, "da')  # torn record, no newline
+    storage = make_storage(str(path), tmp_path)
+    study = optuna.create_study(study_name="b", storage=storage)
+    study.enqueue_trial({"x": 1.0})
+    lines = path.read_text().splitlines()
+    assert path.read_text().startswith(good) and all(json.loads(line) for line in lines)
+    reread = make_storage(str(path), tmp_path)
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(reread)) == ["a", "b"]
+
+
+def test_seeds_enqueued_twice_are_evaluated_once(run_dir: Path, tmp_path: Path) -> None:
+    """Two fresh workers may both seed a new study: every copy but the first is pruned, counts stay exact."""
+    from dynasearch.search import ATTR_SEED, make_sampler, open_study, seed_study
+
+    ctx = prepare_search(_config(run_dir, tmp_path / "s", trials=5, export_top=0))
+    study = open_study(ctx, make_sampler("tpe", 0, 5))
+    seed_study(ctx, study)
+    for t in study.get_trials():  # a second worker's copies (the race skip_if_exists cannot close)
+        study.enqueue_trial(t.system_attrs["fixed_params"], user_attrs={ATTR_SEED: t.user_attrs[ATTR_SEED]})
+    study = run_trials(ctx)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 5
+    seeds = [t.user_attrs[ATTR_SEED] for t in complete if ATTR_SEED in t.user_attrs]
+    assert sorted(seeds) == [0, 1, 2]
+    assert [t.state.name for t in trials if ATTR_SEED in t.user_attrs].count("PRUNED") == 3
