@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from . import app, console, err_console
+from . import app, console, stop
 
 if TYPE_CHECKING:
     from ..search import SearchConfig
@@ -42,13 +42,11 @@ def search(
     try:
         result = run_search(config)
     except SearchInterrupted as stopped:
-        err_console.print(
-            f"interrupted after {stopped.finished} trials (of {stopped.target}); resume with: "
-            f"{resume_command(config)} (same --out)",
-            highlight=False, markup=False, soft_wrap=True,
+        message = (
+            f"interrupted after {stopped.finished} trials (of {stopped.target}); "
+            f"resume with: {resume_command(config)} (same --out)"
         )
-        # SystemExit, not typer.Exit: typer turns Exit into a return value that cli.main does not pass on
-        raise SystemExit(130) from None
+        raise stop(message, 130) from None
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     table = Table(title=f"Pareto front ({len(result.pareto)} subnets within {result.best['budget_gflops']:.4f} GFLOPs)")
