@@ -413,3 +413,33 @@ def test_postgres_two_machines_share_one_study(run_dir: Path, launcher: Path, tm
     bests = [json.loads((out / "best.json").read_text()) for out in outs]
     assert all(b["settings"]["storage"] == postgres_url.replace(PASSWORD, "***") for b in bests)
     assert max(b["finished_trials"] for b in bests) == target  # the machine that finished last saw everything
+
+
+def test_trial_of_a_dead_worker_on_another_machine_fails_by_heartbeat_and_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path
+) -> None:
+    """RDB storage (SQLite here): a RUNNING trial from another host whose heartbeat stopped is failed and retried once."""
+    import dynasearch.storage as storage_module
+    from dynasearch.search import SearchConfig, make_sampler, open_study, prepare_search, run_trials
+
+    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(storage_module, "GRACE_PERIOD", 1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    config = SearchConfig(supernet=run_dir, flops="0.5x", out=tmp_path / "s", trials=5, proxy_samples=16, storage=url)
+    ctx = prepare_search(config)
+    study = open_study(ctx, make_sampler("tpe", 0, 5))
+    lost = study.ask()  # a trial some other machine started, then that machine went away
+    params = {"attn_0": lost.suggest_categorical("attn_0", ctx.space.attn_rate),
+              "mlp_0": lost.suggest_categorical("mlp_0", ctx.space.mlp_rate)}
+    lost.set_user_attr(ATTR_WORKER, {"host": "another-machine", "boot": "x", "pid": 1, "start": "1"})
+    lost.set_user_attr(ATTR_CRASHED, True)
+    lost.set_user_attr("fail_reason", CRASH_REASON)
+    study._storage.record_heartbeat(lost._trial_id)
+    time.sleep(2.5)  # past the grace period
+    study = run_trials(ctx)
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[lost.number].state.name == "FAIL"
+    retry = [t for t in trials.values() if t.user_attrs.get(ATTR_RETRY_OF) == lost.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE"
+    assert {k: retry[0].params[k] for k in params} == params
+    assert [t.state.name for t in trials.values()].count("COMPLETE") == 5
