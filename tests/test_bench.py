@@ -142,8 +142,15 @@ def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
     cfg = SearchBenchConfig(supernet=run_dir, trials=6, seeds=2, proxy_samples=32)
     result = bench_search(cfg)
     t, c = result.table, result.extra["curves"]
-    assert list(t["sampler"]) == ["tpe", "nsga2", "gp", "random"]
+    assert list(t["sampler"]) == ["tpe", "nsga2", "gp", "random", "random-feasible"]
     assert {"final_hv_mean", "trials_to_random_final", "fraction_of_trials", "goal_met"} <= set(t.columns)
+    # random-feasible spends no trial over budget once the three enqueued subnets (largest, smallest, uniform) ran
+    strong = c[(c["sampler"] == "random-feasible") & (c["trial"] > 3)]
+    assert len(strong) == 2 * 3 and strong["feasible"].all()
+    fractions = c.groupby("sampler")["feasible"].mean()
+    np.testing.assert_allclose(t.set_index("sampler")["feasible_fraction"], fractions[t["sampler"]].to_numpy())
+    per_seed = t.set_index("sampler").loc["random", "trials_to_random_final_per_seed"].split()
+    assert len(per_seed) == 2  # one entry per seed, '-' where that seed never reached random's final mean
     for (_sampler, _seed), run in c.groupby(["sampler", "seed"]):
         assert list(run["trial"]) == list(range(1, 7))
         assert (np.diff(run["hypervolume"].to_numpy()) >= 0).all() and (run["hypervolume"] >= 0).all()
@@ -153,11 +160,23 @@ def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
     assert ref["proxy_loss"] == pytest.approx(c["proxy_loss"].max()) and ref["gflops"] == result.summary["budget_gflops"]
     assert result.summary["cache_hits"] > 0  # the seeded trials repeat across runs
     mean = result.extra["mean"]
-    assert list(mean.columns) == ["trial", "tpe", "nsga2", "gp", "random"] and len(mean) == 6
+    assert list(mean.columns) == ["trial", "tpe", "nsga2", "gp", "random", "random-feasible"] and len(mean) == 6
     np.testing.assert_allclose(mean["random"], c[c["sampler"] == "random"].groupby("trial")["hypervolume"].mean())
     save_bench(result, tmp_path)
     _check_files(tmp_path, "search", extra=("curves", "mean"))
     assert not list(tmp_path.glob("*.journal")) and not Path("study.journal").exists()  # studies stay in memory
+
+
+def test_feasible_draws_fit_the_budget_and_are_seeded(run_dir: Path) -> None:
+    from dynasearch.bench.search import feasible_draws
+    from dynasearch.search import SearchConfig, prepare_search
+
+    ctx = prepare_search(SearchConfig(supernet=run_dir, flops="0.4x", out=Path("."), proxy_samples=8))
+    draws = feasible_draws(ctx, 20, seed=3)
+    flops = [ctx.flops(ctx.subnet_from_params(p)) for p in draws]
+    assert len(draws) == 20 and max(flops) <= ctx.budget
+    assert len({tuple(sorted(p.items())) for p in draws}) > 1  # draws, not one subnet repeated
+    assert draws == feasible_draws(ctx, 20, seed=3) and draws != feasible_draws(ctx, 20, seed=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,16 +197,64 @@ def test_spread_subnets_cover_the_flops_range() -> None:
 
 
 def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
-    result = bench_ranking(RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=2, batch_size=8, proxy_samples=32))
-    t, s = result.table, result.summary
+    cfg = RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=2, batch_size=8, proxy_samples=32, eval_samples=48,
+                             finetune_seeds=2, bootstrap=50, lr=1e-3)
+    result = bench_ranking(cfg)
+    t, s, runs = result.table, result.summary, result.extra["runs"]
+    assert result.name == "ranking"
     assert len(t) == 3 and (np.diff(t["gflops"]) > 0).all() and t["flops_ratio"].iloc[-1] == 1.0
-    assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned"} <= set(t.columns)
-    assert (t["finetuned_loss"] != t["inherited_loss"]).all()  # the fine-tune moved the weights
-    assert s["kendall_tau"] is None or -1.0 <= s["kendall_tau"] <= 1.0
+    assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned", "inherited_eval_loss"} <= set(t.columns)
+    assert (t["finetuned_loss"] != t["inherited_eval_loss"]).all()  # the fine-tune moved the weights
+    assert (t["inherited_loss"] != t["inherited_eval_loss"]).all()  # two different sets
+    # two fine-tunes per subnet with different batch seeds; the table holds their mean
+    assert len(runs) == 6 and sorted(set(runs["finetune_seed"])) == [0, 1]
+    np.testing.assert_allclose(t["finetuned_loss"], runs.groupby("subnet")["finetuned_loss"].mean())
+    assert (runs.groupby("subnet")["finetuned_loss"].nunique() == 2).all()
+    from scipy.stats import kendalltau
+
+    assert s["kendall_tau"] == pytest.approx(kendalltau(t["inherited_loss"], t["finetuned_loss"])[0])
+    assert s["kendall_tau_same_set"] == pytest.approx(kendalltau(t["inherited_eval_loss"], t["finetuned_loss"])[0])
+    lo, hi = s["tau_ci95"]
+    assert lo is None or -1.0 <= lo <= hi <= 1.0
     save_bench(result, tmp_path)
-    _check_files(tmp_path, "ranking")
+    _check_files(tmp_path, "ranking", extra=("runs",))
+    doc = json.loads((tmp_path / "ranking.json").read_text())
+    assert "--finetune-seeds 2" in doc["command"] and "--eval-samples 48" in doc["command"]
     with pytest.raises(BenchError, match="--k"):
         RankingBenchConfig(k=2)
+    with pytest.raises(BenchError, match="--lr-schedule.*'step'"):
+        RankingBenchConfig(lr_schedule="step")
+    with pytest.raises(BenchError, match="--eval-samples.*0"):
+        RankingBenchConfig(eval_samples=0)
+
+
+def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> None:
+    cfg = RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=1, batch_size=4, proxy_samples=16, eval_samples=16,
+                             bootstrap=10, flops_range=(0.4, 0.9))
+    result = bench_ranking(cfg)
+    assert result.name == "ranking-0.4-0.9"
+    assert result.table["flops_ratio"].between(0.4, 0.9).all()
+    save_bench(result, tmp_path)
+    doc = _check_files(tmp_path, "ranking-0.4-0.9", extra=("runs",))
+    assert "--flops-range 0.4,0.9" in doc["command"] and not (tmp_path / "ranking.csv").exists()
+
+
+def test_finetune_lr_schedule() -> None:
+    from dynasearch.bench.ranking import finetune_lr
+
+    assert [finetune_lr(1e-3, "constant", s, 100) for s in (1, 50, 100)] == [1e-3] * 3
+    cosine = [finetune_lr(1e-3, "cosine", s, 100) for s in range(1, 101)]
+    assert cosine[0] == pytest.approx(2e-4) and cosine[4] == pytest.approx(1e-3)  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:])) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kendall_bootstrap_interval() -> None:
+    from dynasearch.bench.ranking import kendall_bootstrap
+
+    a = np.arange(10.0)
+    assert kendall_bootstrap(a, a, 200) == pytest.approx((1.0, 1.0))  # resampled pairs stay perfectly concordant
+    lo, hi = kendall_bootstrap(a, np.random.default_rng(0).permutation(a), 200)
+    assert -1.0 <= lo < hi <= 1.0
     with pytest.raises(BenchError, match="--flops-range"):
         RankingBenchConfig(flops_range=(0.6, 0.4))
 

@@ -91,33 +91,56 @@ def plot_search(result: BenchResult, path: Path) -> Path:
         ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.15)
     if s.get("random_final_hv_mean") is not None:
         ax.axhline(s["random_final_hv_mean"], c="black", ls="--", lw=1, label="random: final mean")
+    if s.get("random_feasible_final_hv_mean") is not None:
+        ax.axhline(s["random_feasible_final_hv_mean"], c="#777777", ls="-.", lw=1, label="random-feasible: final mean")
     trials = int(c["trial"].max())
     ax.axvline(trials / 3, c="#c0392b", ls=":", lw=1, label="1/3 of the trials")
     ax.set_xlabel("trials")
     ax.set_ylabel("hypervolume (GFLOPs x proxy loss)")
     ref = s["reference"]
+    seeds = int(c.groupby("sampler")["seed"].nunique().max())
     ax.set_title(f"{s['model']}, budget {s['budget_gflops']:.3g} GFLOPs; reference ({ref['gflops']:.3g}, "
-                 f"{ref['proxy_loss']:.3g})", fontsize=9)
+                 f"{ref['proxy_loss']:.4g}); mean of {seeds} seeds, band: min-max", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path, result)
 
 
 def plot_ranking(result: BenchResult, path: Path) -> Path:
-    """Fine-tuned against inherited proxy loss, coloured by GFLOPs, with Kendall tau."""
+    """Fine-tuned against inherited loss (coloured by FLOPs ratio) with Kendall tau, and both losses against FLOPs."""
     t, s = result.table, result.summary
-    fig, ax = plt.subplots(figsize=(6, 4.8))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6))
     sc = ax.scatter(t["inherited_loss"], t["finetuned_loss"], c=t["flops_ratio"], cmap="viridis", s=50, zorder=5)
     for _, r in t.iterrows():
         ax.annotate(str(int(r["subnet"])), (r["inherited_loss"], r["finetuned_loss"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     fig.colorbar(sc, ax=ax, label="FLOPs ratio")
-    ax.set_xlabel("proxy loss inherited from the supernet")
-    ax.set_ylabel("proxy loss after fine-tuning alone")
-    tau = s.get("kendall_tau")
-    ax.set_title(f"{s['model']}: Kendall tau = {tau:.3f}" if tau is not None else f"{s['model']}: tau undefined",
-                 fontsize=10)
+    ax.set_xlabel("inherited from the supernet: proxy-set loss")
+    ax.set_ylabel("fine-tuned alone: evaluation-set loss")
+    tau, ci = s.get("kendall_tau"), s.get("tau_ci95") or [None, None]
+
+    def fmt(value: float | None) -> str:
+        """Two or three decimals, or a word where the value is undefined."""
+        return "n/a" if value is None else f"{value:.2f}"
+
+    ax.set_title(f"{s['model']}: Kendall tau = {fmt(tau)} (p {fmt(s.get('p_value'))}, 95% {fmt(ci[0])}..{fmt(ci[1])})\n"
+                 f"same evaluation set {fmt(s.get('kendall_tau_same_set'))}, proxy vs evaluation set "
+                 f"{fmt(s.get('kendall_tau_proxy_vs_evalset'))}, FLOPs only {fmt(s.get('kendall_tau_flops_baseline'))}",
+                 fontsize=8)
     ax.grid(alpha=0.3)
+    order = t.sort_values("flops_ratio")
+    bx.plot(order["flops_ratio"], order["inherited_eval_loss"], marker="o", label="inherited (evaluation set)")
+    bx.plot(order["flops_ratio"], order["finetuned_loss"], marker="s", label="fine-tuned (evaluation set)")
+    if "finetuned_loss_std" in order and (order["finetuned_loss_std"] > 0).any():
+        bx.errorbar(order["flops_ratio"], order["finetuned_loss"], yerr=order["finetuned_loss_std"], fmt="none",
+                    ecolor="#e08b3a", capsize=3)
+    bx.set_xlabel("FLOPs ratio (subnet / full)")
+    bx.set_ylabel("epsilon MSE")
+    st = result.settings
+    bx.set_title(f"{st.get('finetune_steps')} steps, lr {st.get('lr')} {st.get('lr_schedule', '')}, "
+                 f"{st.get('finetune_seeds', 1)} seed(s)", fontsize=8)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
     return _save(fig, path, result)
 
 

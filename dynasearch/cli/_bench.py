@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -41,8 +42,11 @@ def _run(
     """Gather with a status line, write the files, print the table (title from the result), and the notes."""
     from ..bench import save_bench
 
-    with console.status("benchmarking") as status:
-        result = gather(lambda msg: status.update(msg))
+    if console.is_terminal:
+        with console.status("benchmarking") as status:
+            result = gather(lambda msg: status.update(msg))
+    else:  # a log file (nohup, CI): one timestamped line per stage instead of a spinner nobody sees
+        result = gather(lambda msg: console.print(f"[{time.strftime('%H:%M:%S')}] {msg}", highlight=False, markup=False))
     files = save_bench(result, out)
     table = result.table if columns is None else result.table[[c for c in columns if c in result.table.columns]]
     print_frame(table, title(result))
@@ -115,7 +119,8 @@ def search(
     supernet: Path = typer.Option(Path("runs/demo"), help="Supernet run directory."),
     trials: int = typer.Option(60, help="Trials per run."),
     seeds: int = typer.Option(3, help="Runs (sampler seeds) per sampler."),
-    samplers: str = typer.Option("tpe,nsga2,gp,random", help="Comma-separated samplers."),
+    samplers: str = typer.Option("tpe,nsga2,gp,random,random-feasible",
+                                 help="Comma-separated samplers; random-feasible redraws until a subnet fits the budget."),
     flops: str = typer.Option("0.5x", help="FLOPs budget: 50G, 500M, 0.5x or 50%."),
     space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
@@ -133,8 +138,9 @@ def search(
                             device=device, threads=threads)
     result = _run(lambda status: bench_search(cfg, status), out,
                   lambda r: f"search: {r.summary['model']}, {trials} trials x {seeds} seeds, budget {flops}",
-                  ["sampler", "final_hv_mean", "final_hv_std", "trials_to_random_final", "fraction_of_trials",
-                   "goal_met"])
+                  ["sampler", "feasible_fraction", "final_hv_mean", "final_hv_std", "trials_to_random_final",
+                   "fraction_of_trials", "goal_met", "trials_to_random_final_per_seed",
+                   "trials_to_random_feasible_final"])
     console.print(f"goal ({result.summary['goal']}): {result.summary['goal_met']}", highlight=False)
 
 
@@ -144,9 +150,13 @@ def ranking(
     k: int = typer.Option(8, help="Subnets, spread over the FLOPs range."),
     finetune_steps: int = typer.Option(200, help="Fine-tuning steps of each sliced subnet."),
     batch_size: int = typer.Option(64, help="Fine-tuning batch size."),
-    lr: float = typer.Option(1e-4, help="Fine-tuning AdamW learning rate (constant)."),
+    lr: float = typer.Option(1e-4, help="Fine-tuning AdamW learning rate (the peak with --lr-schedule cosine)."),
+    lr_schedule: str = typer.Option("cosine", help="constant, or cosine (5% linear warm-up, then cosine to 0)."),
+    finetune_seeds: int = typer.Option(1, help="Fine-tunes per subnet with different batch seeds (losses averaged)."),
     space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
-    proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
+    proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy (the inherited side)."),
+    eval_samples: int = typer.Option(2048, help="Quadruples of the separate set the fine-tuned models are scored on."),
+    bootstrap: int = typer.Option(2000, help="Bootstrap resamplings of the subnets for tau's 95% interval."),
     flops_range: str = typer.Option("0,1", help="LO,HI: FLOPs ratios the subnets are drawn from (e.g. 0.45,0.55)."),
     seed: int = typer.Option(0, help="Seed of the subnet choice, the batches and the proxy set."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
@@ -157,17 +167,25 @@ def ranking(
     from ..bench import RankingBenchConfig, bench_ranking
 
     cfg = RankingBenchConfig(supernet=supernet, k=k, finetune_steps=finetune_steps, batch_size=batch_size, lr=lr,
-                             space=space, proxy_samples=proxy_samples,
+                             lr_schedule=lr_schedule, finetune_seeds=finetune_seeds, space=space,
+                             proxy_samples=proxy_samples, eval_samples=eval_samples, bootstrap=bootstrap,
                              flops_range=_split(flops_range, "--flops-range", float), seed=seed, device=device,
                              threads=threads)
     result = _run(lambda status: bench_ranking(cfg, status), out,
                   lambda r: f"ranking: {r.summary['model']}, {k} subnets, {finetune_steps} fine-tuning steps",
-                  ["subnet", "gflops", "inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned",
+                  ["subnet", "flops_ratio", "inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned",
                    "improvement"])
     s = result.summary
-    tau = "undefined" if s["kendall_tau"] is None else f"{s['kendall_tau']:.3f}"
-    console.print(f"Kendall tau {tau} (goal {s['goal']}: {'met' if s['goal_met'] else 'not met'}); "
-                  f"FLOPs-only baseline {s['kendall_tau_flops_baseline']}", highlight=False)
+
+    def fmt(value: float | None) -> str:
+        """Two or three decimals, or a word where the value is undefined."""
+        return "undefined" if value is None else f"{value:.3f}"
+
+    lo, hi = s["tau_ci95"]
+    console.print(f"Kendall tau {fmt(s['kendall_tau'])} (p {fmt(s['p_value'])}, bootstrap 95% {fmt(lo)}..{fmt(hi)}; "
+                  f"goal {s['goal']}: {'met' if s['goal_met'] else 'not met'}); same evaluation set "
+                  f"{fmt(s['kendall_tau_same_set'])}; proxy vs evaluation set {fmt(s['kendall_tau_proxy_vs_evalset'])}; "
+                  f"FLOPs-only baseline {fmt(s['kendall_tau_flops_baseline'])}", highlight=False)
 
 
 @bench_app.command("train")
