@@ -257,13 +257,19 @@ def seed_study(ctx: SearchContext, study: optuna.Study) -> None:
         study.enqueue_trial(params, user_attrs={ATTR_SEED: i}, skip_if_exists=True)
 
 
+Evaluate = Callable[[SearchContext, optuna.Trial], tuple[tuple[float, float], str]]
+"""Suggests a trial's parameters and scores them: ((proxy loss, GFLOPs), failure reason or '')."""
+
+
 def make_objective(
-    ctx: SearchContext, study: optuna.Study, stop: threading.Event | None = None
+    ctx: SearchContext, study: optuna.Study, stop: threading.Event | None = None, evaluate: Evaluate | None = None
 ) -> Callable[[optuna.Trial], tuple[float, float]]:
     """The objective: proxy loss and GFLOPs of the trial's subnet, with the budget as a constraint.
 
-    Trials start only while `stop` is unset; a trial that starts recovers crashed trials first.
+    Trials start only while `stop` is unset; a trial that starts recovers crashed trials first. `evaluate`
+    replaces the static subnet's suggestion and scoring (the timestep-aware joint study suggests a schedule).
     """
+    evaluate = evaluate or _evaluate
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         if stop is not None and stop.is_set():
@@ -279,7 +285,7 @@ def make_objective(
         trial.set_user_attr("fail_reason", CRASH_REASON)  # stays if the process dies before the trial ends
         trial.set_user_attr(ATTR_CRASHED, True)
         try:
-            values, reason = _evaluate(ctx, trial)
+            values, reason = evaluate(ctx, trial)
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", INTERRUPT_REASON)
             _retry(study, _frozen(study, trial.number))
@@ -391,14 +397,17 @@ def run_trials(
     worker: int = 0,
     on_trial: Callable[[int], None] | None = None,
     stop: threading.Event | None = None,
+    evaluate: Evaluate | None = None,
+    seed: Callable[[SearchContext, optuna.Study], None] | None = None,
 ) -> optuna.Study:
     """Run this worker's share of trials until the study holds `trials` counted ones (or `stop` is set).
 
     Crashed trials of earlier runs are failed and retried first; `stop` ends the loop after the running trial.
+    `evaluate` and `seed` replace the static subnet's scoring and :func:`seed_study` (worker 0 seeds).
     """
     study = open_study(ctx, make_sampler(ctx.config.sampler, ctx.config.seed + worker, ctx.config.trials))
     if worker == 0:
-        seed_study(ctx, study)
+        (seed or seed_study)(ctx, study)
     recover_stale_trials(study)
     if finished_count(study) >= ctx.config.trials or (stop is not None and stop.is_set()):
         return study
@@ -410,7 +419,7 @@ def run_trials(
         if done >= ctx.config.trials or (stop is not None and stop.is_set()):
             st.stop()
 
-    study.optimize(make_objective(ctx, study, stop), n_trials=None, callbacks=[after_trial], catch=(Exception,))
+    study.optimize(make_objective(ctx, study, stop, evaluate), n_trials=None, callbacks=[after_trial], catch=(Exception,))
     return study
 
 

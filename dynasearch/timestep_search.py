@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,19 +26,32 @@ from typing import Any, Callable
 import optuna
 import pandas as pd
 
-from .checkpoint import atomic_write_text, save_checkpoint
+from .checkpoint import atomic_write_text, read_config, save_checkpoint
 from .errors import SearchError
 from .evaluate import ProxyEvaluator
 from .flops import count_flops
 from .knapsack import multiple_choice_knapsack
 from .model.dit import DiT
 from .schedule import SubnetSchedule, TimestepBuckets, load_subnet_or_schedule
-from .search import SearchConfig, SearchContext, make_sampler, open_study, prepare_search, run_trials, subnet_params
+from .search import (
+    SearchConfig,
+    SearchContext,
+    SearchInterrupted,
+    finished_count,
+    graceful_sigint,
+    prepare_search,
+    run_trials,
+    subnet_params,
+)
+from .searchspace import SearchSpace, load_space
 from .slicing import slice_schedule
 from .space import Subnet
 from .storage import mask_url
 
-__all__ = ["TimestepSettings", "TimestepContext", "TimestepSearchResult", "run_timestep_search", "export_schedule"]
+__all__ = [
+    "TimestepSettings", "TimestepContext", "TimestepSearchResult", "run_timestep_search", "export_schedule",
+    "is_timestep_search",
+]
 
 _FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
 
@@ -76,6 +91,15 @@ class TimestepContext:
     def schedule(self, subnets: list[Subnet]) -> SubnetSchedule:
         """A schedule of these buckets."""
         return SubnetSchedule(self.buckets, tuple(subnets))
+
+
+def is_timestep_search(config: SearchConfig) -> bool:
+    """True when the search space (given, or the supernet's training space) has timestep buckets."""
+    if config.space is not None:
+        return load_space(config.space).timestep_aware
+    doc = read_config(config.supernet)
+    space = doc.get("space")
+    return bool(space) and SearchSpace.from_dict(space, source=f"{config.supernet}/config.json").timestep_aware
 
 
 def prepare_timestep_search(config: SearchConfig, settings: TimestepSettings) -> TimestepContext:
@@ -198,12 +222,12 @@ def _joint_params(tc: TimestepContext, subnet_rates: tuple[list[float], list[flo
     return params
 
 
-def _joint_objective(tc: TimestepContext) -> Callable[[optuna.Trial], tuple[float, float]]:
-    """Schedule proxy loss and mean GFLOPs per step, the budget as a constraint on the mean."""
-    ctx, s = tc.ctx, tc.ctx.space
-    n = len(ctx.groups)
+def _joint_evaluate(tc: TimestepContext) -> Callable[[SearchContext, optuna.Trial], tuple[tuple[float, float], str]]:
+    """Suggest every bucket's subnet; score the schedule's proxy loss and mean GFLOPs (budget: a constraint)."""
+    s = tc.ctx.space
+    n = len(tc.ctx.groups)
 
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
+    def evaluate(ctx: SearchContext, trial: optuna.Trial) -> tuple[tuple[float, float], str]:
         subnets = []
         for k in range(len(tc.buckets)):
             params = {
@@ -218,24 +242,32 @@ def _joint_objective(tc: TimestepContext) -> Callable[[optuna.Trial], tuple[floa
         trial.set_user_attr("mean_flops", mean)
         trial.set_user_attr("schedule", schedule.to_dict())
         loss = sum(w * ev(sub) for w, ev, sub in zip(tc.weights, tc.evaluators, subnets))
-        return loss, mean / 1e9
+        return (loss, mean / 1e9), "" if math.isfinite(loss) else f"proxy loss is {loss}"
 
-    return objective
+    return evaluate
 
 
-def run_joint(tc: TimestepContext, on_trial: Callable[[], None] | None = None) -> optuna.Study:
-    """Run (or resume) the joint study up to `trials` finished trials, seeded with the static seeds."""
-    ctx = _joint_context(tc)
-    study = open_study(ctx, make_sampler(ctx.config.sampler, ctx.config.seed, ctx.config.trials))
-    if not study.get_trials(deepcopy=False):
+def _seed_joint(tc: TimestepContext) -> Callable[[SearchContext, optuna.Study], None]:
+    """Enqueue the largest and the smallest static subnets in every bucket (only into a new study)."""
+
+    def seed(ctx: SearchContext, study: optuna.Study) -> None:
+        if study.get_trials(deepcopy=False):
+            return
         s, n = ctx.space, len(ctx.groups)
         for attn, mlp, tok in ((s.attn_rate[-1], s.mlp_rate[-1], s.token_ratio[-1]), (s.attn_rate[0], s.mlp_rate[0], s.token_ratio[0])):
             study.enqueue_trial(_joint_params(tc, ([attn] * n, [mlp] * n, [tok] * n)), skip_if_exists=True)
-    remaining = ctx.config.trials - len(study.get_trials(deepcopy=False, states=_FINISHED))
-    if remaining > 0:
-        callbacks = [] if on_trial is None else [lambda _s, _t: on_trial()]
-        study.optimize(_joint_objective(tc), n_trials=remaining, callbacks=callbacks, catch=(Exception,))
-    return study
+
+    return seed
+
+
+def run_joint(
+    tc: TimestepContext, on_trial: Callable[[int], None] | None = None, stop: threading.Event | None = None
+) -> optuna.Study:
+    """Run (or resume) the joint study up to `trials` counted trials; `stop` (Ctrl-C) ends it after the running one.
+
+    Crashed trials are failed and retried as in the static search (:func:`dynasearch.search.run_trials`).
+    """
+    return run_trials(_joint_context(tc), on_trial=on_trial, stop=stop, evaluate=_joint_evaluate(tc), seed=_seed_joint(tc))
 
 
 def _joint_frame(study: optuna.Study, budget: int) -> pd.DataFrame:
@@ -331,17 +363,35 @@ def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progre
         raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
     k_buckets = len(tc.buckets)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    candidates = []
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("bucket studies", total=config.trials * k_buckets)
-        for k in range(k_buckets):
-            done = k * config.trials
-            study = run_trials(_bucket_context(tc, k), on_trial=lambda n, d=done: bar.update(task, completed=d + min(n, config.trials)))
-            candidates.extend(_trial_candidates(tc, k, study))
-        bar.update(task, completed=config.trials * k_buckets)
-        joint_task = bar.add_task("joint study", total=config.trials)
-        joint = run_joint(tc, on_trial=lambda: bar.advance(joint_task))
-        bar.update(joint_task, completed=config.trials)
+    candidates: list[dict[str, Any]] = []
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = graceful_sigint(stop) if in_main else None
+    finished, target = 0, config.trials * (k_buckets + 1)
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("bucket studies", total=config.trials * k_buckets)
+            for k in range(k_buckets):
+                done = k * config.trials
+                study = run_trials(_bucket_context(tc, k), stop=stop,
+                                   on_trial=lambda n, d=done: bar.update(task, completed=d + min(n, config.trials)))
+                finished += min(finished_count(study), config.trials)
+                if stop.is_set():
+                    raise SearchInterrupted(finished, target)
+                candidates.extend(_trial_candidates(tc, k, study))
+            joint_task = bar.add_task("joint study", total=config.trials)
+            joint = run_joint(tc, on_trial=lambda n: bar.update(joint_task, completed=min(n, config.trials)), stop=stop)
+            joint_done = finished_count(joint)
+            bar.update(joint_task, completed=min(joint_done, config.trials))
+            if stop.is_set() and joint_done < config.trials:
+                raise SearchInterrupted(finished + joint_done, target)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C: the running trial is failed and retried on resume
+        if isinstance(exc, SearchInterrupted):
+            raise
+        raise SearchInterrupted(finished, target) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     uniform = _uniform_candidates(tc)
     table = _mark_fronts(pd.concat([pd.DataFrame(candidates), uniform], ignore_index=True))
     knapsack, predicted = knapsack_schedule(tc, table)

@@ -249,3 +249,23 @@ def test_cli_sample_eval_and_flops_understand_schedules(
     quality = json.loads(capsys.readouterr().out)
     assert quality["subnet"] == schedule.to_dict()
     assert quality["extra"]["gflops_per_step"] == pytest.approx(schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9)
+
+
+def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixture[str]) -> None:
+    from dynasearch.cli import main
+
+    root, _ = searched
+    out = root / "cli"
+    base = ["search", "--supernet", str(root / "run"), "--flops", "0.5x", "--space", "timestep", "--trials", "3",
+            "--proxy-samples", "64", "--out", str(out)]
+    assert main(base + ["--sample-steps", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --sample-steps 2 leaves timestep bucket 1 (t 250-499) without a sampling step; "
+                   "use more steps or fewer buckets"]
+    assert not out.exists()
+    assert main(base + ["--sample-steps", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "knapsack" in printed and "winner" in printed
+    table = pd.read_csv(out / "schedules.csv")
+    assert list(table["method"]) == ["knapsack", "joint", "static uniform"] and table["winner"].sum() == 1
+    assert json.loads((out / "best.json").read_text())["steps_per_bucket"] == [2, 2, 2, 2]

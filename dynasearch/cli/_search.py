@@ -12,6 +12,7 @@ from . import app, console, stop
 
 if TYPE_CHECKING:
     from ..search import SearchConfig
+    from ..timestep_search import TimestepSettings
 
 
 @app.command()
@@ -29,22 +30,38 @@ def search(
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     out: Path = typer.Option(Path("results/search"), help="Output directory."),
+    sample_steps: int = typer.Option(50, help="Timestep-aware spaces: DDIM steps the mean FLOPs per step is taken over."),
+    reference: Optional[Path] = typer.Option(
+        None, help="Timestep-aware spaces: a static subnet (e.g. a static search's best.json) to compare against."
+    ),
 ) -> None:
-    """Search per-block heads, MLP widths and token ratios under a FLOPs budget; export the best subnets."""
+    """Search per-block heads, MLP widths and token ratios under a FLOPs budget; export the best subnets.
+
+    With a timestep-aware space (timestep_buckets) every range of timesteps gets its own subnet: per-bucket
+    studies and an exact knapsack, and a joint study, compared with the best static subnets.
+    """
     from ..search import SearchConfig, SearchInterrupted
     from ..search_outputs import run_search
+    from ..timestep_search import TimestepSettings, is_timestep_search
 
     config = SearchConfig(
         supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
         study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
         device=device,
     )
+    settings = TimestepSettings(sample_steps=sample_steps, reference=reference) if is_timestep_search(config) else None
     try:
+        if settings is not None:
+            return _timestep_search(config, settings)
         result = run_search(config)
     except SearchInterrupted as stopped:
+        extra = ""
+        if settings is not None:
+            extra += f" --sample-steps {settings.sample_steps}" if settings.sample_steps != 50 else ""
+            extra += f" --reference {settings.reference}" if settings.reference is not None else ""
         message = (
             f"interrupted after {stopped.finished} trials (of {stopped.target}); "
-            f"resume with: {resume_command(config)} (same --out)"
+            f"resume with: {resume_command(config)}{extra} (same --out)"
         )
         raise stop(message, 130) from None
     for note in result.notes:
@@ -65,6 +82,28 @@ def search(
     for e in result.exported:
         console.print(f"exported {e['name']}: {e['gflops']:.4f} GFLOPs, {e['params'] / 1e6:.3f}M params -> {e['path']}")
     console.print(f"results in {result.out}")
+
+
+def _timestep_search(config: SearchConfig, settings: TimestepSettings) -> None:
+    """Run a timestep-aware search and print the schedules it compared."""
+    from ..timestep_search import run_timestep_search
+
+    result = run_timestep_search(config, settings)
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    best = result.best
+    title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {settings.sample_steps} DDIM steps, "
+             f"{'/'.join(str(c) for c in best['steps_per_bucket'])} per bucket)")
+    table = Table(title=title)
+    for h in ("method", "mean GFLOPs", "% of full", "proxy loss", "within budget", ""):
+        table.add_column(h, justify="left" if h in ("method", "") else "right")
+    for _, row in result.comparison.iterrows():
+        table.add_row(str(row["method"]), f"{row['mean_gflops']:.4g}", f"{100 * row['flops_ratio']:.1f}",
+                      f"{row['proxy_loss']:.5f}", "yes" if row["within_budget"] else "no", "winner" if row["winner"] else "")
+    console.print(table)
+    for e in result.exported:
+        console.print(f"exported {e['name']}: {e['mean_gflops']:.4g} GFLOPs per step, {e['params'] / 1e6:.3f}M params -> {e['path']}")
+    console.print(f"results in {result.out} (schedule.json: the winning schedule)")
 
 
 def resume_command(config: SearchConfig) -> str:
