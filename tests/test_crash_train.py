@@ -42,6 +42,7 @@ def _child(cfg: TrainConfig) -> None:
 
 def _start(cfg: TrainConfig) -> mp.process.BaseProcess:
     """Train in a forked process (no interpreter start-up: the kills land inside training, not in imports)."""
+    assert torch.get_num_threads() == 1, "fork needs a single-threaded parent (tests/conftest.py sets it)"
     proc = mp.get_context("fork").Process(target=_child, args=(cfg,), daemon=True)
     proc.start()
     return proc

@@ -88,6 +88,7 @@ class _Rank:
         self.proc.start()
 
     def _run(self, env: dict[str, str], argv: list[str], out_path: Path) -> None:
+        torch.set_num_threads(1)  # an OpenMP pool is not inherited across fork: never wait on its threads
         os.environ.update(env)
         for fd, path in ((1, out_path), (2, self.err_path)):
             handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -130,6 +131,7 @@ class _Rank:
 def _launch(out: Path, *extra: str) -> list[_Rank]:
     """Start the two ranks the way torchrun would (env:// rendezvous), without torchrun's agent: no supervisor
     kills the survivor for us, so the test sees what the training code itself does when a peer dies."""
+    assert torch.get_num_threads() == 1, "fork needs a single-threaded parent (tests/conftest.py sets it)"
     port = _free_port()
     logs = out.parent / f"logs-{port}"
     logs.mkdir(parents=True)
@@ -220,3 +222,22 @@ def test_a_rank_that_never_comes_is_an_error_after_the_timeout(tmp_path: Path) -
     assert err.startswith(f"error: DDP rank 0 of 2: joining the process group at 127.0.0.1:{port} failed"), err
     assert "--dist-timeout (3 s)" in err
     assert not out.exists()
+
+
+def test_a_stalled_rank_fails_the_other_after_the_dist_timeout(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    load_dataset(parse_data_spec("digits"))
+    procs = _launch(out, "--steps", "100000", "--dist-timeout", "6")
+    try:
+        _wait_for_checkpoint(out, procs)
+        procs[1].send_signal(signal.SIGSTOP)  # alive but stuck: only the timeout can tell
+        stalled_at = time.monotonic()
+        _, err = procs[0].communicate(timeout=60)
+        waited = time.monotonic() - stalled_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 2 and 5 < waited < 40, (procs[0].returncode, waited)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: DDP rank 0 of 2: ") and "Timed out" in err and "--resume" in err, err
