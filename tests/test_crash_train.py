@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import dynasearch.train as T
+import dynasearch.train_files as TF
 from dynasearch.checkpoint import load_checkpoint
 from dynasearch.train import PENDING_DIR, RUN_FILES, TrainConfig, train_supernet
 
@@ -123,10 +124,10 @@ def test_a_checkpoint_cut_short_is_discarded_or_completed(tmp_path: Path, monkey
         raise SystemExit("killed")  # stands in for SIGKILL (no cleanup code runs for either)
 
     if committed:
-        monkeypatch.setattr(T, "_apply_pending", lambda _out: (_ for _ in ()).throw(SystemExit("killed")))
+        monkeypatch.setattr(TF, "apply_pending", lambda _out: (_ for _ in ()).throw(SystemExit("killed")))
     else:
-        original = T.atomic_write_text
-        monkeypatch.setattr(T, "atomic_write_text",
+        original = TF.atomic_write_text
+        monkeypatch.setattr(TF, "atomic_write_text",
                             lambda p, t: crash(p, t) if Path(p).name == "COMMIT" else original(p, t))
     with pytest.raises(SystemExit):
         train_supernet(tiny(out, steps=4, resume=True), progress=False)

@@ -44,6 +44,7 @@ def print_frame(df: object, title: str) -> None:
 
 
 def _debug() -> bool:
+    """Whether --debug (or DYNASEARCH_DEBUG) asks for tracebacks."""
     return os.environ.get("DYNASEARCH_DEBUG", "") not in ("", "0")
 
 

@@ -19,12 +19,14 @@ ModelName = Enum("ModelName", {name: name for name in DIT_CONFIGS}, type=str)  #
 
 
 class Device(str, Enum):
+    """--device choices."""
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
 
 
 class LrSchedule(str, Enum):
+    """--lr-schedule choices."""
     constant = "constant"
     cosine = "cosine"
 
