@@ -302,3 +302,15 @@ def test_debug_shows_the_traceback(workspace: Path, capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert code == 2 and "Traceback (most recent call last)" in err
     assert err.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.parametrize("url", [f"postgresql://alice:{SECRET}@127.0.0.1:9/db", f"mysql://bob:{SECRET}@localhost:1/x"])
+def test_a_storage_password_is_never_printed(url: str, workspace: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workspace)
+    code = main(["search", "--supernet", str(workspace / "run"), "--flops", "0.5x", "--trials", "2",
+                 "--proxy-samples", "8", "--out", str(workspace / "s"), "--storage", url])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: ") and "***" in err, err
+    assert SECRET not in out + err
+    assert all(SECRET.encode() not in p.read_bytes() for p in workspace.rglob("*") if p.is_file())

@@ -68,6 +68,14 @@ def _visible_files_load(out: Path) -> None:
         load_checkpoint(out)
 
 
+def _rows(out: Path) -> int:
+    """Steps recorded in metrics.csv so far (0 before the first flush)."""
+    try:
+        return max(0, len((out / "metrics.csv").read_text().splitlines()) - 1)
+    except FileNotFoundError:
+        return 0
+
+
 def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     train_supernet(tiny(reference), progress=False)
@@ -75,17 +83,20 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(
     out = tmp_path / "run"
     rng = random.Random(8)
     kills = ["random", "mid-write", "random", "mid-write", "random"]
+    # kill points by progress (steps in metrics.csv), not wall time, so a fast or a busy machine sees the same plan
+    targets = sorted(rng.sample(range(2, STEPS - 2), len(kills)))
     states: list[str] = []
-    for how in kills:
+    for how, target in zip(kills, targets):
         proc = _start(tiny(out, resume=True))
-        time.sleep(rng.uniform(0.3, 1.2))  # "mid-write": then wait for the next checkpoint to begin
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
+        while proc.is_alive() and _rows(out) < target and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0.0, 0.05))  # anywhere inside the next step
         while how == "mid-write" and proc.is_alive() and time.monotonic() < deadline:
-            if (out / PENDING_DIR).is_dir():
+            if (out / PENDING_DIR).is_dir():  # the next checkpoint has begun
                 break
             time.sleep(0.0005)
-        if not proc.is_alive():
-            break  # finished before the kill
+        assert proc.is_alive(), f"training ended before kill {len(states) + 1} (step {target})"
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(30)
         assert proc.exitcode == -signal.SIGKILL
@@ -93,7 +104,7 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(
         states.append("commit" if (pending / "COMMIT").exists() else "pending" if pending.exists() else "clean")
         _visible_files_load(out)
 
-    assert len(states) >= 3, f"training finished before the kills: {states}"
+    assert len(states) == len(kills)
     assert "pending" in states or "commit" in states, f"no kill landed inside a checkpoint write: {states}"
     proc = _start(tiny(out, resume=True))
     proc.join(120)
