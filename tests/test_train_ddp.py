@@ -175,6 +175,7 @@ def test_ctrl_c_on_one_rank_stops_both_then_a_killed_rank_fails_the_other_and_th
     )
     assert pd.read_csv(out / "metrics.csv")["step"].tolist() == list(range(1, stopped + 1))
     assert "Traceback" not in results[0][1] + results[1][1]
+    assert "interrupted" not in results[1][1]  # one message per run, from rank 0
 
     # 2. Resumed, then rank 1 is SIGKILLed: rank 0 must not hang but fail within seconds, naming the cause.
     procs = _launch(out, "--resume", "--steps", "100000", "--ckpt-every", "1", "--dist-timeout", "15")

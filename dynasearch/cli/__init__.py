@@ -59,11 +59,13 @@ _announced = False
 """Whether the running command already printed why it stopped (see :func:`stop`)."""
 
 
-def stop(message: str, code: int) -> typer.Exit:
-    """Print `message` as the command's one line on stderr and return the Exit to raise (e.g. 130 after Ctrl-C)."""
+def stop(message: str | None, code: int) -> typer.Exit:
+    """Print `message` (None: nothing, e.g. on DDP ranks other than 0) as the command's one line on stderr and
+    return the Exit to raise (e.g. 130 after Ctrl-C)."""
     global _announced
     _announced = True
-    print(message, file=sys.stderr)
+    if message is not None:
+        print(message, file=sys.stderr)
     return typer.Exit(code)
 
 

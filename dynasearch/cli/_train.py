@@ -112,7 +112,7 @@ def train_supernet_command(
             for w in caught:
                 print(f"warning: {w.message}", file=sys.stderr)
     if isinstance(result, TrainingInterrupted):  # its line comes last, after any warnings
-        raise stop(str(result), 130) if result.is_main else typer.Exit(130)
+        raise stop(str(result) if result.is_main else None, 130)  # one line per run, from rank 0
     if result.is_main:
         console.print(result.summary_table())
 
