@@ -38,10 +38,11 @@ from .flops import closed_form_flops, format_flops, parse_budget
 from .model.dit import DiT
 from .searchspace import DEFAULT_SPACE, SearchSpace, load_space
 from .space import Subnet
-from .storage import make_storage, mask_url, worker_identity, worker_is_dead
+from .storage import DEFAULT_JOURNAL, make_storage, mask_url, worker_identity, worker_is_dead
 
 __all__ = [
     "SAMPLERS",
+    "check_study",
     "SearchConfig",
     "SearchContext",
     "SearchInterrupted",
@@ -200,29 +201,59 @@ def make_sampler(name: str, seed: int, trials: int = 200) -> optuna.samplers.Bas
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def _storage_exists(config: SearchConfig) -> bool:
+    """True when opening the study's storage creates no file: a database URL, or a journal that exists."""
+    if config.storage is not None and "://" in config.storage:
+        return True
+    journal = Path(config.storage) if config.storage is not None else config.out / DEFAULT_JOURNAL
+    return journal.is_file()
+
+
+def _check_settings(ctx: SearchContext, stored: Any) -> None:
+    """Raise SearchError when a stored study's settings differ from this search's."""
+    if stored is None or stored == _jsonable(ctx.settings):
+        return
+    diff = sorted(k for k in set(stored) | set(ctx.settings) if stored.get(k) != _jsonable(ctx.settings).get(k))
+    raise SearchError(
+        f"study '{ctx.config.study_name}' already exists with different settings ({', '.join(diff)}); "
+        "use another --study-name or --out"
+    )
+
+
+def check_study(ctx: SearchContext) -> None:
+    """Before anything is written: the storage opens and a study of the same name has the same settings.
+
+    Writes nothing (no output directory, no journal record); a missing journal has no study to check.
+    """
+    if not _storage_exists(ctx.config):
+        return
+    storage = make_storage(ctx.config.storage, ctx.config.out)
+    try:
+        study_id = storage.get_study_id_from_name(ctx.config.study_name)
+    except KeyError:
+        return
+    _check_settings(ctx, storage.get_study_user_attrs(study_id).get("dynasearch"))
+
+
 def open_study(ctx: SearchContext, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
-    """Create or load the study; a study of the same name with other settings is an error."""
+    """Create or load the study; a study of the same name with other settings is an error (and is not touched)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = make_storage(ctx.config.storage, ctx.config.out, on_stale=_retry)
+    name = ctx.config.study_name
     try:
-        study = optuna.create_study(
-            study_name=ctx.config.study_name,
-            storage=storage,
-            sampler=sampler,
-            directions=["minimize", "minimize"],
-            load_if_exists=True,
-        )
-    except ValueError as exc:
-        raise SearchError(f"study '{ctx.config.study_name}' in {mask_url(ctx.config.storage or 'the output directory')}: {exc}") from None
+        _check_settings(ctx, storage.get_study_user_attrs(storage.get_study_id_from_name(name)).get("dynasearch"))
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+    except KeyError:  # no such study yet (another worker may create it at the same moment: load_if_exists)
+        try:
+            study = optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True
+            )
+        except ValueError as exc:
+            raise SearchError(f"study '{name}' in {mask_url(ctx.config.storage or 'the output directory')}: {exc}") from None
     stored = study.user_attrs.get("dynasearch")
     if stored is None:
         study.set_user_attr("dynasearch", ctx.settings)
-    elif stored != _jsonable(ctx.settings):
-        diff = sorted(k for k in set(stored) | set(ctx.settings) if stored.get(k) != _jsonable(ctx.settings).get(k))
-        raise SearchError(
-            f"study '{ctx.config.study_name}' already exists with different settings ({', '.join(diff)}); "
-            "use another --study-name or --out"
-        )
+    _check_settings(ctx, stored)
     return study
 
 

@@ -23,6 +23,7 @@ from .search import (
     SearchConfig,
     SearchContext,
     SearchInterrupted,
+    check_study,
     crashed_numbers,
     finished_count,
     graceful_sigint,
@@ -258,6 +259,7 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     ctx = prepare_search(config)  # every input is checked before anything is written
+    check_study(ctx)  # the storage opens and an existing study has the same settings
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -37,6 +37,7 @@ from .search import (
     SearchConfig,
     SearchContext,
     SearchInterrupted,
+    check_study,
     finished_count,
     graceful_sigint,
     prepare_search,
@@ -357,6 +358,8 @@ def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progre
         if not isinstance(reference, Subnet):
             raise SearchError(f"--reference '{settings.reference}' is a schedule; give a static subnet")
         reference.validate(cfg)
+    for study_ctx in [*(_bucket_context(tc, k) for k in range(len(tc.buckets))), _joint_context(tc)]:
+        check_study(study_ctx)  # the storage opens and existing studies have the same settings
     try:
         config.out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
