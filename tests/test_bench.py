@@ -201,7 +201,7 @@ def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
                              finetune_seeds=2, bootstrap=50, lr=1e-3)
     result = bench_ranking(cfg)
     t, s, runs = result.table, result.summary, result.extra["runs"]
-    assert result.name == "ranking"
+    assert result.name == "ranking-proxy32"  # not the search's proxy size: its own file stem
     assert len(t) == 3 and (np.diff(t["gflops"]) > 0).all() and t["flops_ratio"].iloc[-1] == 1.0
     assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned", "inherited_eval_loss"} <= set(t.columns)
     assert (t["finetuned_loss"] != t["inherited_eval_loss"]).all()  # the fine-tune moved the weights
@@ -217,8 +217,8 @@ def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
     lo, hi = s["tau_ci95"]
     assert lo is None or -1.0 <= lo <= hi <= 1.0
     save_bench(result, tmp_path)
-    _check_files(tmp_path, "ranking", extra=("runs",))
-    doc = json.loads((tmp_path / "ranking.json").read_text())
+    _check_files(tmp_path, "ranking-proxy32", extra=("runs",))
+    doc = json.loads((tmp_path / "ranking-proxy32.json").read_text())
     assert "--finetune-seeds 2" in doc["command"] and "--eval-samples 48" in doc["command"]
     with pytest.raises(BenchError, match="--k"):
         RankingBenchConfig(k=2)
@@ -232,11 +232,16 @@ def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> N
     cfg = RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=1, batch_size=4, proxy_samples=16, eval_samples=16,
                              bootstrap=10, flops_range=(0.4, 0.9))
     result = bench_ranking(cfg)
-    assert result.name == "ranking-0.4-0.9"
+    assert result.name == "ranking-0.4-0.9-proxy16"
     assert result.table["flops_ratio"].between(0.4, 0.9).all()
     save_bench(result, tmp_path)
-    doc = _check_files(tmp_path, "ranking-0.4-0.9", extra=("runs",))
+    doc = _check_files(tmp_path, "ranking-0.4-0.9-proxy16", extra=("runs",))
     assert "--flops-range 0.4,0.9" in doc["command"] and not (tmp_path / "ranking.csv").exists()
+    from dynasearch.bench.ranking import _result_name
+
+    assert _result_name(RankingBenchConfig(proxy_samples=2048, flops_range=(0.4, 0.6))) == "ranking-0.4-0.6-proxy2048"
+    assert _result_name(RankingBenchConfig(proxy_samples=2048)) == "ranking-proxy2048"
+    assert _result_name(RankingBenchConfig()) == "ranking"
 
 
 def test_finetune_lr_schedule() -> None:

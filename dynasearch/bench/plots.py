@@ -123,10 +123,14 @@ def plot_ranking(result: BenchResult, path: Path) -> Path:
         """Two or three decimals, or a word where the value is undefined."""
         return "n/a" if value is None else f"{value:.2f}"
 
-    ax.set_title(f"{s['model']}: Kendall tau = {fmt(tau)} (p {fmt(s.get('p_value'))}, 95% {fmt(ci[0])}..{fmt(ci[1])})\n"
+    p = s.get("p_value")
+    ax.set_title(f"{s['model']}: Kendall tau = {fmt(tau)} (p {'n/a' if p is None else f'{p:.2g}'}, bootstrap 95% "
+                 f"{fmt(ci[0])}..{fmt(ci[1])})\n"
                  f"same evaluation set {fmt(s.get('kendall_tau_same_set'))}, proxy vs evaluation set "
                  f"{fmt(s.get('kendall_tau_proxy_vs_evalset'))}, FLOPs only {fmt(s.get('kendall_tau_flops_baseline'))}",
                  fontsize=8)
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+    ax.yaxis.set_major_locator(plt.MaxNLocator(6))
     ax.grid(alpha=0.3)
     order = t.sort_values("flops_ratio")
     bx.plot(order["flops_ratio"], order["inherited_eval_loss"], marker="o", label="inherited (evaluation set)")

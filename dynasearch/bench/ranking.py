@@ -45,6 +45,7 @@ __all__ = ["RankingBenchConfig", "bench_ranking", "spread_subnets", "finetune", 
 
 TAU_GOAL = 0.7
 LR_SCHEDULES = ("constant", "cosine")
+DEFAULT_PROXY_SAMPLES = 512  # the search's own proxy size: other sizes get their own file stem
 EVAL_SEED_OFFSET = 1_000  # the evaluation set's seed is seed + this: independent of the proxy set
 
 
@@ -60,7 +61,7 @@ class RankingBenchConfig:
     lr_schedule: str = "cosine"  # constant | cosine (linear warm-up over 5% of the steps, then cosine to 0)
     finetune_seeds: int = 1
     space: str | None = None
-    proxy_samples: int = 512
+    proxy_samples: int = DEFAULT_PROXY_SAMPLES
     eval_samples: int = 2048
     bootstrap: int = 2000
     flops_range: tuple[float, float] = (0.0, 1.0)  # FLOPs ratios (of the full model) the subnets are drawn from
@@ -294,7 +295,15 @@ def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None 
              "improvement = relative drop of the evaluation-set loss by fine-tuning; near 0 means the fine-tune barely "
              "moved the weights and tau says little"]
     settings = {**asdict(cfg), "flops_range": list(cfg.flops_range)}
-    lo_r, hi_r = cfg.flops_range
-    name = "ranking" if (lo_r, hi_r) == (0.0, 1.0) else f"ranking-{lo_r:g}-{hi_r:g}"
-    return BenchResult(name, table, summary, settings, command_line("ranking", cfg), machine,
+    return BenchResult(_result_name(cfg), table, summary, settings, command_line("ranking", cfg), machine,
                        extra={"runs": runs_df}, notes=notes)
+
+
+def _result_name(cfg: RankingBenchConfig) -> str:
+    """File stem: ranking, plus the FLOPs range and the proxy size where they differ from the defaults."""
+    name = "ranking"
+    if cfg.flops_range != (0.0, 1.0):
+        name += f"-{cfg.flops_range[0]:g}-{cfg.flops_range[1]:g}"
+    if cfg.proxy_samples != DEFAULT_PROXY_SAMPLES:
+        name += f"-proxy{cfg.proxy_samples}"
+    return name
