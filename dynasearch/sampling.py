@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +305,19 @@ def save_latents(latents: Tensor, labels: Sequence[int], path: str | Path, num_c
     return path
 
 
+def check_writable(path: Path) -> None:
+    """Raise ConfigError now if `path` cannot be written later (its nearest existing parent is not a writable dir)."""
+    if path.is_dir():
+        raise ConfigError(f"cannot write '{path}': it is a directory")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write '{path}': '{parent}' is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write '{path}': '{parent}' is not writable")
+
+
 def _write(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,6 +491,7 @@ def run_sample(config: SampleConfig, progress: ProgressFn | None = None) -> Samp
     diffusion = diffusion_for(model_config, doc)
     _check_sampling_args(model_config, config.cfg_scale, config.steps, config.sampler, diffusion)
     latent = model_config.in_channels == LATENT_CHANNELS
+    check_writable(Path(config.out).with_suffix(".npz") if latent else Path(config.out))  # before minutes of sampling
     if config.vae is not None and not latent:
         raise ConfigError(
             f"--vae decodes latents of 4-channel models; this model has {model_config.in_channels} channel(s)"

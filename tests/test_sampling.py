@@ -302,3 +302,17 @@ def test_cli_sample_bad_inputs(checkpoint: Path, tmp_path: Path, tiny_config, ca
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and message in err
     assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("where, message", [("file/grid.png", "'{tmp}/file' is not a directory"),
+                                            ("adir.png", "it is a directory")])
+def test_cli_sample_unwritable_out_fails_before_sampling(checkpoint: Path, tmp_path: Path, capsys, monkeypatch,
+                                                         where, message):
+    import dynasearch.sampling as sampling
+
+    (tmp_path / "file").write_bytes(b"a file, not a directory")
+    (tmp_path / "adir.png").mkdir()
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and message.format(tmp=tmp_path) in err
