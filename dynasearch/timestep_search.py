@@ -346,47 +346,36 @@ def _best_uniform(tc: TimestepContext, uniform: pd.DataFrame) -> Subnet | None:
     return Subnet.from_dict(json.loads(ok.idxmin())) if not ok.empty else None
 
 
-def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progress: bool = True) -> TimestepSearchResult:
-    """Per-bucket studies + knapsack and a joint study (both resumable), compared with the best static subnets."""
+def _run_studies(tc: TimestepContext, progress: bool) -> tuple[list[dict[str, Any]], optuna.Study]:
+    """Run (or resume) every bucket's study, then the joint study; Ctrl-C stops after the running trial.
+
+    Returns the bucket studies' candidates and the joint study; raises SearchInterrupted when stopped.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    tc = prepare_timestep_search(config, settings)  # every input is checked before anything is written
-    ctx, cfg = tc.ctx, tc.ctx.model.config
-    reference = None
-    if settings.reference is not None:
-        reference = load_subnet_or_schedule(settings.reference)
-        if not isinstance(reference, Subnet):
-            raise SearchError(f"--reference '{settings.reference}' is a schedule; give a static subnet")
-        reference.validate(cfg)
-    for study_ctx in [*(_bucket_context(tc, k) for k in range(len(tc.buckets))), _joint_context(tc)]:
-        check_study(study_ctx)  # the storage opens and existing studies have the same settings
-    try:
-        config.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
-    k_buckets = len(tc.buckets)
+    trials, k_buckets = tc.ctx.config.trials, len(tc.buckets)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     candidates: list[dict[str, Any]] = []
     stop = threading.Event()
     in_main = threading.current_thread() is threading.main_thread()
     previous = graceful_sigint(stop) if in_main else None
-    finished, target = 0, config.trials * (k_buckets + 1)
+    finished, target = 0, trials * (k_buckets + 1)
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
-            task = bar.add_task("bucket studies", total=config.trials * k_buckets)
+            task = bar.add_task("bucket studies", total=trials * k_buckets)
             for k in range(k_buckets):
-                done = k * config.trials
+                done = k * trials
                 study = run_trials(_bucket_context(tc, k), stop=stop,
-                                   on_trial=lambda n, d=done: bar.update(task, completed=d + min(n, config.trials)))
-                finished += min(finished_count(study), config.trials)
+                                   on_trial=lambda n, d=done: bar.update(task, completed=d + min(n, trials)))
+                finished += min(finished_count(study), trials)
                 if stop.is_set():
                     raise SearchInterrupted(finished, target)
                 candidates.extend(_trial_candidates(tc, k, study))
-            joint_task = bar.add_task("joint study", total=config.trials)
-            joint = run_joint(tc, on_trial=lambda n: bar.update(joint_task, completed=min(n, config.trials)), stop=stop)
+            joint_task = bar.add_task("joint study", total=trials)
+            joint = run_joint(tc, on_trial=lambda n: bar.update(joint_task, completed=min(n, trials)), stop=stop)
             joint_done = finished_count(joint)
-            bar.update(joint_task, completed=min(joint_done, config.trials))
-            if stop.is_set() and joint_done < config.trials:
+            bar.update(joint_task, completed=min(joint_done, trials))
+            if stop.is_set() and joint_done < trials:
                 raise SearchInterrupted(finished + joint_done, target)
     except KeyboardInterrupt as exc:  # a second Ctrl-C: the running trial is failed and retried on resume
         if isinstance(exc, SearchInterrupted):
@@ -395,13 +384,16 @@ def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progre
     finally:
         if in_main:
             signal.signal(signal.SIGINT, previous)
-    uniform = _uniform_candidates(tc)
-    table = _mark_fronts(pd.concat([pd.DataFrame(candidates), uniform], ignore_index=True))
-    knapsack, predicted = knapsack_schedule(tc, table)
-    joint_frame = _joint_frame(joint, ctx.budget)
+    return candidates, joint
+
+
+def _compare(
+    tc: TimestepContext, knapsack: SubnetSchedule, joint: pd.DataFrame, uniform: pd.DataFrame, reference: Subnet | None
+) -> tuple[pd.DataFrame, list[str]]:
+    """The comparison table (knapsack, joint, best uniform, reference), with the winning schedule marked."""
     rows = [_comparison_row(tc, "knapsack", knapsack)]
-    feasible = joint_frame[(joint_frame["state"] == "COMPLETE") & joint_frame["feasible"]].dropna(subset=["proxy_loss"])
     notes = []
+    feasible = joint[(joint["state"] == "COMPLETE") & joint["feasible"]].dropna(subset=["proxy_loss"])
     if feasible.empty:
         notes.append("no joint trial finished within the budget; run more --trials")
     else:
@@ -416,8 +408,35 @@ def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progre
     dynamic = comparison[comparison["method"].isin(["knapsack", "joint"]) & comparison["within_budget"]]
     winner = dynamic.sort_values(["proxy_loss", "mean_gflops"]).iloc[0]
     comparison["winner"] = comparison["method"] == winner["method"]
-    if abs(predicted - float(comparison.iloc[0]["proxy_loss"])) > 1e-4 * max(1.0, abs(predicted)):
-        notes.append(f"knapsack predicted proxy {predicted:.6f} but re-scoring gave {comparison.iloc[0]['proxy_loss']:.6f}")
+    return comparison, notes
+
+
+def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progress: bool = True) -> TimestepSearchResult:
+    """Per-bucket studies + knapsack and a joint study (both resumable), compared with the best static subnets."""
+    tc = prepare_timestep_search(config, settings)  # every input is checked before anything is written
+    ctx, cfg = tc.ctx, tc.ctx.model.config
+    reference = None
+    if settings.reference is not None:
+        reference = load_subnet_or_schedule(settings.reference)
+        if not isinstance(reference, Subnet):
+            raise SearchError(f"--reference '{settings.reference}' is a schedule; give a static subnet")
+        reference.validate(cfg)
+    for study_ctx in [*(_bucket_context(tc, k) for k in range(len(tc.buckets))), _joint_context(tc)]:
+        check_study(study_ctx)  # the storage opens and existing studies have the same settings
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
+    candidates, joint = _run_studies(tc, progress)
+    uniform = _uniform_candidates(tc)
+    table = _mark_fronts(pd.concat([pd.DataFrame(candidates), uniform], ignore_index=True))
+    knapsack, predicted = knapsack_schedule(tc, table)
+    joint_frame = _joint_frame(joint, ctx.budget)
+    comparison, notes = _compare(tc, knapsack, joint_frame, uniform, reference)
+    rescored = float(comparison.iloc[0]["proxy_loss"])
+    if abs(predicted - rescored) > 1e-4 * max(1.0, abs(predicted)):
+        notes.append(f"knapsack predicted proxy {predicted:.6f} but re-scoring gave {rescored:.6f}")
+    winner = comparison[comparison["winner"]].iloc[0]
     schedule = SubnetSchedule.from_dict(json.loads(winner["schedule"]))
     exported = []
     for _, row in comparison.iterrows():
@@ -443,4 +462,3 @@ def run_timestep_search(config: SearchConfig, settings: TimestepSettings, progre
     }
     atomic_write_text(config.out / "best.json", json.dumps(best, indent=2, default=float) + "\n")
     return TimestepSearchResult(config.out, comparison, best, schedule, exported, notes)
-

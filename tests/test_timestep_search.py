@@ -269,3 +269,41 @@ def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixtur
     table = pd.read_csv(out / "schedules.csv")
     assert list(table["method"]) == ["knapsack", "joint", "static uniform"] and table["winner"].sum() == 1
     assert json.loads((out / "best.json").read_text())["steps_per_bucket"] == [2, 2, 2, 2]
+
+
+def test_ctrl_c_stops_the_timestep_search_and_the_printed_command_resumes(
+    searched, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import shlex
+    import signal
+
+    from dynasearch.cli import main
+    from dynasearch.evaluate import ProxyEvaluator
+
+    root, _ = searched
+    out = root / "interrupted"
+    calls = {"n": 0}
+    real = ProxyEvaluator.per_sample
+
+    def per_sample(self, subnet=None):  # Ctrl-C during the 5th evaluation (bucket 0's study)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, subnet)
+
+    monkeypatch.setattr(ProxyEvaluator, "per_sample", per_sample)
+    args = ["search", "--supernet", str(root / "run"), "--flops", "0.5x", "--space", "timestep", "--trials", "4",
+            "--proxy-samples", "64", "--sample-steps", "8", "--out", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted after" in err
+    resume = err.split("resume with: ", 1)[1].split(" (same --out)")[0].strip()
+    assert "--space timestep" in resume and "--sample-steps 8" in resume
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    assert not (out / "schedules.csv").exists()  # outputs are only written by a finished run
+    monkeypatch.setattr(ProxyEvaluator, "per_sample", real)
+    assert main(shlex.split(resume)[1:]) == 0, capsys.readouterr().err
+    buckets = pd.read_csv(out / "bucket_trials.csv")
+    assert (buckets[buckets["source"] == "trial"].groupby("bucket").size() == 4).all()  # nothing lost or repeated
+    assert len(pd.read_csv(out / "joint_trials.csv")) == 4
