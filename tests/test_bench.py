@@ -94,6 +94,29 @@ def test_uniform_subnets_are_balanced_and_nearest() -> None:
         assert b.token_ratio == 1.0
 
 
+def test_mixed_subnets_are_irregular_and_at_the_ratio() -> None:
+    import random
+
+    from dynasearch.bench.latency import latency_models, mixed_at_ratio
+    from dynasearch.model import DiT
+
+    config = get_config("DiT-B/2")
+    full = closed_form_flops(config)
+    for r in (0.3, 0.5, 0.7):
+        s = mixed_at_ratio(config, r, random.Random(0))
+        assert s is not None and abs(closed_form_flops(config, s) / full - r) <= 0.02 * r
+        assert len(set(s.blocks)) > 1  # per-block choices, not a uniform subnet
+    assert mixed_at_ratio(config, 0.01, random.Random(0), tries=50) is None  # below the space's smallest subnet
+    cfg = LatencyBenchConfig(**TINY, batch=1, repeats=1, warmup=0, rounds=1, ratios=(0.5, 0.01), mixed=1)
+    notes: list[str] = []
+    entries = latency_models(cfg, DiT(get_config(TINY["model"], input_size=TINY["input_size"],
+                                                 in_channels=TINY["in_channels"], num_classes=TINY["num_classes"])), notes)
+    kinds = [k for _, k, _ in entries]
+    assert kinds.count("mixed") <= 1 and any("no random blockwise subnet within 2% of FLOPs ratio 0.01" in n for n in notes)
+    with pytest.raises(BenchError, match="--mixed must be 0 or more, got -1"):
+        LatencyBenchConfig(**TINY, mixed=-1)
+
+
 def test_latency_with_searched_subnets(run_dir: Path, tmp_path: Path) -> None:
     space, config = load_space("blockwise"), get_config("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
     results = tmp_path / "search"

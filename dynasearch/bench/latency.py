@@ -10,6 +10,7 @@ not depend on the weights, so without --supernet the models have random weights.
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,11 +25,12 @@ from ..flops import closed_form_flops, closed_form_params
 from ..latency import measure_latency
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
+from ..searchspace import load_space
 from ..slicing import slice_subnet
 from ..space import Subnet
 from .common import BenchError, BenchResult, check_positive, command_line, machine_info, resolve_device, torch_threads
 
-__all__ = ["LatencyBenchConfig", "bench_latency", "uniform_at_ratio", "latency_models"]
+__all__ = ["LatencyBenchConfig", "bench_latency", "uniform_at_ratio", "mixed_at_ratio", "latency_models"]
 
 TARGET_RANGE = (0.3, 0.7)
 TOLERANCE = 0.10
@@ -52,8 +54,12 @@ class LatencyBenchConfig:
     search_results: Path | None = None
     threads: int | None = None
     seed: int = 0
+    mixed: int = 0  # per ratio: random per-block subnets of `mixed_space` (irregular, like searched ones)
+    mixed_space: str = "blockwise"
 
     def __post_init__(self) -> None:
+        if isinstance(self.mixed, bool) or not isinstance(self.mixed, int) or self.mixed < 0:
+            raise BenchError(f"--mixed must be 0 or more, got {self.mixed!r}")
         check_positive(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
                        batch=self.batch, repeats=self.repeats, rounds=self.rounds, threads=self.threads)
         if self.warmup < 0:
@@ -83,6 +89,32 @@ def uniform_at_ratio(config: DiTConfig, ratio: float) -> Subnet:
                 best = (*key, subnet)
     assert best is not None
     return best[2]
+
+
+def mixed_at_ratio(
+    config: DiTConfig, ratio: float, rng: random.Random, space: str = "blockwise", tolerance: float = 0.02,
+    tries: int = 2000,
+) -> Subnet | None:
+    """A random subnet of `space` (per-group heads, MLP width and token ratio, as a search returns them) whose
+    closed-form FLOPs are within `tolerance` (relative) of `ratio` of the full model's; None if `tries` steps miss.
+
+    A random draw, then a random walk: each step re-draws one group's choice in one dimension among the values
+    that move the FLOPs towards the target, so the result stays irregular but lands on the ratio.
+    """
+    full, chosen = closed_form_flops(config), load_space(space)
+    rates = [list(v) for v in chosen.sample_rates(config, rng)]
+    choices = (chosen.attn_rate, chosen.mlp_rate, chosen.token_ratio)
+    for _ in range(tries):
+        subnet = chosen.subnet(config, *rates)
+        current = closed_form_flops(config, subnet) / full
+        if abs(current - ratio) <= tolerance * ratio:
+            return subnet
+        dim, group = rng.randrange(3), rng.randrange(len(rates[0]))
+        value = rates[dim][group]
+        moves = [v for v in choices[dim] if (v < value if current > ratio else v > value)]
+        if moves:
+            rates[dim][group] = rng.choice(moves)
+    return None
 
 
 def _searched(search_results: Path, config: DiTConfig) -> list[tuple[str, Subnet]]:
@@ -133,6 +165,15 @@ def latency_models(cfg: LatencyBenchConfig, supernet: DiT, notes: list[str] | No
     config = supernet.config
     candidates = [("full", "full", Subnet.full(config))]
     candidates += [(f"uniform-{r:.2f}", "uniform", uniform_at_ratio(config, r)) for r in cfg.ratios]
+    rng = random.Random(cfg.seed)
+    for r in cfg.ratios:
+        for i in range(cfg.mixed):
+            subnet = mixed_at_ratio(config, r, rng, cfg.mixed_space)
+            if subnet is None:
+                if notes is not None:
+                    notes.append(f"no random {cfg.mixed_space} subnet within 2% of FLOPs ratio {r}: none timed there")
+                break
+            candidates.append((f"mixed-{r:.2f}" + (f"-{i + 1}" if cfg.mixed > 1 else ""), "mixed", subnet))
     if cfg.search_results is not None:
         candidates += [(name, "searched", s) for name, s in _searched(cfg.search_results, config)]
     entries: list[tuple[str, str, Subnet]] = []

@@ -33,7 +33,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     a.plot(x, x, c="black", lw=1, label="latency ratio = FLOPs ratio")
     a.fill_between(x, 0.9 * x, 1.1 * x, color="#cccccc", alpha=0.5, label="within 10%")
     a.axvspan(0.3, 0.7, color="#7aa6d6", alpha=0.08, label="target range")
-    for kind, colour, marker in (("full", "black", "*"), ("uniform", "#e08b3a", "o"), ("searched", "#1f4e8c", "s")):
+    for kind, colour, marker in (("full", "black", "*"), ("uniform", "#e08b3a", "o"), ("mixed", "#2e8b57", "^"),
+                                 ("searched", "#1f4e8c", "s")):
         k = t[t["kind"] == kind]
         a.scatter(k["flops_ratio"], k["latency_ratio"], c=colour, marker=marker, s=50 if kind != "full" else 120, label=kind,
                   zorder=5)
@@ -45,7 +46,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     a.grid(alpha=0.3)
     a.legend(fontsize=7)
     sub = t[t["kind"] != "full"]
-    b.bar(range(len(sub)), sub["quotient"], color=["#1f4e8c" if k == "searched" else "#e08b3a" for k in sub["kind"]])
+    colours = {"searched": "#1f4e8c", "mixed": "#2e8b57"}
+    b.bar(range(len(sub)), sub["quotient"], color=[colours.get(k, "#e08b3a") for k in sub["kind"]])
     b.axhline(1.0, c="black", lw=1)
     b.axhline(s.get("dydit_reference_quotient", 0.84), c="#c0392b", ls="--", lw=1, label="DyDiT-XL (0.84)")
     b.set_xticks(range(len(sub)))

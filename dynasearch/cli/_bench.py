@@ -73,7 +73,10 @@ def latency(
     supernet: Optional[Path] = typer.Option(None, help="Supernet run directory (default: random weights)."),
     search_results: Optional[Path] = typer.Option(None, help="A search output directory: time its exported subnets too."),
     threads: Optional[int] = _THREADS,
-    seed: int = typer.Option(0, help="Seed of the random weights."),
+    seed: int = typer.Option(0, help="Seed of the random weights and of the mixed subnets."),
+    mixed: int = typer.Option(0, help="Per ratio, random per-block subnets (heads, MLP width, token ratio per block, "
+                                      "as searched ones) within 2% of the ratio's FLOPs."),
+    mixed_space: str = typer.Option("blockwise", help="Search space the mixed subnets are drawn from."),
     out: Path = _OUT,
 ) -> None:
     """Sliced subnets against the full model: FLOPs ratio, latency ratio and their quotient (1.0 = ideal)."""
@@ -82,7 +85,8 @@ def latency(
     cfg = LatencyBenchConfig(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                              batch=batch, device=device, repeats=repeats, warmup=warmup, rounds=rounds,
                              ratios=_split(ratios, "--ratios", float), supernet=supernet,
-                             search_results=search_results, threads=threads, seed=seed)
+                             search_results=search_results, threads=threads, seed=seed, mixed=mixed,
+                             mixed_space=mixed_space)
     result = _run(lambda _s: bench_latency(cfg), out,
                   lambda r: f"latency: {r.summary['model']}, batch {batch}, {device} ({r.summary['dtype']})",
                   ["name", "gflops", "flops_ratio", "latency_ms", "latency_ratio", "quotient", "within_10pct"])
