@@ -104,12 +104,6 @@ class ProxyEvaluator:
             losses.append(float(self.restricted(index).per_sample(subnet).mean()) if len(index) else float("nan"))
         return losses
 
-    def schedule_loss(self, schedule: SubnetSchedule) -> float:
-        """Mean epsilon MSE over the proxy set, each quadruple scored by the subnet of its timestep's bucket."""
-        bucket = schedule.buckets.bucket_index(self.proxy.t)
-        weights = [int((bucket == k).sum()) / len(self.proxy) for k in range(len(schedule.buckets))]
-        return float(sum(w * loss for w, loss in zip(weights, self.schedule_losses(schedule)) if w > 0))
-
 
 def dataset_from_run_config(doc: dict[str, Any]) -> DatasetSplit:
     """Rebuild the data split a supernet was trained with, from its run's config.json (digits if unrecorded)."""

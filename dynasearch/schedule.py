@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from .errors import SubnetError
-from .space import BlockChoice, Subnet
+from .space import BlockChoice, Subnet, read_subnet_json
 
 if TYPE_CHECKING:
     from .model.config import DiTConfig
@@ -203,14 +203,7 @@ def is_schedule_doc(data: Any) -> bool:
 def load_subnet_or_schedule(path: str | Path) -> Subnet | SubnetSchedule:
     """A subnet or a schedule JSON file (a search's best.json works too), with errors naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise SubnetError(f"subnet file '{path}' does not exist")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SubnetError(f"subnet file '{path}' cannot be read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SubnetError(f"subnet file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    data = read_subnet_json(path)
     for key in ("schedule", "subnet"):  # a search's best.json, or a checkpoint's config.json
         if isinstance(data, dict) and "blocks" not in data and isinstance(data.get(key), dict):
             data = data[key]

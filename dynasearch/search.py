@@ -275,12 +275,10 @@ def seed_study(ctx: SearchContext, study: optuna.Study) -> None:
     low = [min(s.attn_rate)] * n, [min(s.mlp_rate)] * n, [min(s.token_ratio)] * n
     seeds = [subnet_params(n, *top), subnet_params(n, *low)]
     best_uniform = None
-    for a in s.attn_rate:
-        for m in s.mlp_rate:
-            for r in s.token_ratio:
-                f = ctx.flops(s.uniform(ctx.model.config, a, m, r))
-                if f <= ctx.budget and (best_uniform is None or f > best_uniform[0]):
-                    best_uniform = (f, a, m, r)
+    for (a, m, r), subnet in s.uniform_subnets(ctx.model.config):
+        f = ctx.flops(subnet)
+        if f <= ctx.budget and (best_uniform is None or f > best_uniform[0]):
+            best_uniform = (f, a, m, r)
     if best_uniform is not None:
         _, a, m, r = best_uniform
         seeds.append(subnet_params(n, [a] * n, [m] * n, [r] * n))

@@ -126,26 +126,20 @@ def pareto_frame(trials: pd.DataFrame) -> pd.DataFrame:
 def baseline_frame(ctx: SearchContext) -> pd.DataFrame:
     """Uniform-width subnets over the space's choices, scored with the same proxy: plain uniform slimming."""
     s, cfg = ctx.space, ctx.model.config
-    rows, seen = [], set()
-    for a in s.attn_rate:
-        for m in s.mlp_rate:
-            for r in s.token_ratio:
-                subnet = s.uniform(cfg, a, m, r)
-                if subnet in seen:
-                    continue
-                seen.add(subnet)
-                flops = ctx.flops(subnet)
-                rows.append(
-                    {
-                        "attn_rate": a,
-                        "mlp_rate": m,
-                        "token_ratio": r,
-                        "gflops": flops / 1e9,
-                        "proxy_loss": ctx.evaluator(subnet),
-                        "feasible": flops <= ctx.budget,
-                        "subnet": subnet.to_json(),
-                    }
-                )
+    rows = []
+    for (a, m, r), subnet in s.uniform_subnets(cfg):
+        flops = ctx.flops(subnet)
+        rows.append(
+            {
+                "attn_rate": a,
+                "mlp_rate": m,
+                "token_ratio": r,
+                "gflops": flops / 1e9,
+                "proxy_loss": ctx.evaluator(subnet),
+                "feasible": flops <= ctx.budget,
+                "subnet": subnet.to_json(),
+            }
+        )
     df = pd.DataFrame(rows).sort_values("gflops").reset_index(drop=True)
     best = float("inf")
     on_front = []

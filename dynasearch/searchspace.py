@@ -245,6 +245,16 @@ class SearchSpace:
         n = len(self._checked_groups(config))
         return self.subnet(config, [attn] * n, [mlp] * n, [tokens] * n)
 
+    def uniform_subnets(self, config: DiTConfig) -> list[tuple[tuple[float, float, float], Subnet]]:
+        """Every distinct uniform subnet, with the (attn, mlp, token) rates that first give it (rates that round
+        to the same widths give one subnet)."""
+        out: dict[Subnet, tuple[float, float, float]] = {}
+        for a in self.attn_rate:
+            for m in self.mlp_rate:
+                for r in self.token_ratio:
+                    out.setdefault(self.uniform(config, a, m, r), (a, m, r))
+        return [(rates, subnet) for subnet, rates in out.items()]
+
     def largest(self, config: DiTConfig) -> Subnet:
         """The biggest subnet: the largest value of every choice."""
         return self.uniform(config, self.attn_rate[-1], self.mlp_rate[-1], self.token_ratio[-1])

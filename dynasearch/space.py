@@ -16,6 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["BlockChoice", "Subnet", "rate_to_heads", "rate_to_mlp_hidden"]
 
 
+def read_subnet_json(path: Path) -> Any:
+    """The parsed JSON of a subnet (or schedule) file, with SubnetError naming the file when it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SubnetError(f"subnet file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SubnetError(f"subnet file '{path}' cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise SubnetError(f"subnet file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+
+
 def rate_to_heads(config: DiTConfig, rate: float, block: int = 0) -> int:
     """Heads kept at an attention rate: round(num_heads * rate) of the block's heads, at least one."""
     _check_rate("attn_rate", rate, block)
@@ -176,14 +188,7 @@ class Subnet:
     def load(cls, path: str | Path) -> Subnet:
         """Read a subnet JSON file."""
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise SubnetError(f"subnet file '{path}' does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SubnetError(f"subnet file '{path}' cannot be read: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise SubnetError(f"subnet file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        data = read_subnet_json(path)
         try:
             return cls.from_dict(data)
         except SubnetError as exc:

@@ -150,18 +150,11 @@ def _uniform_candidates(tc: TimestepContext) -> pd.DataFrame:
     """Every distinct uniform subnet, scored once on the whole proxy set and split by bucket."""
     ctx, cfg = tc.ctx, tc.ctx.model.config
     bucket = tc.buckets.bucket_index(ctx.evaluator.proxy.t).cpu()
-    seen: set[Subnet] = set()
     rows = []
-    for a in ctx.space.attn_rate:
-        for m in ctx.space.mlp_rate:
-            for r in ctx.space.token_ratio:
-                subnet = ctx.space.uniform(cfg, a, m, r)
-                if subnet in seen:
-                    continue
-                seen.add(subnet)
-                per_sample = ctx.evaluator.per_sample(subnet)  # (num,)
-                for k in range(len(tc.buckets)):
-                    rows.append(_row(tc, k, "uniform", None, ctx.flops(subnet), float(per_sample[bucket == k].mean()), subnet))
+    for _, subnet in ctx.space.uniform_subnets(cfg):
+        per_sample = ctx.evaluator.per_sample(subnet)  # (num,)
+        for k in range(len(tc.buckets)):
+            rows.append(_row(tc, k, "uniform", None, ctx.flops(subnet), float(per_sample[bucket == k].mean()), subnet))
     return pd.DataFrame(rows)
 
 
