@@ -1,6 +1,7 @@
 """dynasearch: weight-sharing architecture search for Diffusion Transformers."""
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint.native import load_checkpoint, save_checkpoint
+from .cost.flops import closed_form_flops, count_flops, parse_budget
 from .errors import (
     BudgetError,
     CheckpointError,
@@ -12,13 +13,11 @@ from .errors import (
     SubnetError,
     TrainingError,
 )
-from .flops import closed_form_flops, count_flops, parse_budget
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_supernet, get_config, model_names
-from .searchspace import SearchSpace, load_space
+from .model.subnet import BlockChoice, Subnet
+from .search_space import SearchSpace, load_space
 from .slicing import reorder_by_importance, slice_subnet
-from .space import BlockChoice, Subnet
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "__version__",

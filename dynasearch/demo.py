@@ -49,11 +49,12 @@ def _quick(cfg: DemoConfig) -> dict[str, object]:
 
 def run_demo(cfg: DemoConfig, stage: Callable[[str], None] | None = None, progress: bool = True) -> DemoResult:
     """Train a supernet on digits, search at the budget, export, evaluate and report; returns the report path."""
-    from .flops import parse_budget
-    from .report import ReportConfig, build_report
-    from .search import SearchConfig
-    from .search_outputs import run_search
-    from .train import TrainConfig, train_supernet
+    from .cost.flops import parse_budget
+    from .report.build import ReportConfig, build_report
+    from .search.run import run_search
+    from .search.study import SearchConfig
+    from .train.config import TrainConfig
+    from .train.loop import train_supernet
 
     stage = stage or (lambda _m: None)
     settings = _quick(cfg)

@@ -26,11 +26,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import atomic_write_text, load_checkpoint, load_weights, read_config, save_weights
-from .diffusion import GaussianDiffusion
+from .checkpoint.native import load_checkpoint, load_weights, read_config, save_weights
+from .cost.flops import mean_flops
+from .device import resolve_device
+from .diffusion.factory import diffusion_for
+from .diffusion.gaussian import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DataError, DynasearchError
+from .fileio import atomic_write_text
 from .model.config import DiTConfig
 from .model.dit import DiT
+from .model.schedule import SubnetSchedule
+from .model.subnet import Subnet
 from .sampling import (
     DEFAULT_CFG_SCALE,
     DEFAULT_STEPS,
@@ -38,12 +44,8 @@ from .sampling import (
     ProgressFn,
     checkpoint_subnet,
     cycle_labels,
-    diffusion_for,
-    resolve_device,
     sample_images,
 )
-from .schedule import SubnetSchedule
-from .space import Subnet
 
 __all__ = [
     "FeatureExtractor",
@@ -298,7 +300,9 @@ class InceptionFeatureExtractor:
                 "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity's releases) and pass its path"
             )
         try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+            from torch_fidelity.feature_extractor_inceptionv3 import (
+                FeatureExtractorInceptionV3,
+            )
         except ImportError:
             raise DynasearchError(
                 "Inception features need the optional 'torch-fidelity' package (pip install torch-fidelity)"
@@ -447,11 +451,11 @@ def _mean_flops(
     model: DiT, subnet: Subnet | SubnetSchedule | None, steps: int, diffusion: GaussianDiffusion | None
 ) -> float:
     """Closed-form FLOPs per denoising step (batch 1, without guidance), averaged over the sampler's timesteps."""
-    from .flops import closed_form_flops
+    from .cost.flops import closed_form_flops
 
     if isinstance(subnet, SubnetSchedule):
         diffusion = diffusion if diffusion is not None else diffusion_for(model.config)
-        return subnet.mean_flops(model.config, diffusion.timestep_schedule(steps))
+        return mean_flops(subnet, model.config, diffusion.timestep_schedule(steps))
     return float(closed_form_flops(model.config, subnet if subnet is not None else model.subnet))
 
 

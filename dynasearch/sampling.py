@@ -20,14 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_bytes, load_checkpoint, read_config, read_schedule
+from .checkpoint.native import load_checkpoint, read_config, read_schedule
 from .device import resolve_device
-from .diffusion import GaussianDiffusion
+from .diffusion.factory import diffusion_for
+from .diffusion.gaussian import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, DynasearchError
+from .fileio import atomic_write_bytes
 from .model.config import DiTConfig
 from .model.dit import DiT
-from .schedule import SubnetSchedule, load_subnet_or_schedule
-from .space import Subnet
+from .model.schedule import SubnetSchedule, load_subnet_or_schedule
+from .model.subnet import Subnet
 
 __all__ = [
     "SAMPLERS",
@@ -108,19 +110,6 @@ def _check_labels(labels: Sequence[int], num_classes: int) -> None:
             raise ConfigError(f"label {label!r} is outside the model's classes [0, {num_classes - 1}]")
 
 
-# ---------------------------------------------------------------------------------------------------------- sampling
-def diffusion_for(config: DiTConfig, checkpoint_doc: dict[str, Any] | None = None) -> GaussianDiffusion:
-    """The diffusion a model was trained with: its `learn_sigma`, and a checkpoint's "diffusion" section if present."""
-    kwargs: dict[str, Any] = {}
-    section = (checkpoint_doc or {}).get("diffusion")
-    if isinstance(section, dict):
-        for key in ("num_timesteps", "beta_start", "beta_end"):
-            if key in section:
-                kwargs[key] = section[key]
-    try:
-        return GaussianDiffusion(learn_sigma=config.learn_sigma, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint diffusion settings {section!r} are invalid: {exc}") from None
 
 
 def _check_sampling_args(

@@ -7,8 +7,8 @@ import torch.nn as nn
 from einops import rearrange
 
 from .model.dit import DiT, DiTBlock
-from .schedule import SubnetSchedule
-from .space import Subnet
+from .model.schedule import SubnetSchedule
+from .model.subnet import Subnet
 
 __all__ = [
     "slice_subnet", "slice_schedule", "sliced_config", "reorder_by_importance", "head_importance", "channel_importance",

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import fake_supernet_run
 
 from dynasearch.bench import (
@@ -33,9 +32,9 @@ from dynasearch.bench import (
     uniform_at_ratio,
 )
 from dynasearch.cli import main
-from dynasearch.flops import closed_form_flops
+from dynasearch.cost.flops import closed_form_flops
 from dynasearch.model import get_config
-from dynasearch.searchspace import load_space
+from dynasearch.search_space import load_space
 
 TINY = dict(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10)
 MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name"}
@@ -97,7 +96,7 @@ def test_uniform_subnets_are_balanced_and_nearest() -> None:
 def test_mixed_subnets_are_irregular_and_at_the_ratio() -> None:
     import random
 
-    from dynasearch.bench.latency import latency_models, mixed_at_ratio
+    from dynasearch.bench.subnet_latency import latency_models, mixed_at_ratio
     from dynasearch.model import DiT
 
     config = get_config("DiT-B/2")
@@ -191,8 +190,8 @@ def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
 
 
 def test_feasible_draws_fit_the_budget_and_are_seeded(run_dir: Path) -> None:
-    from dynasearch.bench.search import feasible_draws
-    from dynasearch.search import SearchConfig, prepare_search
+    from dynasearch.bench.samplers import feasible_draws
+    from dynasearch.search.study import SearchConfig, prepare_search
 
     ctx = prepare_search(SearchConfig(supernet=run_dir, flops="0.4x", out=Path("."), proxy_samples=8))
     draws = feasible_draws(ctx, 20, seed=3)
@@ -260,7 +259,7 @@ def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> N
     save_bench(result, tmp_path)
     doc = _check_files(tmp_path, "ranking-0.4-0.9-proxy16", extra=("runs",))
     assert "--flops-range 0.4,0.9" in doc["command"] and not (tmp_path / "ranking.csv").exists()
-    from dynasearch.bench.ranking import _result_name
+    from dynasearch.bench.proxy_ranking import _result_name
 
     assert _result_name(RankingBenchConfig(proxy_samples=2048, flops_range=(0.4, 0.6))) == "ranking-0.4-0.6-proxy2048"
     assert _result_name(RankingBenchConfig(proxy_samples=2048)) == "ranking-proxy2048"
@@ -268,7 +267,7 @@ def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> N
 
 
 def test_finetune_lr_schedule() -> None:
-    from dynasearch.bench.ranking import finetune_lr
+    from dynasearch.bench.proxy_ranking import finetune_lr
 
     assert [finetune_lr(1e-3, "constant", s, 100) for s in (1, 50, 100)] == [1e-3] * 3
     cosine = [finetune_lr(1e-3, "cosine", s, 100) for s in range(1, 101)]
@@ -277,7 +276,7 @@ def test_finetune_lr_schedule() -> None:
 
 
 def test_kendall_bootstrap_interval() -> None:
-    from dynasearch.bench.ranking import kendall_bootstrap
+    from dynasearch.bench.proxy_ranking import kendall_bootstrap
 
     a = np.arange(10.0)
     assert kendall_bootstrap(a, a, 200) == pytest.approx((1.0, 1.0))  # resampled pairs stay perfectly concordant

@@ -10,25 +10,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model, model_inputs
 from safetensors.torch import load_file, save_file
 
-from conftest import make_model, model_inputs
-from dynasearch.checkpoint import (
-    FORMAT_VERSION,
-    atomic_write_bytes,
+from dynasearch.checkpoint.dit import (
     infer_config_from_state_dict,
-    load_checkpoint,
     load_dit_state_dict,
     load_pretrained_dit,
+)
+from dynasearch.checkpoint.native import (
+    FORMAT_VERSION,
+    load_checkpoint,
     load_weights,
     read_config,
     save_checkpoint,
     save_weights,
 )
 from dynasearch.errors import CheckpointError, DynasearchError
+from dynasearch.fileio import atomic_write_bytes
 from dynasearch.model import DiT, get_config
+from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.slicing import slice_subnet
-from dynasearch.space import BlockChoice, Subnet
 
 SUBNET = Subnet((BlockChoice(3, 64, 0.5), BlockChoice(2, 96, 0.75)))  # of DiT-N/2 (4 heads, MLP 128, groups of 32)
 

@@ -8,16 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import make_model
-from dynasearch.checkpoint import save_checkpoint
+
+from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
-from dynasearch.flops import closed_form_flops, closed_form_params
+from dynasearch.cost.flops import closed_form_flops, closed_form_params
 from dynasearch.model import DIT_CONFIGS, get_config
+from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.slicing import slice_subnet
-from dynasearch.space import BlockChoice, Subnet
-
-
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import fake_supernet_run
+
 from dynasearch.cli import main
 
 MARKER_ENV = "DYNASEARCH_TEST_PWNED"

@@ -21,9 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 import dynasearch.train as T
-import dynasearch.train_files as TF
-from dynasearch.checkpoint import load_checkpoint
-from dynasearch.train import PENDING_DIR, RUN_FILES, TrainConfig, train_supernet
+import dynasearch.train.run_dir as TF
+from dynasearch.checkpoint.native import load_checkpoint
+from dynasearch.train.config import TrainConfig
+from dynasearch.train.loop import train_supernet
+from dynasearch.train.run_dir import PENDING_DIR, RUN_FILES
 
 STEPS = 40
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from dynasearch.diffusion import GaussianDiffusion, discretized_gaussian_log_likelihood
+from dynasearch.diffusion.gaussian import (
+    GaussianDiffusion,
+    discretized_gaussian_log_likelihood,
+)
 
 T = 1000
 

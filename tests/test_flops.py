@@ -17,10 +17,9 @@ import random
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import make_model
-from dynasearch.errors import BudgetError, DynasearchError
-from dynasearch.flops import (
+
+from dynasearch.cost.flops import (
     _sdpa_flop_handle,
     closed_form_breakdown,
     closed_form_by_module,
@@ -30,9 +29,17 @@ from dynasearch.flops import (
     format_flops,
     parse_budget,
 )
-from dynasearch.model import DIT_CONFIGS, DiT, DiTConfig, get_2d_sincos_pos_embed, get_config, tokens_kept
+from dynasearch.errors import BudgetError, DynasearchError
+from dynasearch.model import (
+    DIT_CONFIGS,
+    DiT,
+    DiTConfig,
+    get_2d_sincos_pos_embed,
+    get_config,
+    tokens_kept,
+)
+from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.slicing import slice_subnet
-from dynasearch.space import BlockChoice, Subnet
 
 XL2_FLOPS = 118_688_661_504
 """DiT-XL/2 at 32x32x4 latents, 1000 classes, batch 1 (DiT paper: ~118.6 GFLOPs; DyDiT reports 118.69)."""

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_model, model_inputs, randomize_
+
 from dynasearch.errors import ConfigError, DynasearchError
 from dynasearch.model import (
     DIT_CONFIGS,
@@ -29,8 +29,7 @@ from dynasearch.model import (
     round_to_nearest,
     tokens_kept,
 )
-from dynasearch.space import BlockChoice, Subnet
-
+from dynasearch.model.subnet import BlockChoice, Subnet
 
 PAPER = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
 """depth, hidden, heads of the DiT paper's models (Peebles & Xie, Table 1)."""

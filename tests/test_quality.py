@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_model
-from dynasearch.checkpoint import save_checkpoint
+
+from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
 from dynasearch.errors import CheckpointError, DataError
 from dynasearch.model import get_config

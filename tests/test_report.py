@@ -10,14 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from dynasearch.checkpoint import save_checkpoint
+from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
 from dynasearch.model import create_supernet
-from dynasearch.report import ReportConfig, build_report
-from dynasearch.report_data import SearchTables, history, hypervolume_2d, pareto_plot_data, width_map
-from dynasearch.search import SearchConfig
-from dynasearch.search_outputs import run_search
-from dynasearch.searchspace import load_space
+from dynasearch.report.build import ReportConfig, build_report
+from dynasearch.report.data import (
+    SearchTables,
+    history,
+    hypervolume_2d,
+    pareto_plot_data,
+    width_map,
+)
+from dynasearch.search.run import run_search
+from dynasearch.search.study import SearchConfig
+from dynasearch.search_space import load_space
 
 
 def test_hypervolume_2d_by_hand() -> None:

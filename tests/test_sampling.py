@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_model
-from dynasearch.checkpoint import save_checkpoint
+
+from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
 from dynasearch.data import load_dataset
-from dynasearch.diffusion import GaussianDiffusion
+from dynasearch.diffusion.gaussian import GaussianDiffusion
 from dynasearch.errors import CheckpointError, ConfigError, DynasearchError, SubnetError
 from dynasearch.model import get_config
+from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.sampling import (
     cycle_labels,
     grid_array,
@@ -27,7 +28,6 @@ from dynasearch.sampling import (
     save_latents,
 )
 from dynasearch.slicing import slice_subnet
-from dynasearch.space import BlockChoice, Subnet
 
 STEPS = 3
 

@@ -10,14 +10,18 @@ import re
 import pytest
 import torch
 
-from dynasearch.diffusion import GaussianDiffusion
+from dynasearch.cost.flops import closed_form_flops, mean_flops, step_flops
+from dynasearch.diffusion.gaussian import GaussianDiffusion
 from dynasearch.errors import BudgetError, SearchSpaceError, SubnetError
-from dynasearch.flops import closed_form_flops
-from dynasearch.knapsack import multiple_choice_knapsack
 from dynasearch.model.config import get_config
-from dynasearch.schedule import SubnetSchedule, TimestepBuckets, load_subnet_or_schedule
-from dynasearch.searchspace import SearchSpace, load_space
-from dynasearch.space import BlockChoice, Subnet
+from dynasearch.model.schedule import (
+    SubnetSchedule,
+    TimestepBuckets,
+    load_subnet_or_schedule,
+)
+from dynasearch.model.subnet import BlockChoice, Subnet
+from dynasearch.search.knapsack import multiple_choice_knapsack
+from dynasearch.search_space import SearchSpace, load_space
 
 
 # ---------------------------------------------------------------------------------------------------- buckets
@@ -80,13 +84,13 @@ def test_mean_flops_weights_each_bucket_by_its_sampler_steps_on_dit_xl() -> None
     timesteps = GaussianDiffusion().timestep_schedule(50)
     per_bucket = [closed_form_flops(config, s) for s in schedule.subnets]  # type: ignore[arg-type]
     counts = schedule.buckets.step_counts(timesteps)
-    assert schedule.mean_flops(config, timesteps) == pytest.approx(sum(c * f for c, f in zip(counts, per_bucket)) / 50)  # type: ignore[arg-type]
-    assert schedule.step_flops(config, timesteps)[0] == per_bucket[3]  # type: ignore[arg-type]  # t = 999 first
-    assert schedule.step_flops(config, timesteps)[-1] == per_bucket[0]  # type: ignore[arg-type]
+    assert mean_flops(schedule, config, timesteps) == pytest.approx(sum(c * f for c, f in zip(counts, per_bucket)) / 50)  # type: ignore[arg-type]
+    assert step_flops(schedule, config, timesteps)[0] == per_bucket[3]  # type: ignore[arg-type]  # t = 999 first
+    assert step_flops(schedule, config, timesteps)[-1] == per_bucket[0]  # type: ignore[arg-type]
     assert per_bucket[0] == 118_688_661_504
     static = SubnetSchedule.static(schedule.subnets[2], schedule.buckets)
     assert static.is_static and not schedule.is_static
-    assert static.mean_flops(config, timesteps) == closed_form_flops(config, schedule.subnets[2])  # type: ignore[arg-type]
+    assert mean_flops(static, config, timesteps) == closed_form_flops(config, schedule.subnets[2])  # type: ignore[arg-type]
 
 
 def test_union_holds_every_bucket_subnet() -> None:

@@ -10,18 +10,17 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-
 from conftest import fake_supernet_run
 
-from dynasearch.checkpoint import load_checkpoint, save_checkpoint
+from dynasearch.checkpoint.native import load_checkpoint, save_checkpoint
+from dynasearch.cost.flops import closed_form_flops, count_flops
 from dynasearch.errors import BudgetError, SearchError, SearchSpaceError
-from dynasearch.flops import closed_form_flops, count_flops
 from dynasearch.model import create_supernet
-from dynasearch.search import SearchConfig, prepare_search, run_trials
-from dynasearch.search_outputs import pareto_frame, run_search
-from dynasearch.searchspace import load_space
-from dynasearch.space import Subnet
-
+from dynasearch.model.subnet import Subnet
+from dynasearch.search.outputs import pareto_frame
+from dynasearch.search.run import run_search
+from dynasearch.search.study import SearchConfig, prepare_search, run_trials
+from dynasearch.search_space import load_space
 
 _fake_run = fake_supernet_run
 
@@ -172,7 +171,7 @@ def test_search_on_registry_config(tmp_path: Path) -> None:
 
 
 def test_mask_url_hides_every_password_form() -> None:
-    from dynasearch.storage import mask_url
+    from dynasearch.search.storage import mask_url
 
     assert mask_url("postgresql://user:s3cr@t@db.example:5432/opt") == "postgresql://user:***@db.example:5432/opt"
     assert mask_url("postgresql://:pw@127.0.0.1/db") == "postgresql://:***@127.0.0.1/db"
@@ -182,7 +181,7 @@ def test_mask_url_hides_every_password_form() -> None:
 
 
 def test_missing_database_driver_names_it_and_masks_the_password(tmp_path: Path) -> None:
-    from dynasearch.storage import make_storage
+    from dynasearch.search.storage import make_storage
 
     with pytest.raises(SearchError) as info:
         make_storage("mysql://user:hunter2@127.0.0.1:1/db", tmp_path)
@@ -192,7 +191,7 @@ def test_missing_database_driver_names_it_and_masks_the_password(tmp_path: Path)
 
 def test_torn_journal_line_is_cut_before_the_next_append(tmp_path: Path) -> None:
     """A writer killed mid-append leaves half a record; the next writer removes it instead of gluing onto it."""
-    from dynasearch.storage import make_storage
+    from dynasearch.search.storage import make_storage
 
     path = tmp_path / "study.journal"
     optuna.create_study(study_name="a", storage=make_storage(str(path), tmp_path))
@@ -209,7 +208,7 @@ def test_torn_journal_line_is_cut_before_the_next_append(tmp_path: Path) -> None
 
 def test_seeds_enqueued_twice_are_evaluated_once(run_dir: Path, tmp_path: Path) -> None:
     """Two fresh workers may both seed a new study: every copy but the first is pruned, counts stay exact."""
-    from dynasearch.search import ATTR_SEED, make_sampler, open_study, seed_study
+    from dynasearch.search.study import ATTR_SEED, make_sampler, open_study, seed_study
 
     ctx = prepare_search(_config(run_dir, tmp_path / "s", trials=5, export_top=0))
     study = open_study(ctx, make_sampler("tpe", 0, 5))

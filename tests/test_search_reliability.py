@@ -27,12 +27,17 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-
 from conftest import fake_supernet_run
 
-import dynasearch.search as search_module
+import dynasearch.search.study as search_module
 from dynasearch.cli import main as cli_main
-from dynasearch.search import ATTR_CRASHED, ATTR_RETRY_OF, ATTR_SEED, ATTR_WORKER, CRASH_REASON
+from dynasearch.search.study import (
+    ATTR_CRASHED,
+    ATTR_RETRY_OF,
+    ATTR_SEED,
+    ATTR_WORKER,
+    CRASH_REASON,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +48,7 @@ LAUNCHER = textwrap.dedent(
     import sys
     import time
 
-    from dynasearch import search
+    from dynasearch.search import study as search
 
     _real_evaluate = search._evaluate
     _real_proxy = search.ProxyEvaluator.__call__
@@ -419,8 +424,14 @@ def test_trial_of_a_dead_worker_on_another_machine_fails_by_heartbeat_and_is_ret
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path
 ) -> None:
     """RDB storage (SQLite here): a RUNNING trial from another host whose heartbeat stopped is failed and retried once."""
-    import dynasearch.storage as storage_module
-    from dynasearch.search import SearchConfig, make_sampler, open_study, prepare_search, run_trials
+    import dynasearch.search.storage as storage_module
+    from dynasearch.search.study import (
+        SearchConfig,
+        make_sampler,
+        open_study,
+        prepare_search,
+        run_trials,
+    )
 
     monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
     monkeypatch.setattr(storage_module, "GRACE_PERIOD", 1)

@@ -11,8 +11,13 @@ import pytest
 
 from dynasearch.errors import SearchSpaceError
 from dynasearch.model.config import DiTConfig, get_config
-from dynasearch.searchspace import DEFAULT_SPACE, SearchSpace, load_space, shipped_spaces
-from dynasearch.space import BlockChoice, Subnet
+from dynasearch.model.subnet import BlockChoice, Subnet
+from dynasearch.search_space import (
+    DEFAULT_SPACE,
+    SearchSpace,
+    load_space,
+    shipped_spaces,
+)
 
 SHIPPED = ("uniform", "stagewise", "blockwise", "timestep")
 RATES = (0.25, 0.5, 0.75, 1.0)

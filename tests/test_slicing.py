@@ -12,13 +12,19 @@ import time
 
 import pytest
 import torch
-
 from conftest import model_inputs, randomize_
-from dynasearch.checkpoint import load_checkpoint, save_checkpoint
-from dynasearch.flops import closed_form_flops
+
+from dynasearch.checkpoint.native import load_checkpoint, save_checkpoint
+from dynasearch.cost.flops import closed_form_flops
 from dynasearch.model import DiT, DiTConfig, get_2d_sincos_pos_embed, get_config
-from dynasearch.slicing import channel_importance, head_importance, reorder_by_importance, slice_subnet, sliced_config
-from dynasearch.space import BlockChoice, Subnet
+from dynasearch.model.subnet import BlockChoice, Subnet
+from dynasearch.slicing import (
+    channel_importance,
+    head_importance,
+    reorder_by_importance,
+    slice_subnet,
+    sliced_config,
+)
 
 ATOL = 1e-5
 

@@ -9,7 +9,12 @@ import pytest
 
 from dynasearch.errors import DynasearchError, SubnetError
 from dynasearch.model import DiTConfig, get_config
-from dynasearch.space import BlockChoice, Subnet, rate_to_heads, rate_to_mlp_hidden
+from dynasearch.model.subnet import (
+    BlockChoice,
+    Subnet,
+    rate_to_heads,
+    rate_to_mlp_hidden,
+)
 
 
 @pytest.fixture

@@ -9,19 +9,23 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import fake_supernet_run
-from dynasearch.checkpoint import load_checkpoint, read_config, read_schedule
-from dynasearch.diffusion import GaussianDiffusion
+
+from dynasearch.checkpoint.native import load_checkpoint, read_config, read_schedule
+from dynasearch.cost.flops import bucket_flops, closed_form_flops, mean_flops
+from dynasearch.diffusion.gaussian import GaussianDiffusion
 from dynasearch.errors import SearchError
-from dynasearch.flops import closed_form_flops
 from dynasearch.model import create_supernet
+from dynasearch.model.schedule import SubnetSchedule, TimestepBuckets
+from dynasearch.model.subnet import Subnet
 from dynasearch.sampling import sample_images
-from dynasearch.schedule import SubnetSchedule, TimestepBuckets
-from dynasearch.search import SearchConfig
+from dynasearch.search.study import SearchConfig
+from dynasearch.search.timestep import (
+    TimestepSettings,
+    export_schedule,
+    run_timestep_search,
+)
 from dynasearch.slicing import slice_schedule
-from dynasearch.space import Subnet
-from dynasearch.timestep_search import TimestepSettings, export_schedule, run_timestep_search
 
 
 class StepFlops:
@@ -73,7 +77,7 @@ def test_sampler_runs_each_bucket_subnet_at_its_steps() -> None:
     torch.manual_seed(0)
     model = create_supernet("DiT-N/2", input_size=8, in_channels=1, num_classes=10).eval()
     schedule = _schedule(model)
-    expected = schedule.bucket_flops(model.config)
+    expected = bucket_flops(schedule, model.config)
     assert len(set(expected)) == 4  # the buckets really differ, so the count below can tell them apart
     counter = StepFlops(model)
     try:
@@ -87,7 +91,7 @@ def test_sampler_runs_each_bucket_subnet_at_its_steps() -> None:
         counter.close()
     timesteps = GaussianDiffusion().timestep_schedule(20)
     assert counter.calls == [expected[schedule.buckets.bucket_of(t)] for t in timesteps]
-    assert sum(counter.calls) / 20 == pytest.approx(schedule.mean_flops(model.config, timesteps))
+    assert sum(counter.calls) / 20 == pytest.approx(mean_flops(schedule, model.config, timesteps))
 
 
 def test_mixed_timesteps_in_one_batch_run_their_own_subnets() -> None:
@@ -119,7 +123,7 @@ def test_timestep_dynamic_export_round_trip_on_dit_s8(tmp_path: Path) -> None:
     assert doc["kind"] == "timestep-dynamic"
     small = load_checkpoint(tmp_path / "ckpt")
     assert read_schedule(doc, small.config, tmp_path / "ckpt") == schedule
-    assert info["mean_gflops"] == pytest.approx(schedule.mean_flops(model.config, timesteps) / 1e9)
+    assert info["mean_gflops"] == pytest.approx(mean_flops(schedule, model.config, timesteps) / 1e9)
     assert small.config.block_heads == tuple(b.heads for b in schedule.union().blocks)
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     x, y = torch.randn(2, 4, 32, 32), torch.tensor([3, 7])
@@ -191,8 +195,8 @@ def test_static_space_and_bad_steps_are_refused(searched) -> None:
 
 
 def test_report_of_a_timestep_search(searched) -> None:
-    from dynasearch.report import ReportConfig, build_report
-    from dynasearch.report_data import bucket_width_map, read_timestep_search
+    from dynasearch.report.build import ReportConfig, build_report
+    from dynasearch.report.data import bucket_width_map, read_timestep_search
 
     root, result = searched
     out = root / "out"
@@ -238,17 +242,17 @@ def test_cli_sample_eval_and_flops_understand_schedules(
     schedule = SubnetSchedule.from_dict(doc["schedule"])
     assert [b["steps"] for b in doc["buckets"]] == [3, 2, 2, 3]
     assert all(b["flops"] == b["flops_closed_form"] for b in doc["buckets"])  # fvcore agrees bucket by bucket
-    mean = schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10))
+    mean = mean_flops(schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10))
     assert doc["flops_closed_form"] == round(mean)
     assert doc["flops_closed_form"] / 1e9 == pytest.approx(result.comparison.set_index("method").loc["knapsack", "mean_gflops"])
     # a supernet with the schedule file: the same per-step mean
     assert main(["flops", "--checkpoint", str(root / "run"), "--subnet", str(root / "out" / "schedule.json"),
                  "--sample-steps", "10", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["flops"] == round(result.schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10)))
+    assert json.loads(capsys.readouterr().out)["flops"] == round(mean_flops(result.schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10)))
     assert main(["eval", "--checkpoint", str(ckpt), "--num", "20", "--steps", "2", "--device", "cpu", "--json"]) == 0
     quality = json.loads(capsys.readouterr().out)
     assert quality["subnet"] == schedule.to_dict()
-    assert quality["extra"]["gflops_per_step"] == pytest.approx(schedule.mean_flops(load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9)
+    assert quality["extra"]["gflops_per_step"] == pytest.approx(mean_flops(schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9)
 
 
 def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixture[str]) -> None:
@@ -279,7 +283,7 @@ def test_ctrl_c_stops_the_timestep_search_and_the_printed_command_resumes(
     import signal
 
     from dynasearch.cli import main
-    from dynasearch.evaluate import ProxyEvaluator
+    from dynasearch.search.proxy import ProxyEvaluator
 
     root, _ = searched
     out = root / "interrupted"

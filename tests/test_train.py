@@ -12,30 +12,32 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import make_model, randomize_
 from safetensors.torch import load_file
 
-from conftest import make_model, randomize_
-from dynasearch.checkpoint import load_checkpoint
+from dynasearch.checkpoint.native import load_checkpoint
 from dynasearch.cli import main
 from dynasearch.data import load_dataset
-from dynasearch.diffusion import GaussianDiffusion
-from dynasearch.ema import EMA
+from dynasearch.diffusion.gaussian import GaussianDiffusion
 from dynasearch.errors import CheckpointError, DataError, DynasearchError, TrainingError
 from dynasearch.model import DiT, get_config
-from dynasearch.searchspace import load_space
-from dynasearch.space import Subnet
-from dynasearch.train import (
-    METRIC_COLUMNS,
+from dynasearch.model.subnet import Subnet
+from dynasearch.search_space import load_space
+from dynasearch.train.config import (
     TrainConfig,
     TrainingWarning,
-    _EpochOrder,
-    draw_batch,
     learning_rate,
     load_run_config,
+)
+from dynasearch.train.ema import EMA
+from dynasearch.train.loop import train_supernet
+from dynasearch.train.run_dir import METRIC_COLUMNS
+from dynasearch.train.sandwich import (
+    EpochOrder,
+    draw_batch,
     sandwich_step,
     sandwich_subnets,
     step_seed,
-    train_supernet,
 )
 
 
@@ -106,7 +108,7 @@ def test_short_run_writes_every_file(tmp_path: Path) -> None:
     assert metrics["elapsed_seconds"].is_monotonic_increasing
     assert metrics["subnets"].nunique() == 3
     # The step's FLOPs: max + min + 2 random forward passes of the global batch of 16.
-    from dynasearch.flops import closed_form_flops
+    from dynasearch.cost.flops import closed_form_flops
 
     config = model.config
     space = load_space("blockwise")
@@ -125,7 +127,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path: Path, 
 
     # Interrupted run: checkpoints at 2 and 4, killed during step 6 (row 5 is already in metrics.csv).
     part = tmp_path / "part"
-    import dynasearch.train as T
+    import dynasearch.train.loop as T
 
     calls = {"n": 0}
     original = T.sandwich_step
@@ -264,7 +266,7 @@ def test_real_registry_config_sandwich_step() -> None:
     x0 = torch.randn(4, 4, 4, 4, generator=gen)
     t = torch.tensor([0, 10, 500, 999])
     noise = torch.randn(x0.shape, generator=gen)
-    from dynasearch.train import TrainBatch
+    from dynasearch.train.sandwich import TrainBatch
 
     batch = TrainBatch(x0, torch.tensor([1, 2, 3, 10]), t, noise, diffusion.q_sample(x0, t, noise))
     subnets = sandwich_subnets(load_space("blockwise"), config, seed=0, step=1, n_random=2)
@@ -299,7 +301,7 @@ def test_every_draw_derives_from_seed_and_step(tiny_config) -> None:
     assert sandwich_subnets(space, config, 0, 5, 2) != sandwich_subnets(space, config, 0, 6, 2)
     assert step_seed(0, 5, "batch") != step_seed(0, 5, "subnets") != step_seed(1, 5, "subnets")
     # Each epoch visits every training sample once; label dropout hits about 10% of the labels.
-    order = _EpochOrder(100, seed=0)
+    order = EpochOrder(100, seed=0)
     epoch = torch.cat([order.indices(s, 30) for s in range(1, 11)])  # 300 positions = 3 epochs
     for e in range(3):
         assert sorted(epoch[100 * e : 100 * (e + 1)].tolist()) == list(range(100))

@@ -20,7 +20,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from dynasearch.data import load_dataset, parse_data_spec
-from dynasearch.train import RUN_FILES, TrainConfig, train_supernet
+from dynasearch.train.config import TrainConfig
+from dynasearch.train.loop import train_supernet
+from dynasearch.train.run_dir import RUN_FILES
 
 ARGS = ["--model", "DiT-N/2", "--steps", "3", "--batch-size", "16", "--ckpt-every", "2", "--device", "cpu",
         "--log-every", "1"]

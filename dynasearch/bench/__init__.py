@@ -15,12 +15,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import BenchError, BenchResult, command_line, machine_info, torch_threads, write_bench
-from .flops import FlopsBenchConfig, bench_flops
-from .latency import LatencyBenchConfig, bench_latency, uniform_at_ratio
-from .ranking import RankingBenchConfig, bench_ranking, spread_subnets
-from .search import SearchBenchConfig, bench_search, hypervolume_curve, trials_to_reach
-from .train import TrainBenchConfig, bench_train
+from .common import (
+    BenchError,
+    BenchResult,
+    command_line,
+    machine_info,
+    torch_threads,
+    write_bench,
+)
+from .proxy_ranking import RankingBenchConfig, bench_ranking, spread_subnets
+from .registry_flops import FlopsBenchConfig, bench_flops
+from .samplers import (
+    SearchBenchConfig,
+    bench_search,
+    hypervolume_curve,
+    trials_to_reach,
+)
+from .sandwich_overhead import TrainBenchConfig, bench_train
+from .subnet_latency import LatencyBenchConfig, bench_latency, uniform_at_ratio
 
 __all__ = [
     "BenchError",

@@ -16,9 +16,9 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from ..checkpoint import atomic_write_text
 from ..device import resolve_device
 from ..errors import DynasearchError
+from ..fileio import atomic_write_text
 
 __all__ = ["BenchError", "BenchResult", "machine_info", "command_line", "torch_threads", "resolve_device", "write_bench"]
 

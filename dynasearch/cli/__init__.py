@@ -69,9 +69,7 @@ def stop(message: str | None, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
-from . import _bench, _demo, _inspect, _report, _search  # noqa: E402,F401  (registers the commands)
-from . import _sample  # noqa: E402,F401  (registers sample and eval)
-from . import _train  # noqa: E402,F401  (registers train-supernet)
+from . import _bench, _demo, _inspect, _report, _sample, _search, _train
 
 
 def main(argv: list[str] | None = None) -> int:

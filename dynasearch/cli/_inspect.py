@@ -26,7 +26,7 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the registry with depth, width, heads, parameters and GFLOPs."""
-    from ..costs import registry_rows
+    from ..cost.query import registry_rows
 
     rows = registry_rows(input_size, in_channels, num_classes)
     if as_json:
@@ -69,7 +69,7 @@ def flops(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Count FLOPs (fvcore, with attention) and the closed form, and parameters, of a model or subnet."""
-    from ..costs import FlopsQuery, run_flops_query
+    from ..cost.query import FlopsQuery, run_flops_query
 
     if (model is None) == (checkpoint is None):
         raise click_exc.UsageError("give exactly one of --model or --checkpoint")

@@ -20,7 +20,7 @@ def report(
     latency_batch: int = typer.Option(8, help="Batch size of the latency measurement."),
 ) -> None:
     """Write pareto.png, widths.png, history.png, samples.png, report.html and report.md into RESULTS."""
-    from ..report import ReportConfig, build_report
+    from ..report.build import ReportConfig, build_report
 
     if eval_num < 0 or steps < 1 or latency_batch < 1:
         raise typer.BadParameter("--eval-num must be >= 0, --steps and --latency-batch >= 1")

@@ -11,8 +11,8 @@ from rich.table import Table
 from . import app, console, stop
 
 if TYPE_CHECKING:
-    from ..search import SearchConfig
-    from ..timestep_search import TimestepSettings
+    from ..search.study import SearchConfig
+    from ..search.timestep import TimestepSettings
 
 
 @app.command()
@@ -40,9 +40,9 @@ def search(
     With a timestep-aware space (timestep_buckets) every range of timesteps gets its own subnet: per-bucket
     studies and an exact knapsack, and a joint study, compared with the best static subnets.
     """
-    from ..search import SearchConfig, SearchInterrupted
-    from ..search_outputs import run_search
-    from ..timestep_search import TimestepSettings, is_timestep_search
+    from ..search.run import run_search
+    from ..search.study import SearchConfig, SearchInterrupted
+    from ..search.timestep import TimestepSettings, is_timestep_search
 
     config = SearchConfig(
         supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
@@ -86,7 +86,7 @@ def search(
 
 def _timestep_search(config: SearchConfig, settings: TimestepSettings) -> None:
     """Run a timestep-aware search and print the schedules it compared."""
-    from ..timestep_search import run_timestep_search
+    from ..search.timestep import run_timestep_search
 
     result = run_timestep_search(config, settings)
     for note in result.notes:
@@ -111,8 +111,8 @@ def resume_command(config: SearchConfig) -> str:
     import shlex
     from dataclasses import fields
 
-    from ..search import SearchConfig
-    from ..storage import mask_url
+    from ..search.storage import mask_url
+    from ..search.study import SearchConfig
 
     parts = ["dynasearch", "search"]
     for f in fields(SearchConfig):

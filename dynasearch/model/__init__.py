@@ -1,7 +1,6 @@
 """The dynamic DiT: layers, blocks, the model and its registry."""
 
 from .config import DIT_CONFIGS, DiTConfig, get_config, model_names
-from .layers import Attention, DynaLinear, DynaQKVLinear, Mlp, TokenRouter, modulate, round_to_nearest
 from .dit import (
     DiT,
     DiTBlock,
@@ -10,8 +9,17 @@ from .dit import (
     PatchEmbed,
     TimestepEmbedder,
     get_2d_sincos_pos_embed,
-    tokens_kept,
 )
+from .layers import (
+    Attention,
+    DynaLinear,
+    DynaQKVLinear,
+    Mlp,
+    TokenRouter,
+    modulate,
+    round_to_nearest,
+)
+from .subnet import tokens_kept
 
 __all__ = [
     "DIT_CONFIGS",

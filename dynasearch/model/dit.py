@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..space import BlockChoice, Subnet
 from .config import DiTConfig
 from .layers import Attention, Mlp, TokenRouter, modulate
+from .subnet import BlockChoice, Subnet, tokens_kept
 
 __all__ = [
     "TimestepEmbedder",
@@ -25,9 +25,6 @@ __all__ = [
 ]
 
 
-def tokens_kept(token_ratio: float, num_tokens: int) -> int:
-    """Tokens that pass through the MLP at a token ratio: ceil(r * N), at least 1."""
-    return max(1, min(num_tokens, math.ceil(token_ratio * num_tokens - 1e-9)))
 
 
 class TimestepEmbedder(nn.Module):

@@ -1,0 +1,36 @@
+"""What a subnet costs: FLOPs in closed form and counted by fvcore, schedules' FLOPs per step, latency."""
+
+from .flops import (
+    FlopsCount,
+    bucket_flops,
+    closed_form_breakdown,
+    closed_form_by_module,
+    closed_form_flops,
+    closed_form_params,
+    count_flops,
+    format_flops,
+    mean_flops,
+    parse_budget,
+    step_flops,
+)
+from .latency import measure_latency
+from .query import FlopsQuery, FlopsReport, registry_rows, run_flops_query
+
+__all__ = [
+    "FlopsCount",
+    "FlopsQuery",
+    "FlopsReport",
+    "bucket_flops",
+    "closed_form_breakdown",
+    "closed_form_by_module",
+    "closed_form_flops",
+    "closed_form_params",
+    "count_flops",
+    "format_flops",
+    "mean_flops",
+    "measure_latency",
+    "parse_budget",
+    "registry_rows",
+    "run_flops_query",
+    "step_flops",
+]

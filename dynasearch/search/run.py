@@ -1,0 +1,107 @@
+"""Everything a search leaves behind: trials.csv, pareto.csv, baseline.csv, best.json and sliced checkpoints."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+
+from ..errors import SearchError
+from .outputs import SearchResult, write_outputs
+from .study import (
+    SearchConfig,
+    SearchInterrupted,
+    check_study,
+    finished_count,
+    make_sampler,
+    open_study,
+    prepare_search,
+    run_trials,
+    seed_study,
+)
+from .workers import graceful_sigint, start_workers
+
+
+def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
+    """Prepare, run (resuming any earlier study), and write every output of a search.
+
+    Ctrl-C (SIGINT) stops every worker after its running trial and raises :class:`SearchInterrupted` without
+    touching the outputs (they stay those of the last finished run); a second Ctrl-C stops at once (the running
+    trials are retried on resume). Either way a rerun of the same command resumes the study.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    ctx = prepare_search(config)  # every input is checked before anything is written
+    check_study(ctx)  # the storage opens and an existing study has the same settings
+    try:
+        config.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"output directory '{config.out}' cannot be created: {exc.strerror}") from None
+    # seed before any worker starts, so that no worker's first trial precedes the seeds
+    seed_study(ctx, open_study(ctx, make_sampler(config.sampler, config.seed, config.trials)))
+    stop = threading.Event()
+    procs: list[mp.process.BaseProcess] = []
+
+    def forward() -> None:
+        print("stopping after the running trial(s); press Ctrl-C again to stop at once", file=sys.stderr, flush=True)
+        for p in procs:
+            if p.is_alive() and p.pid is not None:
+                _signal(p.pid, signal.SIGINT)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = graceful_sigint(stop, forward) if in_main else None
+    study = None
+    try:
+        procs.extend(start_workers(config, ctx.evaluator.proxy.to("cpu")) if config.workers > 1 else [])
+        columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            task = bar.add_task("trials", total=config.trials)
+            study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)), stop=stop)
+            for p in procs:
+                while p.is_alive():
+                    if stop.is_set() and p.pid is not None:  # again: a worker may have been starting up
+                        _signal(p.pid, signal.SIGINT)
+                    bar.update(task, completed=min(finished_count(study), config.trials))
+                    p.join(timeout=0.5)
+            bar.update(task, completed=min(finished_count(study), config.trials))
+    except KeyboardInterrupt:  # the second Ctrl-C: stop now; the running trials are retried on resume
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+        study = study or open_study(ctx, make_sampler(config.sampler, config.seed, config.trials))
+        raise SearchInterrupted(finished_count(study), config.trials) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    done = finished_count(study)
+    if stop.is_set() and done < config.trials:
+        raise SearchInterrupted(done, config.trials)
+    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
+    if failed:
+        raise SearchError(
+            f"{len(failed)} search worker process(es) failed (exit codes {failed}); "
+            "rerun the same command to resume the study"
+        )
+    try:
+        return write_outputs(ctx, study)
+    except KeyboardInterrupt:
+        raise SearchInterrupted(done, config.trials) from None
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Send `sig` to `pid`, ignoring a process that just exited."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,153 @@
+"""Training arguments: :class:`TrainConfig` (validated, recorded in config.json), the stored run's arguments, the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.native import read_config
+from ..errors import ConfigError, DynasearchError, TrainingError
+from ..model.config import DIT_CONFIGS
+from ..search_space import DEFAULT_SPACE
+
+__all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "RESUMABLE", "TrainConfig", "TrainingWarning", "flag", "learning_rate",
+           "load_run_config"]
+
+DEFAULT_MODEL = "DiT-T/2"
+"""The model trained when neither --model nor --init-from is given."""
+
+DATA_SPLIT_SEED = 0
+"""Seed of the train/val split (fixed, so every run and the quality metric share one validation set)."""
+
+_DEVICES = ("auto", "cpu", "cuda")
+RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "out", "resume", "overwrite", "dist_timeout")
+"""TrainConfig fields a resumed run may change; every other field must match the stored run."""
+
+
+class TrainingWarning(UserWarning):
+    """Something training worked around (e.g. a re-initialised label table)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every argument of a supernet training run (recorded in the run's config.json).
+
+    The defaults train DiT-T/2 on the embedded 8x8 digits (600 steps of batch 64, about 0.33 s a step on two idle
+    CPU cores: ~3.5 minutes) and its largest subnet, and its half-FLOPs subnets, then draw recognisable digits.
+    The learning rate is far above DiT's 1e-4 because the model is tiny and the run short (measured on digits:
+    3e-3 with cosine decay reached in 600 steps what 1e-3 reached in ~1,000). ``ema_decay`` 0.999 with warm-up
+    (see :class:`EMA`) suits such short runs; DiT's 0.9999 averages over ~10k steps and suits runs of 100k+ steps.
+    """
+
+    model: str | None = None  # registry name; None: DEFAULT_MODEL, or the architecture of `init_from`
+    data: str = "digits"  # digits | folder:PATH | npz:PATH
+    image_size: int | None = None  # None: the data's own size (digits 8, folders 32, npz as stored)
+    space: str = DEFAULT_SPACE  # shipped space name or YAML path
+    steps: int = 600  # total optimiser steps (a resumed run continues to this step)
+    batch_size: int = 64  # global batch (split evenly over DDP ranks)
+    lr: float = 3e-3  # peak AdamW learning rate (DiT's 1e-4 suits its large models and long runs)
+    warmup_steps: int = 50  # linear warm-up from lr / warmup_steps to lr
+    lr_schedule: str = "cosine"  # constant | cosine (down to min_lr_ratio * lr at `steps`)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max total gradient norm; 0 disables clipping
+    sandwich: int = 2  # random subnets per step, besides the largest and the smallest
+    distill: float = 1.0  # weight of in-place distillation; 0 disables it
+    ema_decay: float = 0.999
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = "runs/supernet"
+    ckpt_every: int = 500
+    resume: bool = False
+    overwrite: bool = False
+    init_from: str | None = None  # a dynasearch checkpoint directory or an original DiT .pt state dict
+    reorder: bool | None = None  # re-order heads/channels by importance first; None: on with init_from
+    log_every: int = 25
+    dist_timeout: float = 600.0  # seconds a collective may wait for a dead or stuck rank
+
+    def __post_init__(self) -> None:
+        for key in ("out", "init_from", "space"):
+            value = getattr(self, key)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, key, os.fspath(value))
+        if self.model is not None and self.model not in DIT_CONFIGS:
+            raise ConfigError(f"unknown model '{self.model}'; choose one of: {', '.join(DIT_CONFIGS)}")
+        ints = {"steps": 1, "batch_size": 1, "ckpt_every": 1, "log_every": 1, "sandwich": 0, "warmup_steps": 0}
+        for key, low in ints.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TrainingError(f"{flag(key)} must be an integer >= {low}, got {value!r}")
+        if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
+            raise TrainingError(f"--image-size must be a positive integer, got {self.image_size!r}")
+        for key, ok, want in (
+            ("lr", lambda v: v > 0, "> 0"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+            ("distill", lambda v: v >= 0, ">= 0 (0 disables distillation)"),
+            ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+            ("dist_timeout", lambda v: v > 0, "> 0"),
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise TrainingError(f"{flag(key)} must be {want}, got {value!r}")
+        if self.device not in _DEVICES:
+            raise TrainingError(f"--device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise TrainingError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.resume and self.overwrite:
+            raise TrainingError("--resume and --overwrite exclude each other")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TrainingError(f"--seed must be an integer, got {self.seed!r}")
+
+    @property
+    def do_reorder(self) -> bool:
+        """Whether heads and channels are re-ordered by importance before training."""
+        return self.init_from is not None if self.reorder is None else bool(self.reorder)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (every field)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs), missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a TrainConfig field ('batch_size' -> '--batch-size')."""
+    return "--" + key.replace("_", "-")
+
+
+def load_run_config(out: str | Path) -> TrainConfig:
+    """The TrainConfig stored in a run directory's config.json (what ``--resume`` continues)."""
+    doc = read_config(out)
+    train = doc.get("train")
+    if not isinstance(train, dict):
+        raise TrainingError(f"'{out}' is not a training run directory: its config.json has no \"train\" section")
+    try:
+        return TrainConfig.from_dict(train)
+    except DynasearchError as exc:
+        raise TrainingError(f"'{out}/config.json': stored training arguments are invalid: {exc}") from None
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimiser step `step` (1-based): linear warm-up, then constant or cosine decay."""
+    if cfg.warmup_steps and step <= cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    if cfg.lr_schedule == "constant" or cfg.steps <= cfg.warmup_steps:
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / (cfg.steps - cfg.warmup_steps))
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,0 +1,329 @@
+"""The run directory: its files, checkpoints written as one transaction (and repaired after a crash), resume, and
+metrics.csv."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import math
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint.native import load_weights, save_checkpoint, save_weights
+from ..errors import CheckpointError, TrainingError
+from ..fileio import atomic_write_bytes, atomic_write_text
+from ..model.dit import DiT
+from .config import RESUMABLE, TrainConfig, flag
+from .ema import EMA
+
+__all__ = ["SUPERNET_NAME", "RAW_NAME", "CONFIG_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR",
+           "COMMIT_NAME", "METRIC_COLUMNS", "MetricsLog", "check_run_dir", "make_run_dir", "save_run", "restore_run",
+           "recover_run_dir", "check_resume_args", "kept_message"]
+
+SUPERNET_NAME = "supernet.safetensors"
+RAW_NAME = "raw.safetensors"
+CONFIG_NAME = "config.json"
+STATE_NAME = "train_state.pt"
+METRICS_NAME = "metrics.csv"
+RUN_FILES = (SUPERNET_NAME, RAW_NAME, CONFIG_NAME, STATE_NAME, METRICS_NAME)
+"""The files a run directory holds."""
+PENDING_DIR = ".checkpoint.tmp"
+"""A checkpoint being written (its files, then COMMIT_NAME), renamed into place once complete."""
+COMMIT_NAME = "COMMIT"
+
+METRIC_COLUMNS = (
+    "step",
+    "loss_max",  # ground-truth diffusion loss (MSE + VB) of the largest subnet
+    "loss_min",  # ... of the smallest subnet
+    "loss_random",  # ... mean over the random subnets (empty with --sandwich 0)
+    "distill_min",  # MSE between the smallest subnet's epsilon and the largest's
+    "distill_random",  # ... mean over the random subnets
+    "lr",
+    "grad_norm",  # total gradient norm before clipping
+    "step_seconds",  # wall time of the whole step (data, sandwich, all-reduce, optimiser, EMA)
+    "elapsed_seconds",  # cumulated step time since the start of the run (across resumes)
+    "sec_max",  # forward + backward time of the largest subnet
+    "sec_min",
+    "sec_random",  # summed over the random subnets
+    "sandwich_gflops",  # closed-form forward GFLOPs of the step's subnets, summed, for the global batch
+    "subnets",  # short digest of the step's subnets (same digest = same sampling sequence)
+)
+
+
+def check_run_dir(cfg: TrainConfig) -> bool:
+    """Decide, before anything is written, whether this run resumes; refuse to clobber an existing run."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise TrainingError(f"run directory '{out}' exists and is not a directory")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if cfg.resume:
+        if STATE_NAME in entries:
+            check_writable(out)
+            return True
+        foreign = [e for e in entries if e not in RUN_FILES and not is_temp(e)]
+        if foreign:
+            raise TrainingError(
+                f"--resume: '{out}' holds no checkpoint ({STATE_NAME}) but other files (e.g. '{foreign[0]}'); "
+                "nothing to resume"
+            )
+        check_writable(out)
+        return False  # nothing was checkpointed yet: start from scratch
+    if entries and not cfg.overwrite:
+        raise TrainingError(
+            f"run directory '{out}' already exists and is not empty; pass --resume to continue it "
+            "or --overwrite to replace it"
+        )
+    check_writable(out)
+    return False
+
+
+def is_temp(name: str) -> bool:
+    """Whether a directory entry is one of our temporary names ('.NAME.tmp')."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def clear_run_files(out: Path) -> None:
+    """Remove this package's run files (and stale temporary files); other files are left alone."""
+    if not out.is_dir():
+        return
+    for entry in out.iterdir():
+        if entry.is_dir() and entry.name == PENDING_DIR:
+            shutil.rmtree(entry)
+        elif entry.is_file() and (entry.name in RUN_FILES or is_temp(entry.name)):
+            entry.unlink()
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a run directory that cannot be created or written (checked before anything is loaded)."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TrainingError(f"run directory '{out}' cannot be created: '{probe}' is not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TrainingError(f"run directory '{out}' cannot be written: '{probe}' is read-only")
+
+
+def make_run_dir(out: Path) -> None:
+    """Create the run directory and clear old run files (rank 0 of a fresh run)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        clear_run_files(out)
+        probe = out / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainingError(f"run directory '{out}' cannot be written: {exc.strerror or exc}") from None
+
+
+class MetricsLog:
+    """metrics.csv: rows buffered in memory and appended (fsync'd) on flush; a resume truncates rows past its step."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+        self.pending: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []  # this session's rows (for the summary)
+
+    def restore(self, step: int) -> float:
+        """Keep the rows up to `step` (rewritten atomically); returns their last elapsed_seconds."""
+        if not self.path.is_file():
+            return 0.0
+        kept: list[dict[str, str]] = []
+        with self.path.open(newline="") as handle:
+            for r in csv.DictReader(handle):
+                # skip a line torn by a crash (missing fields) and anything past the checkpoint
+                if any(r.get(c) is None for c in METRIC_COLUMNS) or not r["step"].isdigit():
+                    continue
+                if int(r["step"]) <= step and (not kept or int(r["step"]) > int(kept[-1]["step"])):
+                    kept.append(r)
+        if self.enabled:
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(kept)
+            atomic_write_text(self.path, buf.getvalue())
+        try:
+            return float(kept[-1]["elapsed_seconds"]) if kept else 0.0
+        except (KeyError, ValueError):
+            return 0.0
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Buffer one step's row."""
+        self.pending.append(row)
+        self.rows.append(row)
+
+    def flush(self) -> None:
+        """Append the buffered rows (fsync'd); a no-op on ranks other than 0."""
+        if not self.enabled or not self.pending:
+            self.pending = []
+            return
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            if new:
+                writer.writeheader()
+            writer.writerows({k: _fmt_cell(v) for k, v in row.items()} for row in self.pending)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.pending = []
+
+
+def _fmt_cell(value: Any) -> Any:
+    """A metrics.csv cell: floats to 6 significant digits, NaN as an empty cell."""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def save_run(
+    out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any], metrics: MetricsLog
+) -> None:
+    """Write a checkpoint of `step` as one transaction: every file goes to PENDING_DIR, then a COMMIT record, then the
+    files are renamed into place; a crash before the record leaves the previous checkpoint whole, one after it is
+    completed by :func:`recover_run_dir`."""
+    metrics.flush()
+    pending = out / PENDING_DIR
+    try:
+        if pending.exists():
+            shutil.rmtree(pending)
+        pending.mkdir()
+        save_weights(
+            model.state_dict(), pending / RAW_NAME, {"format": "dynasearch", "model": model.config.name, "step": str(step)}
+        )
+        extra = dict(meta)
+        extra["step"] = step
+        extra["train"] = {**meta["train"], "step": step}
+        save_checkpoint(model, pending, extra=extra, weights_name=SUPERNET_NAME, state_dict=ema.state_dict())
+        state: dict[str, Any] = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "ema_updates": ema.num_updates,
+            "seed": meta["train"]["seed"],
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(pending / STATE_NAME, buf.getvalue())
+        _fsync_dir(pending)
+        atomic_write_text(pending / COMMIT_NAME, f"{step}\n")
+        apply_pending(out)
+    except (OSError, CheckpointError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(f"cannot write the step-{step} checkpoint into '{out}': {detail}") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def apply_pending(out: Path) -> None:
+    """Move a committed checkpoint's files into place (train_state.pt last) and remove the pending directory."""
+    pending = out / PENDING_DIR
+    for name in (RAW_NAME, SUPERNET_NAME, CONFIG_NAME, STATE_NAME):
+        if (pending / name).exists():
+            os.replace(pending / name, out / name)
+    _fsync_dir(out)
+    shutil.rmtree(pending)
+
+
+def recover_run_dir(out: str | Path) -> str | None:
+    """Finish or discard a checkpoint a crash interrupted; remove stale temporary files. Returns what was done."""
+    out = Path(out)
+    pending = out / PENDING_DIR
+    done = None
+    if not pending.is_dir() and not (out / STATE_NAME).is_file():
+        return None  # not a run directory (or nothing to repair): leave every file alone
+    try:
+        if (pending / COMMIT_NAME).is_file():
+            apply_pending(out)
+            done = "completed an interrupted checkpoint"
+        elif pending.exists():
+            shutil.rmtree(pending)
+            done = "discarded an unfinished checkpoint"
+        for entry in out.iterdir() if out.is_dir() else ():
+            if entry.is_file() and is_temp(entry.name):
+                entry.unlink()
+    except OSError as exc:
+        raise TrainingError(f"--resume: cannot repair '{out}' after a crash: {exc.strerror or exc}") from None
+    return done
+
+
+def restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, doc: dict[str, Any]) -> int:
+    """Load a checkpoint written by :func:`save_run`; every file must be from the same step."""
+    try:
+        state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((ln.strip().rstrip(".") for ln in str(exc).splitlines() if "Unsupported" in ln), "")
+        raise TrainingError(
+            f"--resume: '{out / STATE_NAME}' was refused: it holds pickled objects other than tensors"
+            + (f" ({detail})" if detail else "") + "; no code in it was run"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any other unpickling failure is a corrupt checkpoint
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise TrainingError(f"--resume: '{out / STATE_NAME}' cannot be read ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise TrainingError(f"--resume: '{out / STATE_NAME}' is not a dynasearch training state (no integer step)")
+    step = int(state["step"])
+    from safetensors import safe_open
+
+    with safe_open(str(out / RAW_NAME), framework="pt") as handle:
+        raw_step = (handle.metadata() or {}).get("step")
+    steps = {STATE_NAME: step, CONFIG_NAME: doc.get("step"), RAW_NAME: int(raw_step) if raw_step else None}
+    if len(set(steps.values())) != 1:
+        found = ", ".join(f"{k} at step {v}" for k, v in steps.items())
+        raise TrainingError(
+            f"--resume: the checkpoint in '{out}' is inconsistent ({found}); it was interrupted while being "
+            "written. Start again with --overwrite"
+        )
+    try:
+        model.load_state_dict(load_weights(out / RAW_NAME))
+        ema.load_state_dict(load_weights(out / SUPERNET_NAME), state["ema_updates"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise TrainingError(f"--resume: the checkpoint in '{out}' does not fit the model: {exc}") from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return step
+
+
+def check_resume_args(cfg: TrainConfig, stored: TrainConfig, out: Path) -> None:
+    """A resumed run must be the same run: only steps, checkpoint/log cadence and device may change.
+
+    The stored arguments hold the resolved model name and reorder flag; None for those here means "as stored".
+    """
+    diffs = [
+        f"{flag(f.name)} {getattr(stored, f.name)!r} -> {getattr(cfg, f.name)!r}"
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in RESUMABLE
+        and getattr(cfg, f.name) != getattr(stored, f.name)
+        and not (f.name in ("model", "reorder") and getattr(cfg, f.name) is None)  # None: "as stored"
+    ]
+    if diffs:
+        raise TrainingError(
+            f"--resume: '{out}' was trained with other arguments ({'; '.join(diffs)}); "
+            "resume with the same arguments, or start a new run"
+        )
+
+
+def kept_message(out: Path, last_ckpt: int | None) -> str:
+    """What an error says about the checkpoint that survives it."""
+    if last_ckpt is None:
+        return f"no checkpoint had been written yet to '{out}'"
+    return f"the last good checkpoint (step {last_ckpt}) is kept in '{out}'"
