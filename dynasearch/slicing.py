@@ -1,12 +1,16 @@
-"""Physical slicing of a supernet into a standalone smaller DiT, and importance re-ordering of heads and channels."""
+"""Slicing a supernet into standalone smaller DiTs, and re-ordering heads and channels by importance.
+
+`slice_subnet` and `slice_schedule` go through the model's own `DiT.to_static` (each dynamic layer copies out its
+active slice); `reorder_by_importance` permutes through the layers' `permute_heads` / `permute_channels`.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
-from einops import rearrange
 
+from .model.config import DiTConfig
 from .model.dit import DiT, DiTBlock
+from .model.heads import proj_heads, qkv_heads
 from .model.schedule import SubnetSchedule
 from .model.subnet import Subnet
 
@@ -15,35 +19,14 @@ __all__ = [
 ]
 
 
-def sliced_config(model: DiT, subnet: Subnet):
+def sliced_config(model: DiT, subnet: Subnet) -> DiTConfig:
     """The config of the standalone model that `subnet` of `model` becomes (per-block physical sizes)."""
-    subnet.validate(model.config)
-    return model.config.replace(
-        block_heads=tuple(b.heads for b in subnet.blocks),
-        block_mlp_hidden=tuple(b.mlp_hidden for b in subnet.blocks),
-        block_token_ratios=tuple(float(b.token_ratio) for b in subnet.blocks),
-    )
+    return model.config.sliced(subnet)
 
 
-@torch.no_grad()
 def slice_subnet(model: DiT, subnet: Subnet) -> DiT:
     """A standalone DiT whose layers are physically the `subnet` slice of `model` (weights copied, same outputs)."""
-    config = sliced_config(model, subnet)
-    param = next(model.parameters())
-    small = DiT(config).to(device=param.device, dtype=param.dtype)
-    source = model.state_dict()
-    target = small.state_dict()
-    for name, dest in target.items():
-        src = source[name]
-        if name.endswith("attn.qkv.weight") or name.endswith("attn.qkv.bias"):
-            heads = dest.shape[0] // (3 * config.head_dim)
-            src = rearrange(src, "(three h d) ... -> three h d ...", three=3, d=config.head_dim)[:, :heads]
-            src = rearrange(src, "three h d ... -> (three h d) ...")
-        else:
-            src = src[tuple(slice(0, n) for n in dest.shape)]
-        dest.copy_(src)
-    small.train(model.training)
-    return small
+    return model.to_static(subnet)
 
 
 def slice_schedule(model: DiT, schedule: SubnetSchedule) -> DiT:
@@ -59,9 +42,9 @@ def slice_schedule(model: DiT, schedule: SubnetSchedule) -> DiT:
 def head_importance(block: DiTBlock) -> torch.Tensor:
     """Importance of each head (H,): norm of its value rows times norm of its output-projection columns."""
     attn = block.attn
-    qkv = rearrange(attn.qkv.weight, "(three h d) c -> three h (d c)", three=3, h=attn.num_heads)
-    proj = rearrange(attn.proj.weight, "c (h d) -> h (c d)", h=attn.num_heads)
-    return qkv[2].norm(dim=1) * proj.norm(dim=1)
+    v = qkv_heads(attn.qkv.weight, attn.num_heads)[2].flatten(1)  # (H, d*D)
+    proj = proj_heads(attn.proj.weight, attn.num_heads).transpose(0, 1).flatten(1)  # (H, D*d)
+    return v.norm(dim=1) * proj.norm(dim=1)
 
 
 def channel_importance(block: DiTBlock) -> torch.Tensor:
@@ -80,29 +63,7 @@ def reorder_by_importance(model: DiT) -> list[tuple[torch.Tensor, torch.Tensor]]
     for block in model.blocks:
         head_order = torch.argsort(head_importance(block), descending=True, stable=True)
         channel_order = torch.argsort(channel_importance(block), descending=True, stable=True)
-        _permute_heads(block, head_order)
-        _permute_channels(block, channel_order)
+        block.attn.permute_heads(head_order)
+        block.mlp.permute_channels(channel_order)
         orders.append((head_order, channel_order))
     return orders
-
-
-def _permute_heads(block: DiTBlock, order: torch.Tensor) -> None:
-    attn = block.attn
-    h = attn.num_heads
-    w = rearrange(attn.qkv.weight, "(three h d) c -> three h d c", three=3, h=h)[:, order]
-    attn.qkv.weight.copy_(rearrange(w, "three h d c -> (three h d) c"))
-    b = rearrange(attn.qkv.bias, "(three h d) -> three h d", three=3, h=h)[:, order]
-    attn.qkv.bias.copy_(rearrange(b, "three h d -> (three h d)"))
-    p = rearrange(attn.proj.weight, "c (h d) -> c h d", h=h)[:, order]
-    attn.proj.weight.copy_(rearrange(p, "c h d -> c (h d)"))
-
-
-def _permute_channels(block: DiTBlock, order: torch.Tensor) -> None:
-    mlp = block.mlp
-    _copy(mlp.fc1.weight, mlp.fc1.weight[order])
-    _copy(mlp.fc1.bias, mlp.fc1.bias[order])
-    _copy(mlp.fc2.weight, mlp.fc2.weight[:, order])
-
-
-def _copy(param: nn.Parameter, value: torch.Tensor) -> None:
-    param.copy_(value.clone())

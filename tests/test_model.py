@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from conftest import make_model, model_inputs, randomize_
 
 from dynasearch.errors import ConfigError, DynasearchError
+import dynasearch
 from dynasearch.model import (
     DIT_CONFIGS,
     Attention,
@@ -29,6 +32,17 @@ from dynasearch.model import (
     round_to_nearest,
     tokens_kept,
 )
+from dynasearch.model.heads import (
+    first_qkv_heads,
+    merge_heads,
+    permute_proj_heads,
+    permute_qkv_heads,
+    proj_heads,
+    qkv_heads,
+    qkv_rows,
+    split_qkv,
+)
+from dynasearch.model.rates import rate_to_heads, rate_to_mlp_hidden
 from dynasearch.model.subnet import BlockChoice, Subnet
 
 PAPER = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
@@ -427,6 +441,11 @@ def test_physically_sliced_model_equals_supernet_under_subnet(small_model) -> No
         ref = ref_dit_forward(sliced.state_dict(), cfg, x, t, y, block_heads=list(heads))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b, ref, atol=1e-5, rtol=1e-5)
+    # the layers' own static copies (DiT.to_static) hold exactly these hand-sliced weights, under the same names
+    static = small_model.to_static(subnet)
+    assert static.config == sliced_cfg.replace(block_token_ratios=ratios)
+    assert list(static.state_dict()) == list(sliced.state_dict())
+    assert all(torch.equal(static.state_dict()[k], v) for k, v in sliced.state_dict().items())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -803,7 +822,7 @@ def test_complete_model_runs_full_width(small_model, small_config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# 10. round_to_nearest and the dynamic linear layers
+# 10. round_to_nearest, the head layout and the dynamic layers' slices
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "size,mult,heads,min_value,expected",
@@ -825,6 +844,48 @@ def test_round_to_nearest(size, mult, heads, min_value, expected) -> None:
     assert round_to_nearest(size, mult, heads, min_value) == expected
 
 
+@pytest.mark.parametrize("rate", [0.01, 0.1, 0.15625, 0.25, 0.40625, 0.5, 0.5625, 0.75, 0.9, 1.0])
+def test_rates_round_like_width_mult(rate) -> None:
+    """One rounding: a subnet's heads and MLP width at a rate are what round_to_nearest gives the layers."""
+    for name in ("DiT-XL/2", "DiT-S/2", "DiT-T/2"):
+        cfg = get_config(name)
+        assert rate_to_heads(cfg, rate) * cfg.head_dim == round_to_nearest(cfg.hidden_size, rate, cfg.num_heads)
+        assert rate_to_mlp_hidden(cfg, rate) == round_to_nearest(cfg.mlp_hidden, rate, cfg.mlp_groups)
+        lin = DynaLinear(cfg.mlp_hidden, cfg.hidden_size, dyna_dim=(True, False), num_groups=cfg.mlp_groups)
+        lin.width_mult = rate
+        assert lin.active_sizes() == (rate_to_mlp_hidden(cfg, rate), cfg.hidden_size)
+
+
+def test_head_layout_helpers() -> None:
+    """[q | k | v] rows, each H heads of d rows; the first heads and permutations keep q, k and v aligned."""
+    H, d, D = 4, 3, 5
+    rows = torch.arange(3 * H * d * D, dtype=torch.float32).reshape(3 * H * d, D)
+    assert torch.equal(qkv_heads(rows, H), rows.view(3, H, d, D))
+    assert torch.equal(qkv_rows(qkv_heads(rows, H)), rows)
+    assert first_qkv_heads(rows, H, H) is rows
+    assert torch.equal(first_qkv_heads(rows, H, 2), rows.view(3, H, d, D)[:, :2].reshape(3 * 2 * d, D))
+    bias = torch.arange(3 * H * d, dtype=torch.float32)
+    assert torch.equal(first_qkv_heads(bias, H, 1), bias.view(3, H, d)[:, :1].reshape(-1))
+    order = torch.tensor([2, 0, 3, 1])
+    assert torch.equal(permute_qkv_heads(rows, order), rows.view(3, H, d, D)[:, order].reshape(3 * H * d, D))
+    proj = torch.arange(D * H * d, dtype=torch.float32).reshape(D, H * d)
+    assert torch.equal(proj_heads(proj, H), proj.view(D, H, d))
+    assert torch.equal(permute_proj_heads(proj, order), proj.view(D, H, d)[:, order].reshape(D, H * d))
+    qkv = torch.randn(2, 7, 3 * H * d)
+    assert torch.equal(split_qkv(qkv, H), qkv.reshape(2, 7, 3, H, d).permute(2, 0, 3, 1, 4))
+    out = torch.randn(2, H, 7, d)
+    assert torch.equal(merge_heads(out), out.transpose(1, 2).reshape(2, 7, H * d))
+
+
+def test_the_head_layout_is_written_once() -> None:
+    """Only model/heads.py rearranges q/k/v or projection rows into heads; every other module calls it."""
+    package = Path(dynasearch.__file__).parent
+    writers = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py") if re.search(r"three h d|\(h d\)", p.read_text())
+    )
+    assert writers == ["model/heads.py"]
+
+
 @pytest.mark.parametrize("dyna_dim,expect", [((True, False), (8, 12)), ((False, True), (16, 6)), ((True, True), (8, 6))])
 def test_dyna_linear_width_mult_and_to_static(dyna_dim, expect) -> None:
     torch.manual_seed(0)
@@ -838,6 +899,10 @@ def test_dyna_linear_width_mult_and_to_static(dyna_dim, expect) -> None:
         manual = x @ lin.weight[:n_out, :n_in].T + lin.bias[:n_out]
         static = lin.to_static()
         assert isinstance(static, torch.nn.Linear) and static.weight.shape == (n_out, n_in)
+        # the copy is a DynaLinear of the slice's size: full width at width_mult 1, groups of the same size
+        assert isinstance(static, DynaLinear) and static.dyna_dim == dyna_dim and static.num_groups == 2
+        assert (static.in_features_max, static.out_features_max, static.width_mult) == (n_in, n_out, 1.0)
+        assert static.weight.is_contiguous() and static.weight.requires_grad
         torch.testing.assert_close(out, manual, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(static(x), out, atol=0, rtol=0)
         # to_static copies (no aliasing with the supernet weight)
@@ -869,10 +934,66 @@ def test_dyna_qkv_keeps_first_heads_of_q_k_v() -> None:
             torch.testing.assert_close(out, manual, atol=1e-6, rtol=1e-6)
             torch.testing.assert_close(out, full[:, :, :h], atol=1e-6, rtol=1e-6)
             static = qkv.to_static(h)
+            assert isinstance(static, DynaQKVLinear) and static.num_heads == h and static.head_dim == d
             assert static.weight.shape == (3 * h * d, D)
             torch.testing.assert_close(static.weight, w, atol=0, rtol=0)
             torch.testing.assert_close(static.bias, b, atol=0, rtol=0)
-            torch.testing.assert_close(static(x), F.linear(x, w, b), atol=0, rtol=0)
+            torch.testing.assert_close(F.linear(x, static.weight, static.bias), F.linear(x, w, b), atol=0, rtol=0)
+            torch.testing.assert_close(static(x), F.linear(x, w, b).reshape(2, 5, 3, h, d).permute(2, 0, 3, 1, 4),
+                                       atol=0, rtol=0)
+            static.weight.add_(1.0)  # a copy: the supernet's weight is untouched
+            torch.testing.assert_close(qkv(x, h), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_mlp_and_block_to_static_compute_their_slice(small_model, qk_norm) -> None:
+    """Each dynamic layer's static copy is a layer of the slice's size computing exactly the sliced forward."""
+    torch.manual_seed(0)
+    D, H = 32, 4
+    attn = randomize_(Attention(D, H, qk_norm=qk_norm))
+    mlp = randomize_(Mlp(D, 128, num_groups=4))
+    x = torch.randn(2, 6, D)
+    with torch.no_grad():
+        for heads in (1, 3, 4):
+            static = attn.to_static(heads)
+            assert static.num_heads == heads and static.qk_norm == qk_norm and static.proj.num_groups == heads
+            assert static.qkv.weight.shape == (3 * heads * 8, D) and static.proj.weight.shape == (D, heads * 8)
+            torch.testing.assert_close(static(x), attn(x, heads), atol=0, rtol=0)
+        for hidden in (32, 96, 128):
+            static = mlp.to_static(hidden)
+            assert static.hidden == hidden and static.group_size == mlp.group_size == 32
+            assert static.fc1.weight.shape == (hidden, D) and static.fc2.weight.shape == (D, hidden)
+            torch.testing.assert_close(static(x), mlp(x, hidden), atol=0, rtol=0)
+        block = small_model.blocks[1]
+        c = torch.randn(2, 128)
+        xb = torch.randn(2, 16, 128)
+        for choice in (BlockChoice(3, 192, 1.0), BlockChoice(8, 512, 0.5), BlockChoice(1, 64, 0.25)):
+            static = block.to_static(choice)
+            assert static.attn.num_heads == choice.heads and static.mlp.hidden == choice.mlp_hidden
+            assert static.choice == choice
+            torch.testing.assert_close(static(xb, c), block(xb, c, choice), atol=0, rtol=0)
+    # static copies are built hollow (meta device) and filled with copies: they draw no random numbers
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    torch.manual_seed(0)
+    block.to_static(BlockChoice(2, 128, 1.0))
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_permute_heads_and_channels_keep_the_function() -> None:
+    torch.manual_seed(0)
+    attn = randomize_(Attention(32, 4))
+    mlp = randomize_(Mlp(32, 128, num_groups=4))
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        a, m = attn(x), mlp(x)
+        v = attn.qkv.weight.view(3, 4, 8, 32)[2].clone()
+        order = torch.tensor([3, 1, 0, 2])
+        attn.permute_heads(order)
+        mlp.permute_channels(torch.randperm(128))
+        torch.testing.assert_close(attn(x), a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mlp(x), m, atol=1e-5, rtol=1e-5)
+        assert torch.equal(attn.qkv.weight.view(3, 4, 8, 32)[2], v[order])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

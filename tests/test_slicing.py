@@ -16,6 +16,7 @@ from conftest import model_inputs, randomize_
 
 from dynasearch.checkpoint.native import load_checkpoint, save_checkpoint
 from dynasearch.cost.flops import closed_form_flops
+from dynasearch.errors import SubnetError
 from dynasearch.model import DiT, DiTConfig, get_2d_sincos_pos_embed, get_config
 from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.slicing import (
@@ -27,8 +28,6 @@ from dynasearch.slicing import (
 )
 
 ATOL = 1e-5
-
-
 
 
 def random_subnet(config: DiTConfig, rng: random.Random, max_sizes: Subnet | None = None) -> Subnet:
@@ -191,8 +190,6 @@ def test_nested_slicing_equals_direct_slicing(small_model, seed: int) -> None:
 
 
 def test_slicing_a_sliced_model_beyond_its_sizes_is_refused(tiny_model) -> None:
-    from dynasearch.errors import SubnetError
-
     small = slice_subnet(tiny_model, SUBNET)
     with pytest.raises(SubnetError, match="block 0"):
         slice_subnet(small, Subnet((BlockChoice(4, 64, 1.0), BlockChoice(1, 32, 1.0))))

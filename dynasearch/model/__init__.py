@@ -1,4 +1,4 @@
-"""The dynamic DiT: layers, blocks, the model and its registry."""
+"""The dynamic DiT: configs and registry, head layout, dynamic layers, blocks and model, subnets, rates, schedules."""
 
 from .config import DIT_CONFIGS, DiTConfig, get_config, model_names
 from .dit import (
@@ -17,9 +17,8 @@ from .layers import (
     Mlp,
     TokenRouter,
     modulate,
-    round_to_nearest,
 )
-from .subnet import tokens_kept
+from .rates import round_to_nearest, tokens_kept
 
 __all__ = [
     "DIT_CONFIGS",

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from .rates import tokens_kept
+
+if TYPE_CHECKING:
+    from .subnet import Subnet
 
 __all__ = ["DiTConfig", "DIT_CONFIGS", "get_config", "model_names"]
 
@@ -137,8 +140,17 @@ class DiTConfig:
         return 1.0 if self.block_token_ratios is None else self.block_token_ratios[block]
 
     def tokens_kept(self, token_ratio: float) -> int:
-        """Tokens that pass through the MLP at a token ratio: ceil(r * N), at least 1."""
-        return max(1, min(self.num_tokens, math.ceil(token_ratio * self.num_tokens - 1e-9)))
+        """Tokens that pass through the MLP at a token ratio (see :func:`~dynasearch.model.rates.tokens_kept`)."""
+        return tokens_kept(token_ratio, self.num_tokens)
+
+    def sliced(self, subnet: Subnet) -> DiTConfig:
+        """The config of the standalone model that `subnet` (validated) of this model becomes: its per-block sizes."""
+        subnet.validate(self)
+        return self.replace(
+            block_heads=tuple(b.heads for b in subnet.blocks),
+            block_mlp_hidden=tuple(b.mlp_hidden for b in subnet.blocks),
+            block_token_ratios=tuple(float(b.token_ratio) for b in subnet.blocks),
+        )
 
     def supernet(self) -> DiTConfig:
         """The same config without per-block physical sizes."""

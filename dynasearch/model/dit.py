@@ -1,4 +1,7 @@
-"""The dynamic Diffusion Transformer: embedders, adaLN-Zero blocks with dynamic width and token selection, DiT."""
+"""The dynamic Diffusion Transformer: embedders, adaLN-Zero blocks with dynamic width and token selection, DiT.
+
+`DiT.to_static(subnet)` builds on the layers' own `to_static`: every block hands back a copy of its active slice.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import torch.nn as nn
 from einops import rearrange
 
 from .config import DiTConfig
-from .layers import Attention, Mlp, TokenRouter, modulate
-from .subnet import BlockChoice, Subnet, tokens_kept
+from .layers import Attention, Mlp, TokenRouter, hollow, modulate, static_copy
+from .rates import tokens_kept
+from .subnet import BlockChoice, Subnet
 
 __all__ = [
     "TimestepEmbedder",
@@ -21,10 +25,7 @@ __all__ = [
     "FinalLayer",
     "DiT",
     "get_2d_sincos_pos_embed",
-    "tokens_kept",
 ]
-
-
 
 
 class TimestepEmbedder(nn.Module):
@@ -108,6 +109,8 @@ class DiTBlock(nn.Module):
         router_hidden: int = 16,
     ) -> None:
         super().__init__()
+        self.hidden_size = hidden_size
+        self.router_hidden = router_hidden
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, head_dim=head_dim, qk_norm=qk_norm)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -152,6 +155,26 @@ class DiTBlock(nn.Module):
         out = self.mlp(h.gather(1, idx_d), choice.mlp_hidden, mlp_mask)  # (B, k, D)
         out = out * (gate_mlp.unsqueeze(1) * straight_through)  # (B, k, D)
         return x.scatter_add(1, idx_d, out)  # (B, N, D): unselected tokens keep their residual value
+
+    def to_static(self, choice: BlockChoice) -> DiTBlock:
+        """A block of `choice.heads` heads and `choice.mlp_hidden` MLP channels holding a copy of that slice."""
+        block = hollow(
+            DiTBlock,
+            self.hidden_size,
+            choice.heads,
+            self.attn.head_dim,
+            choice.mlp_hidden,
+            self.mlp.group_size,
+            qk_norm=self.attn.qk_norm,
+            token_selection=self.token_selection,
+            router_hidden=self.router_hidden,
+        )
+        block.attn = self.attn.to_static(choice.heads)
+        block.mlp = self.mlp.to_static(choice.mlp_hidden)
+        block.adaLN_modulation = static_copy(self.adaLN_modulation)
+        block.token_router = None if self.token_router is None else static_copy(self.token_router)
+        block.choice = choice
+        return block
 
 
 class FinalLayer(nn.Module):
@@ -235,6 +258,21 @@ class DiT(nn.Module):
         self._subnet = subnet
         for block, choice in zip(self.blocks, subnet.blocks):
             block.choice = choice
+
+    @torch.no_grad()
+    def to_static(self, subnet: Subnet) -> DiT:
+        """A standalone DiT holding a copy of the `subnet` slice of this one: per-block physical sizes, same outputs."""
+        config = self.config.sliced(subnet)
+        param = next(self.parameters())
+        # Built and initialised like every DiT, so a seeded run draws the same random numbers after slicing.
+        small = DiT(config).to(device=param.device, dtype=param.dtype)
+        for name in ("x_embedder", "t_embedder", "y_embedder", "final_layer"):  # nothing to slice: copied whole
+            getattr(small, name).load_state_dict(getattr(self, name).state_dict())
+        small.pos_embed.copy_(self.pos_embed)
+        for i, (block, choice) in enumerate(zip(self.blocks, subnet.blocks)):
+            small.blocks[i] = block.to_static(choice)
+        small.set_subnet(small.subnet)
+        return small.train(self.training)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """Patch values (B, N, p*p*C) back to images (B, C, H, W)."""

@@ -1,8 +1,9 @@
 """Timestep-aware subnets: one subnet per range of diffusion timesteps, switched by the sampler at every step.
 
 A :class:`TimestepBuckets` splits the timesteps [0, T) into K contiguous ranges; a :class:`SubnetSchedule` gives
-each range its own :class:`~dynasearch.space.Subnet`. The cost of a schedule is the mean FLOPs per denoising step
-of a given sampler run (its timesteps, e.g. 50 DDIM steps), so a budget means the same as for a static subnet.
+each range its own :class:`~dynasearch.model.subnet.Subnet`. The cost of a schedule is the mean FLOPs per
+denoising step of a given sampler run (its timesteps, e.g. 50 DDIM steps), so a budget means the same as for a
+static subnet.
 """
 
 from __future__ import annotations

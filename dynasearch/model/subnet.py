@@ -1,50 +1,30 @@
-"""Subnets: frozen, hashable, JSON-serialisable per-block choices of heads, MLP width and token ratio."""
+"""Subnets: one frozen, hashable, JSON-serialisable choice per block of heads, MLP width and token ratio.
+
+A :class:`Subnet` holds one :class:`BlockChoice` per block: the attention heads kept, the MLP hidden channels kept
+and the fraction of tokens routed through the MLP. :meth:`Subnet.from_rates` turns rates into these sizes through
+:mod:`dynasearch.model.rates`; :meth:`Subnet.validate` names the block and value that do not fit a model.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import SubnetError
+from ..fileio import read_json
+from .rates import check_rate, rate_to_heads, rate_to_mlp_hidden
 
 if TYPE_CHECKING:
     from .config import DiTConfig
 
-__all__ = ["BlockChoice", "Subnet", "rate_to_heads", "rate_to_mlp_hidden"]
+__all__ = ["BlockChoice", "Subnet", "read_subnet_json"]
 
 
 def read_subnet_json(path: Path) -> Any:
     """The parsed JSON of a subnet (or schedule) file, with SubnetError naming the file when it cannot be read."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SubnetError(f"subnet file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SubnetError(f"subnet file '{path}' cannot be read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise SubnetError(f"subnet file '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-
-
-def rate_to_heads(config: DiTConfig, rate: float, block: int = 0) -> int:
-    """Heads kept at an attention rate: round(num_heads * rate) of the block's heads, at least one."""
-    _check_rate("attn_rate", rate, block)
-    heads = config.heads_of(block)
-    return min(heads, max(1, math.floor(config.num_heads * rate + 0.5 + 1e-9)))
-
-
-def rate_to_mlp_hidden(config: DiTConfig, rate: float, block: int = 0) -> int:
-    """MLP channels kept at an MLP rate, rounded to whole channel groups, at least one group."""
-    _check_rate("mlp_rate", rate, block)
-    groups = max(1, math.floor(config.mlp_groups * rate + 0.5 + 1e-9))
-    return min(config.mlp_hidden_of(block), groups * config.mlp_group_size)
-
-
-def _check_rate(name: str, rate: float, block: int) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 < rate <= 1.0):
-        raise SubnetError(f"block {block}: {name} must be in (0, 1], got {rate!r}")
+    return read_json(path, "subnet file", SubnetError)
 
 
 @dataclass(frozen=True)
@@ -99,7 +79,7 @@ class Subnet:
                 raise SubnetError(f"{name} has {len(values)} entries for a model of {config.depth} blocks")
         blocks = []
         for i, (a, m, r) in enumerate(zip(attn_rates, mlp_rates, token_ratios)):
-            _check_rate("token_ratio", r, i)
+            check_rate("token_ratio", r, i)
             blocks.append(BlockChoice(rate_to_heads(config, a, i), rate_to_mlp_hidden(config, m, i), float(r)))
         subnet = cls(tuple(blocks))
         subnet.validate(config)
@@ -201,8 +181,3 @@ class Subnet:
         m = sum(self.mlp_rates(config)) / n
         r = sum(self.token_ratios) / n
         return f"attn {a:.2f} / mlp {m:.2f} / tokens {r:.2f}"
-
-
-def tokens_kept(token_ratio: float, num_tokens: int) -> int:
-    """Tokens that pass through the MLP at a token ratio: ceil(r * N), at least 1."""
-    return max(1, min(num_tokens, math.ceil(token_ratio * num_tokens - 1e-9)))

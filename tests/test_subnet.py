@@ -1,4 +1,5 @@
-"""Tests for dynasearch.space: Subnet / BlockChoice identity, JSON round trips, rate conversion and validation."""
+"""Tests for dynasearch.model.subnet and .rates: Subnet / BlockChoice identity, JSON round trips, rate conversion,
+validation, and the config a subnet slices into."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ import json
 import pytest
 
 from dynasearch.errors import DynasearchError, SubnetError
-from dynasearch.model import DiTConfig, get_config
-from dynasearch.model.subnet import (
-    BlockChoice,
-    Subnet,
-    rate_to_heads,
-    rate_to_mlp_hidden,
-)
+from dynasearch.model import DiT, DiTConfig, get_config
+from dynasearch.model.rates import rate_to_heads, rate_to_mlp_hidden
+from dynasearch.model.subnet import BlockChoice, Subnet
 
 
 @pytest.fixture
@@ -280,10 +277,20 @@ def test_sliced_config_limits(sliced) -> None:
 
 
 def test_sliced_model_runs_its_stored_token_ratios(sliced) -> None:
-    from dynasearch.model import DiT
-
     model = DiT(sliced)
     assert model.subnet == Subnet.full(sliced)
     assert [b.choice.token_ratio for b in model.blocks] == [0.5, 1.0]
     assert model.blocks[0].attn.qkv.weight.shape == (3 * 2 * 8, 32)
     assert model.blocks[0].mlp.fc1.weight.shape == (64, 32)
+
+
+def test_config_sliced_holds_the_subnet_sizes(sliced) -> None:
+    """DiTConfig.sliced(subnet): the subnet validated, its heads, MLP widths and token ratios as physical sizes."""
+    base = sliced.supernet()
+    subnet = Subnet((BlockChoice(3, 64, 0.5), BlockChoice(1, 32, 1)))
+    small = base.sliced(subnet)
+    assert small.block_heads == (3, 1) and small.block_mlp_hidden == (64, 32)
+    assert small.block_token_ratios == (0.5, 1.0) and isinstance(small.block_token_ratios[1], float)
+    assert Subnet.full(small) == Subnet((BlockChoice(3, 64, 0.5), BlockChoice(1, 32, 1.0)))
+    with pytest.raises(SubnetError, match="block 1"):
+        sliced.sliced(Subnet((BlockChoice(2, 64, 1.0), BlockChoice(4, 160, 1.0))))
