@@ -1,16 +1,14 @@
 """Sampling: class-conditional images (or latents) from a supernet, one of its subnets or a sliced model.
 
-`sample_images` is the library call (deterministic under a seed); `save_grid` writes a PNG grid, `save_latents` an
-`.npz` in the layout `load_dataset("npz:PATH")` reads; `run_sample` is what `dynasearch sample` runs. Latent models
-(4 channels) can be decoded with a local diffusers AutoencoderKL folder; diffusers is optional and imported lazily.
+`sample_images` is the library call (deterministic under a seed): it checks its arguments, then runs the one
+sampling loop of `diffusion.samplers` batch after batch, switching subnets per denoising step for a timestep
+schedule (`run_schedule`). `run_sample` is what `dynasearch sample` runs; the files it writes (PNG grids, `.npz`
+latents, VAE-decoded grids) come from `images`, whose names are importable from here too.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +21,10 @@ from torch import Tensor
 from .checkpoint.native import load_checkpoint, read_config, read_schedule
 from .device import resolve_device
 from .diffusion.factory import diffusion_for
-from .diffusion.gaussian import GaussianDiffusion
+from .diffusion.gaussian import GaussianDiffusion, ModelFn
+from .diffusion.samplers import SAMPLERS, check_sampler, make_sampler, sample
 from .errors import CheckpointError, ConfigError, DynasearchError
-from .fileio import atomic_write_bytes
+from .images import check_writable, decode_latents, grid_array, load_vae, save_grid, save_latents
 from .model.config import DiTConfig
 from .model.dit import DiT
 from .model.schedule import SubnetSchedule, load_subnet_or_schedule
@@ -36,6 +35,7 @@ __all__ = [
     "DEFAULT_CFG_SCALE",
     "DEFAULT_STEPS",
     "LATENT_CHANNELS",
+    "ProgressFn",
     "SampleConfig",
     "SampleResult",
     "sample_images",
@@ -55,7 +55,6 @@ __all__ = [
     "run_sample",
 ]
 
-SAMPLERS = ("ddim", "ddpm")
 DEFAULT_CFG_SCALE = 4.0
 DEFAULT_STEPS = 50
 LATENT_CHANNELS = 4
@@ -63,10 +62,6 @@ LATENT_CHANNELS = 4
 
 ProgressFn = Callable[[int, int], None]
 """progress(done, total): sampling steps done so far over every batch."""
-
-_GRID_CELL_PX = 64  # small images are upscaled (nearest neighbour) to at least this many pixels per side
-_GRID_PAD_PX = 2
-_GRID_PAD_VALUE = 128  # mid grey: distinct from both the black background and the white ink of digits
 
 
 # ---------------------------------------------------------------------------------------------------------- labels
@@ -105,18 +100,33 @@ def parse_labels(text: str) -> tuple[int, ...]:
 
 
 def _check_labels(labels: Sequence[int], num_classes: int) -> None:
+    """Raise ConfigError unless every label is a class id of the model."""
     for label in labels:
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < num_classes:
             raise ConfigError(f"label {label!r} is outside the model's classes [0, {num_classes - 1}]")
 
 
+def _label_list(config: DiTConfig, labels: Sequence[int] | None, num: int | None) -> list[int]:
+    """The per-sample labels `sample_images` runs: `labels` as given, else `num` cycling over the classes."""
+    if labels is None:
+        if num is None:
+            raise ConfigError("give labels or a number of samples")
+        label_list = cycle_labels(config.num_classes, num)
+    else:
+        label_list = [int(v) for v in labels]
+        if not label_list:
+            raise ConfigError("labels is empty")
+        if num is not None and num != len(label_list):
+            raise ConfigError(f"num {num} does not match the {len(label_list)} labels given")
+    _check_labels(label_list, config.num_classes)
+    return label_list
 
 
 def _check_sampling_args(
     config: DiTConfig, cfg_scale: float, steps: int, sampler: str, diffusion: GaussianDiffusion
 ) -> None:
-    if sampler not in SAMPLERS:
-        raise ConfigError(f"unknown sampler {sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+    """Raise ConfigError for a sampler, step count or guidance scale this model and diffusion cannot run."""
+    check_sampler(sampler)
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= diffusion.num_timesteps:
         raise ConfigError(f"steps must be an integer in [1, {diffusion.num_timesteps}], got {steps!r}")
     if not math.isfinite(cfg_scale) or cfg_scale < 0:
@@ -126,6 +136,49 @@ def _check_sampling_args(
             f"model '{config.name}' was built without label dropout, so it has no null class for "
             f"classifier-free guidance; use cfg_scale 1 (got {cfg_scale})"
         )
+
+
+def _check_subnet(config: DiTConfig, subnet: Subnet | SubnetSchedule | None, diffusion: GaussianDiffusion) -> None:
+    """Raise unless `subnet` fits the model and a schedule's timestep buckets cover the diffusion's timesteps."""
+    if subnet is not None:
+        subnet.validate(config)
+    if isinstance(subnet, SubnetSchedule) and subnet.buckets.num_timesteps != diffusion.num_timesteps:
+        raise ConfigError(
+            f"the schedule's timestep buckets end at {subnet.buckets.num_timesteps} but the diffusion has "
+            f"{diffusion.num_timesteps} timesteps"
+        )
+
+
+def _batches(labels: list[int], batch_size: int | None) -> list[list[int]]:
+    """The labels in batches of `batch_size` (all in one batch for None); ConfigError below 1."""
+    if batch_size is not None and batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    bs = len(labels) if batch_size is None else batch_size
+    return [labels[i : i + bs] for i in range(0, len(labels), bs)]
+
+
+def _model_device(model: DiT, device: str | torch.device | None) -> torch.device:
+    """Where the model is; ConfigError if `device` was requested and it is elsewhere."""
+    dev = next(model.parameters()).device
+    if device is not None:
+        want = resolve_device(device)
+        if want.type != dev.type or (want.index is not None and want.index != dev.index):
+            raise ConfigError(f"the model is on {dev} but device {want} was requested; move it with model.to(...)")
+    return dev
+
+
+def _model_fn(model: DiT, subnet: Subnet | SubnetSchedule | None) -> ModelFn:
+    """The sampling loop's model call: the subnet, or for a schedule the subnet of each timestep's bucket."""
+    if isinstance(subnet, SubnetSchedule):
+        return lambda x, t, y: run_schedule(model, subnet, x, t, y)
+    return lambda x, t, y: model(x, t, y, subnet=subnet, label_dropout=False)
+
+
+def _batch_progress(progress: ProgressFn | None, offset: int, total: int) -> Callable[[int, int], None] | None:
+    """The loop's progress(k, n) for one batch, reported as progress(steps done over every batch, total)."""
+    if progress is None:
+        return None
+    return lambda k, n: progress(offset + k + 1, total)
 
 
 @torch.no_grad()
@@ -154,67 +207,28 @@ def sample_images(
     noise come from one CPU `torch.Generator(seed)`, drawn batch after batch, so any device gives the same x_T.
     """
     config = model.config
-    if labels is None:
-        if num is None:
-            raise ConfigError("give labels or a number of samples")
-        label_list = cycle_labels(config.num_classes, num)
-    else:
-        label_list = [int(v) for v in labels]
-        if not label_list:
-            raise ConfigError("labels is empty")
-        if num is not None and num != len(label_list):
-            raise ConfigError(f"num {num} does not match the {len(label_list)} labels given")
-    _check_labels(label_list, config.num_classes)
+    label_list = _label_list(config, labels, num)
     diffusion = diffusion if diffusion is not None else diffusion_for(config)
     _check_sampling_args(config, float(cfg_scale), steps, sampler, diffusion)
-    if subnet is not None:
-        subnet.validate(config)
-    if isinstance(subnet, SubnetSchedule) and subnet.buckets.num_timesteps != diffusion.num_timesteps:
-        raise ConfigError(
-            f"the schedule's timestep buckets end at {subnet.buckets.num_timesteps} but the diffusion has "
-            f"{diffusion.num_timesteps} timesteps"
-        )
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    dev = next(model.parameters()).device
-    if device is not None:
-        want = resolve_device(device)
-        if want.type != dev.type or (want.index is not None and want.index != dev.index):
-            raise ConfigError(f"the model is on {dev} but device {want} was requested; move it with model.to(...)")
+    _check_subnet(config, subnet, diffusion)
+    batches = _batches(label_list, batch_size)
+    dev = _model_device(model, device)
     latent = config.in_channels == LATENT_CHANNELS
+    plan = make_sampler(diffusion, sampler, steps, clip_denoised=not latent)
+    model_fn = _model_fn(model, subnet)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    bs = len(label_list) if batch_size is None else batch_size
-    batches = [label_list[i : i + bs] for i in range(0, len(label_list), bs)]
-    total = len(batches) * steps
-    done = 0
-
-    def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        if isinstance(subnet, SubnetSchedule):
-            return run_schedule(model, subnet, x, t, y)
-        return model(x, t, y, subnet=subnet, label_dropout=False)
-
     was_training = model.training
     model.eval()
     outputs = []
     try:
-        for batch in batches:
+        for b, batch in enumerate(batches):
             shape = (len(batch), config.in_channels, config.input_size, config.input_size)
-            y = torch.tensor(batch, dtype=torch.long)
-
-            def step(k: int, n: int, _offset: int = done) -> None:
-                if progress is not None:
-                    progress(_offset + k + 1, total)
-
-            kwargs = dict(
-                cfg_scale=float(cfg_scale), generator=generator, device=dev, progress=step,
-                null_class=config.num_classes, clip_denoised=not latent,
-            )
-            if sampler == "ddim":
-                x = diffusion.ddim_sample(model_fn, shape, y, steps=steps, **kwargs)
-            else:
-                x = diffusion.ddpm_sample(model_fn, shape, y, steps=steps, **kwargs)
+            x = sample(
+                plan, model_fn, shape, torch.tensor(batch, dtype=torch.long), cfg_scale=float(cfg_scale),
+                generator=generator, device=dev, progress=_batch_progress(progress, b * steps, len(batches) * steps),
+                null_class=config.num_classes,
+            )  # (b, C, H, W)
             outputs.append(x.float().cpu())
-            done += steps
     finally:
         model.train(was_training)
     out = torch.cat(outputs, dim=0)  # (B, C, H, W)
@@ -236,143 +250,6 @@ def run_schedule(model: DiT, schedule: SubnetSchedule, x: Tensor, t: Tensor, y: 
         out[index] = part
     assert out is not None
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------- writing
-def grid_array(images: Tensor, nrow: int, scale: int | None = None, pad: int = _GRID_PAD_PX) -> np.ndarray:
-    """Images (B, C, H, W) in [-1, 1] (C = 1 or 3) tiled `nrow` per row into a uint8 (H', W') or (H', W', 3) array.
-
-    Each image is upscaled by an integer factor with nearest neighbour (default: to at least 64 pixels per side,
-    so 8x8 pixel art stays sharp); cells are separated by `pad` grey pixels.
-    """
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ConfigError(f"an image grid needs (B, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
-    if images.shape[0] < 1:
-        raise ConfigError("an image grid needs at least one image")
-    if nrow < 1:
-        raise ConfigError(f"images per row must be at least 1, got {nrow}")
-    b, c, h, w = images.shape
-    scale = max(1, math.ceil(_GRID_CELL_PX / max(h, w))) if scale is None else int(scale)
-    arr = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).numpy()
-    arr = arr.repeat(scale, axis=2).repeat(scale, axis=3)  # (B, C, h*s, w*s) nearest neighbour
-    hs, ws = h * scale, w * scale
-    cols = min(nrow, b)
-    rows = math.ceil(b / cols)
-    grid = np.full((c, pad + rows * (hs + pad), pad + cols * (ws + pad)), _GRID_PAD_VALUE, dtype=np.uint8)
-    for i in range(b):
-        r, k = divmod(i, cols)
-        top, left = pad + r * (hs + pad), pad + k * (ws + pad)
-        grid[:, top : top + hs, left : left + ws] = arr[i]
-    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int, scale: int | None = None) -> Path:
-    """Write `grid_array(images, nrow, scale)` as a PNG (atomically); returns the path."""
-    from PIL import Image
-
-    path = Path(path)
-    grid = grid_array(images, nrow, scale)
-    buffer = io.BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
-    _write(path, buffer.getvalue())
-    return path
-
-
-def save_latents(latents: Tensor, labels: Sequence[int], path: str | Path, num_classes: int) -> Path:
-    """Write latents as an `.npz` with x (N, C, H, W) float32, y (N,) int64 and num_classes (atomically).
-
-    The layout is the one `load_dataset("npz:PATH")` reads; no pickled objects (allow_pickle is never needed).
-    """
-    path = Path(path)
-    x = latents.detach().float().cpu().numpy()
-    y = np.asarray(list(labels), dtype=np.int64)
-    if x.ndim != 4 or len(x) != len(y):
-        raise ConfigError(f"latents {x.shape} and {len(y)} labels do not match")
-    buffer = io.BytesIO()
-    np.savez(buffer, x=x, y=y, num_classes=np.int64(num_classes))
-    _write(path, buffer.getvalue())
-    return path
-
-
-def check_writable(path: Path) -> None:
-    """Raise ConfigError now if `path` cannot be written later (its nearest existing parent is not a writable dir)."""
-    if path.is_dir():
-        raise ConfigError(f"cannot write '{path}': it is a directory")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ConfigError(f"cannot write '{path}': '{parent}' is not a directory")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write '{path}': '{parent}' is not writable")
-
-
-def _write(path: Path, data: bytes) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, data)
-    except OSError as exc:
-        raise ConfigError(f"cannot write '{path}': {exc.strerror or exc}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------- VAE
-def _check_vae_folder(path: Path) -> None:
-    """Raise CheckpointError unless `path` looks like a diffusers AutoencoderKL folder."""
-    if not path.exists():
-        raise CheckpointError(f"VAE folder '{path}' does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"VAE path '{path}' is not a folder (expected a diffusers AutoencoderKL folder)")
-    config_file = path / "config.json"
-    if not config_file.is_file() and (path / "vae" / "config.json").is_file():
-        raise CheckpointError(f"'{path}' is a pipeline folder; pass its VAE sub-folder '{path / 'vae'}'")
-    try:
-        doc = json.loads(config_file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"VAE folder '{path}' has no config.json (not a diffusers AutoencoderKL folder)"
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"VAE config '{config_file}' cannot be read: {exc}") from None
-    kind = doc.get("_class_name") if isinstance(doc, dict) else None
-    if kind != "AutoencoderKL":
-        raise CheckpointError(f"'{path}' holds a {kind or 'non-diffusers'} config, not a diffusers AutoencoderKL")
-    if not any(path.glob("diffusion_pytorch_model*")):
-        raise CheckpointError(f"VAE folder '{path}' has no weights (diffusion_pytorch_model.safetensors)")
-
-
-def _import_autoencoder() -> Any:
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise DynasearchError(
-            "decoding latents with --vae needs the optional 'diffusers' package (pip install diffusers)"
-        ) from None
-    return AutoencoderKL
-
-
-def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Any:
-    """A diffusers AutoencoderKL from a local folder (never downloads), in eval mode on `device`."""
-    path = Path(path)
-    _check_vae_folder(path)
-    autoencoder = _import_autoencoder()
-    try:
-        vae = autoencoder.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; each means "not a usable VAE folder"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"VAE folder '{path}' cannot be loaded: {first}") from None
-    return vae.to(resolve_device(device)).eval()
-
-
-@torch.no_grad()
-def decode_latents(vae: Any, latents: Tensor, batch_size: int = 16) -> Tensor:
-    """Images (B, 3, H*8, W*8) in [-1, 1] decoded from DiT latents (divided by the VAE's scaling factor first)."""
-    scaling = float(getattr(getattr(vae, "config", None), "scaling_factor", None) or 0.18215)
-    param = next(vae.parameters())
-    images = []
-    for chunk in latents.split(batch_size):
-        out = vae.decode(chunk.to(device=param.device, dtype=param.dtype) / scaling).sample
-        images.append(out.float().cpu().clamp(-1.0, 1.0))
-    return torch.cat(images, dim=0)
 
 
 # ---------------------------------------------------------------------------------------------------------- the command
@@ -405,8 +282,7 @@ class SampleConfig:
             raise ConfigError(f"--per-label must be at least 1, got {self.per_label}")
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        check_sampler(self.sampler)
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
             raise ConfigError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
         if Path(self.out).suffix.lower() != ".png":
@@ -477,7 +353,7 @@ def run_sample(config: SampleConfig, progress: ProgressFn | None = None) -> Samp
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint config '{config.checkpoint}': {exc}") from None
     labels, nrow = config.sample_labels(model_config.num_classes)
-    diffusion = diffusion_for(model_config, doc)
+    diffusion = diffusion_for(model_config)
     _check_sampling_args(model_config, config.cfg_scale, config.steps, config.sampler, diffusion)
     latent = model_config.in_channels == LATENT_CHANNELS
     check_writable(Path(config.out).with_suffix(".npz") if latent else Path(config.out))  # before minutes of sampling

@@ -1,4 +1,4 @@
-"""Tests for dynasearch.diffusion: schedules, losses, respacing and samplers."""
+"""Tests for dynasearch.diffusion: schedules, losses, respacing, the samplers' steps and the one sampling loop."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from dynasearch.diffusion import diffusion_for
 from dynasearch.diffusion.gaussian import (
     GaussianDiffusion,
     discretized_gaussian_log_likelihood,
 )
+from dynasearch.diffusion.samplers import DDIM, DDPM, SAMPLERS, make_sampler, sample
+from dynasearch.errors import ConfigError
+from dynasearch.model import get_config
 
 T = 1000
 
@@ -209,10 +213,7 @@ def test_oracle_model_recovers_x0(sampler: str) -> None:
     x0 = torch.rand((3, 2, 4, 4), generator=torch.Generator().manual_seed(6)) * 1.8 - 0.9
     y = torch.tensor([0, 1, 2])
     gen = torch.Generator().manual_seed(7)
-    if sampler == "ddim":
-        out = d.ddim_sample(_oracle(d, x0, True), x0.shape, y, steps=20, generator=gen)
-    else:
-        out = d.ddpm_sample(_oracle(d, x0, True), x0.shape, y, steps=20, generator=gen)
+    out = sample(make_sampler(d, sampler, 20), _oracle(d, x0, True), x0.shape, y, generator=gen)
     assert torch.allclose(out, x0, atol=1e-5)
 
 
@@ -226,13 +227,13 @@ def test_sampling_determinism_and_model_calls() -> None:
         return 0.5 * x
 
     shape, y = (2, 1, 4, 4), torch.tensor([0, 1])
-    for fn in (d.ddpm_sample, d.ddim_sample):
-        kwargs = {"eta": 0.5} if fn == d.ddim_sample else {}
-        a = fn(model_fn, shape, y, steps=8, generator=torch.Generator().manual_seed(1), **kwargs)
-        b = fn(model_fn, shape, y, steps=8, generator=torch.Generator().manual_seed(1), **kwargs)
+    for name in ("ddpm", "ddim"):
+        sampler = make_sampler(d, name, 8, eta=0.5 if name == "ddim" else 0.0)
+        a = sample(sampler, model_fn, shape, y, generator=torch.Generator().manual_seed(1))
+        b = sample(sampler, model_fn, shape, y, generator=torch.Generator().manual_seed(1))
         calls.clear()
-        c = fn(model_fn, shape, y, steps=8, generator=torch.Generator().manual_seed(2),
-               progress=lambda k, n: prog.append((k, n)), **kwargs)
+        c = sample(sampler, model_fn, shape, y, generator=torch.Generator().manual_seed(2),
+                   progress=lambda k, n: prog.append((k, n)))
         assert torch.equal(a, b) and not torch.allclose(a, c)
         assert [int(t[0]) for t in calls] == d.timestep_schedule(8)
         assert all(t.dtype == torch.long and t.shape == (2,) for t in calls)
@@ -249,20 +250,19 @@ def test_cfg_scale_one_equals_unguided_and_label_free_model_ignores_guidance() -
         return torch.cat([0.3 * x + 0.01 * y.view(-1, 1, 1, 1), torch.tanh(x)], 1)
 
     shape, y = (2, 2, 4, 4), torch.tensor([3, 4])
-    plain = d.ddpm_sample(model_fn, shape, y, steps=5, generator=torch.Generator().manual_seed(0))
-    one = d.ddpm_sample(model_fn, shape, y, steps=5, cfg_scale=1.0, null_class=10,
-                        generator=torch.Generator().manual_seed(0))
+    ddpm = make_sampler(d, "ddpm", 5)
+    plain = sample(ddpm, model_fn, shape, y, generator=torch.Generator().manual_seed(0))
+    one = sample(ddpm, model_fn, shape, y, cfg_scale=1.0, null_class=10, generator=torch.Generator().manual_seed(0))
     assert torch.equal(plain, one) and set(batch_sizes) == {2}
 
     def no_label_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         return torch.cat([0.3 * x, torch.tanh(x)], 1)
 
-    a = d.ddpm_sample(no_label_fn, shape, y, steps=5, generator=torch.Generator().manual_seed(0))
-    b = d.ddpm_sample(no_label_fn, shape, y, steps=5, cfg_scale=4.0, null_class=10,
-                      generator=torch.Generator().manual_seed(0))
+    a = sample(ddpm, no_label_fn, shape, y, generator=torch.Generator().manual_seed(0))
+    b = sample(ddpm, no_label_fn, shape, y, cfg_scale=4.0, null_class=10, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="null_class"):
-        d.ddim_sample(no_label_fn, shape, y, steps=2, cfg_scale=2.0)
+        sample(make_sampler(d, "ddim", 2), no_label_fn, shape, y, cfg_scale=2.0)
 
 
 def test_cfg_combines_all_epsilon_channels() -> None:
@@ -279,8 +279,8 @@ def test_cfg_combines_all_epsilon_channels() -> None:
         return torch.cat([eps, v], 1)
 
     shape, y = (2, c, 3, 3), torch.tensor([0, 5])
-    out = d.ddim_sample(model_fn, shape, y, steps=1, cfg_scale=scale, null_class=null,
-                        generator=torch.Generator().manual_seed(8), clip_denoised=False)
+    out = sample(make_sampler(d, "ddim", 1, clip_denoised=False), model_fn, shape, y, cfg_scale=scale,
+                 null_class=null, generator=torch.Generator().manual_seed(8))
     x_t = torch.randn(shape, generator=torch.Generator().manual_seed(8))
     ac = d.alphas_cumprod[T - 1]
     used = (x_t - math.sqrt(ac) * out) / math.sqrt(1 - ac)  # epsilon the single step used
@@ -288,7 +288,7 @@ def test_cfg_combines_all_epsilon_channels() -> None:
     expected = (uncond + scale * (eps_of(y) - uncond)).expand(shape)
     assert torch.allclose(used, expected, atol=1e-3)
     # variance channels come from the conditional half
-    eps, v = d._guided(model_fn, x_t, torch.full((2,), 5), y, scale, null)
+    eps, v = d.guided(model_fn, x_t, torch.full((2,), 5), y, scale, null)
     assert torch.allclose(eps, expected) and torch.all(v == 0.5)
 
 
@@ -300,7 +300,8 @@ def test_ddpm_uses_respaced_learned_variance() -> None:
         return torch.cat([torch.zeros_like(x), torch.full_like(x, v_val)], 1)  # eps = 0
 
     shape, y = (2, 1, 3, 3), torch.tensor([0, 1])
-    out = d.ddpm_sample(model_fn, shape, y, steps=2, generator=torch.Generator().manual_seed(9), clip_denoised=False)
+    out = sample(make_sampler(d, "ddpm", 2, clip_denoised=False), model_fn, shape, y,
+                 generator=torch.Generator().manual_seed(9))
     gen = torch.Generator().manual_seed(9)
     x_t, z = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     ac0, ac1 = d.alphas_cumprod[0], d.alphas_cumprod[T - 1]
@@ -311,3 +312,47 @@ def test_ddpm_uses_respaced_learned_variance() -> None:
     std = math.exp(0.5 * (frac * math.log(beta) + (1 - frac) * math.log(post_var)))
     x_1 = c1 * x_t / math.sqrt(ac1) + c2 * x_t + std * z
     assert torch.allclose(out, x_1 / math.sqrt(ac0), atol=1e-5)
+
+
+# ------------------------------------------------------------------ the samplers' split and the factory
+def test_samplers_visit_the_respaced_timesteps_and_check_their_settings() -> None:
+    d = GaussianDiffusion()
+    assert SAMPLERS == ("ddim", "ddpm")
+    ddim, ddpm = make_sampler(d, "ddim", 10, eta=0.3), make_sampler(d, "ddpm", 10, clip_denoised=False)
+    assert isinstance(ddim, DDIM) and ddim.eta == 0.3 and ddim.clip_denoised
+    assert isinstance(ddpm, DDPM) and not ddpm.clip_denoised
+    for sampler in (ddim, ddpm):
+        assert list(sampler.timesteps) == d.timestep_schedule(10)
+        assert np.array_equal(sampler.schedule.alphas_cumprod, d.respaced(d.timestep_schedule(10)).alphas_cumprod)
+        assert [sampler.index(k) for k in (0, 9)] == [9, 0]
+    with pytest.raises(ConfigError, match="unknown sampler"):
+        make_sampler(d, "euler", 10)
+    with pytest.raises(ValueError, match="eta"):
+        make_sampler(d, "ddpm", 10, eta=0.5)
+    with pytest.raises(ValueError, match="sampling steps"):
+        make_sampler(d, "ddim", 0)
+
+
+def test_one_step_of_a_sampler_is_what_the_loop_applies() -> None:
+    d = GaussianDiffusion(learn_sigma=False)
+
+    def model_fn(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return 0.5 * x
+
+    shape, y = (2, 1, 4, 4), torch.tensor([0, 1])
+    for name in SAMPLERS:
+        sampler = make_sampler(d, name, 3, eta=1.0 if name == "ddim" else 0.0)
+        looped = sample(sampler, model_fn, shape, y, generator=torch.Generator().manual_seed(5))
+        gen = torch.Generator().manual_seed(5)
+        x = torch.randn(shape, generator=gen)
+        for k in range(3):
+            x = sampler.step(k, x, 0.5 * x, None, gen)
+        assert torch.equal(looped, x)
+
+
+def test_diffusion_for_follows_the_model_config() -> None:
+    config = get_config("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+    for learn_sigma in (True, False):
+        d = diffusion_for(config.replace(learn_sigma=learn_sigma))
+        assert d.learn_sigma is learn_sigma and d.num_timesteps == T
+        assert np.array_equal(d.schedule.betas, GaussianDiffusion().schedule.betas)

@@ -14,19 +14,12 @@ from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
 from dynasearch.data import load_dataset
 from dynasearch.diffusion.gaussian import GaussianDiffusion
+from dynasearch.diffusion.samplers import make_sampler, sample
 from dynasearch.errors import CheckpointError, ConfigError, DynasearchError, SubnetError
+from dynasearch.images import grid_array, load_vae, save_grid, save_latents
 from dynasearch.model import get_config
 from dynasearch.model.subnet import BlockChoice, Subnet
-from dynasearch.sampling import (
-    cycle_labels,
-    grid_array,
-    load_vae,
-    parse_labels,
-    repeat_labels,
-    sample_images,
-    save_grid,
-    save_latents,
-)
+from dynasearch.sampling import cycle_labels, parse_labels, repeat_labels, sample_images
 from dynasearch.slicing import slice_subnet
 
 STEPS = 3
@@ -104,9 +97,10 @@ def test_cfg_scale_one_is_the_plain_path(tiny_model, tiny_config):
 
     # The same sampler through the diffusion API directly: identical.
     diffusion = GaussianDiffusion(learn_sigma=tiny_config.learn_sigma)
-    direct = diffusion.ddim_sample(
-        lambda x, t, y: tiny_model(x, t, y, label_dropout=False), (5, 1, 8, 8), torch.tensor(labels),
-        steps=STEPS, generator=torch.Generator().manual_seed(7),
+    ddim = make_sampler(diffusion, "ddim", STEPS)
+    direct = sample(
+        ddim, lambda x, t, y: tiny_model(x, t, y, label_dropout=False), (5, 1, 8, 8), torch.tensor(labels),
+        generator=torch.Generator().manual_seed(7),
     )
     assert torch.equal(plain, direct.clamp(-1, 1))
 
@@ -118,8 +112,8 @@ def test_cfg_scale_one_is_the_plain_path(tiny_model, tiny_config):
         eps = uncond[:, :1] + 1.0 * (cond[:, :1] - uncond[:, :1])
         return torch.cat([eps, cond[:, 1:]], dim=1)
 
-    long_way = diffusion.ddim_sample(guided_at_one, (5, 1, 8, 8), torch.tensor(labels), steps=STEPS,
-                                     generator=torch.Generator().manual_seed(7))
+    long_way = sample(ddim, guided_at_one, (5, 1, 8, 8), torch.tensor(labels),
+                      generator=torch.Generator().manual_seed(7))
     assert torch.allclose(plain, long_way.clamp(-1, 1), atol=1e-5)
 
 
@@ -316,3 +310,11 @@ def test_cli_sample_unwritable_out_fails_before_sampling(checkpoint: Path, tmp_p
     assert main(["sample", "--checkpoint", str(checkpoint), "--out", str(tmp_path / where)]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()] and message.format(tmp=tmp_path) in err
+
+
+def test_file_writers_stay_importable_from_sampling():
+    import dynasearch.images as images
+    import dynasearch.sampling as sampling
+
+    for name in ("grid_array", "save_grid", "save_latents", "load_vae", "decode_latents"):
+        assert getattr(sampling, name) is getattr(images, name) and name in sampling.__all__

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..checkpoint.native import load_checkpoint, read_config, read_schedule
+from ..diffusion.factory import diffusion_for
 from ..errors import ConfigError, SubnetError
 from ..model.config import DIT_CONFIGS, DiTConfig, get_config
 from ..model.dit import DiT
@@ -156,12 +157,9 @@ def run_flops_query(query: FlopsQuery) -> FlopsReport:
 
 def _schedule_report(query: FlopsQuery, model: DiT, schedule: SubnetSchedule) -> FlopsReport:
     """Every bucket counted both ways; the totals are means per denoising step of a `sample_steps` DDIM run."""
-    from ..diffusion.factory import diffusion_for
-
     if not 1 <= query.sample_steps <= 1000:
         raise ConfigError(f"--sample-steps must be in [1, 1000], got {query.sample_steps}")
-    doc = read_config(query.checkpoint) if query.checkpoint is not None else None
-    timesteps = diffusion_for(model.config, doc).timestep_schedule(query.sample_steps)
+    timesteps = diffusion_for(model.config).timestep_schedule(query.sample_steps)
     counts = schedule.buckets.step_counts(timesteps)
     rows = []
     for k, subnet in enumerate(schedule.subnets):

@@ -1,8 +1,9 @@
-"""Gaussian diffusion: linear betas, epsilon prediction, learned-range variance, DDIM/DDPM samplers.
+"""Gaussian diffusion: linear betas, epsilon prediction, learned-range variance, respacing, classifier-free guidance.
 
-Written from the equations of Ho et al. (DDPM), Nichol & Dhariwal (improved DDPM: learned
-variance range, hybrid loss) and Song et al. (DDIM). Schedules are kept as float64 numpy arrays,
-indexed by timestep and only then cast to the dtype and device of the tensor they scale.
+Written from the equations of Ho et al. (DDPM) and Nichol & Dhariwal (improved DDPM: learned
+variance range, hybrid loss). Schedules are kept as float64 numpy arrays, indexed by timestep and
+only then cast to the dtype and device of the tensor they scale. The samplers (DDIM, DDPM) and the
+one sampling loop that drives them are in `samplers.py`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from torch import Tensor
 __all__ = [
     "NoiseSchedule",
     "GaussianDiffusion",
+    "ModelFn",
     "normal_kl",
     "discretized_gaussian_log_likelihood",
+    "learned_log_variance",
 ]
 
 ModelFn = Callable[..., Tensor]
-ProgressFn = Callable[[int, int], None]
+"""model_fn(x_t, t, y, ...) -> output (B, 2C or C, H, W): epsilon, then (with learn_sigma) the variance channels."""
 
 _LOG2 = math.log(2.0)
 
@@ -110,11 +113,10 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, log_delta))
 
 
-def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Standard normal noise drawn from generator (on its own device) and moved to device."""
-    if generator is None:
-        return torch.randn(shape, device=device)
-    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+def learned_log_variance(v: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:
+    """Interpolate the log-variance between min_log (v=-1) and max_log (v=+1)."""
+    frac = (v + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log  # (B, C, H, W)
 
 
 class GaussianDiffusion:
@@ -189,12 +191,6 @@ class GaussianDiffusion:
                 f"(expected {want} channels, learn_sigma={self.learn_sigma})"
             )
 
-    @staticmethod
-    def _learned_log_variance(v: Tensor, min_log: Tensor, max_log: Tensor) -> Tensor:
-        """Interpolate the log-variance between min_log (v=-1) and max_log (v=+1)."""
-        frac = (v + 1.0) / 2.0
-        return frac * max_log + (1.0 - frac) * min_log  # (B, C, H, W)
-
     def loss_from_output(
         self, output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, noise: Tensor
     ) -> dict[str, Tensor]:
@@ -216,7 +212,7 @@ class GaussianDiffusion:
         true_mean, true_log_var = self.q_posterior_mean_variance(x0, x_t, t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps.detach())  # (B, C, H, W), no grad to eps
         model_mean = self._posterior_mean(pred_x0, x_t, t)  # (B, C, H, W)
-        model_log_var = self._learned_log_variance(
+        model_log_var = learned_log_variance(
             v, _gather(s.posterior_log_variance_clipped, t, x_t), _gather(s.log_betas, t, x_t)
         )
         kl = _mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / _LOG2  # (B,)
@@ -259,8 +255,8 @@ class GaussianDiffusion:
         ac_prev = np.append(1.0, ac[:-1])
         return NoiseSchedule.from_betas(1.0 - ac / ac_prev)
 
-    # ------------------------------------------------------------------ sampling
-    def _guided(
+    # ------------------------------------------------------------------ guidance
+    def guided(
         self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor, cfg_scale: float, null_class: int | None
     ) -> tuple[Tensor, Tensor | None]:
         """One model call (batched [cond, uncond] under guidance); returns (eps, v or None)."""
@@ -278,83 +274,3 @@ class GaussianDiffusion:
             eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])  # (B, C, H, W)
             out = torch.cat([eps, cond[:, c:]], dim=1)  # variance channels from the conditional half
         return out[:, :c], (out[:, c:] if self.learn_sigma else None)
-
-    def _prepare(
-        self, shape: tuple[int, ...], y: Tensor, steps: int, cfg_scale: float, null_class: int | None,
-        generator: torch.Generator | None, device: torch.device | str,
-    ) -> tuple[list[int], NoiseSchedule, Tensor, Tensor, torch.device]:
-        """Validate sampler arguments; return ascending timesteps, respaced schedule, x_T, labels, device."""
-        if cfg_scale != 1.0 and null_class is None:
-            raise ValueError(f"cfg_scale {cfg_scale} needs a null_class label for the unconditional half")
-        dev = torch.device(device)
-        ascending = self.timestep_schedule(steps)[::-1]
-        sched = self.respaced(ascending)
-        x = _randn(tuple(shape), generator, dev)  # (B, C, H, W)
-        labels = y.to(device=dev, dtype=torch.long)  # (B,)
-        if labels.shape != (shape[0],):
-            raise ValueError(f"labels shape {tuple(labels.shape)} does not match batch size {shape[0]}")
-        return ascending, sched, x, labels, dev
-
-    @torch.no_grad()
-    def ddim_sample(
-        self, model_fn: ModelFn, shape: tuple[int, ...], y: Tensor, steps: int = 50, eta: float = 0.0,
-        cfg_scale: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-        progress: ProgressFn | None = None, null_class: int | None = None, clip_denoised: bool = True,
-    ) -> Tensor:
-        """DDIM sampling over timestep_schedule(steps); eta=0 is deterministic given x_T."""
-        ascending, sched, x, labels, dev = self._prepare(
-            shape, y, steps, cfg_scale, null_class, generator, device
-        )
-        n = len(ascending)
-        for k, i in enumerate(range(n - 1, -1, -1)):
-            t = torch.full((shape[0],), ascending[i], dtype=torch.long, device=dev)  # (B,)
-            eps, _ = self._guided(model_fn, x, t, labels, cfg_scale, null_class)
-            ac_t = float(sched.alphas_cumprod[i])
-            ac_prev = float(sched.alphas_cumprod_prev[i])
-            pred_x0 = (x - math.sqrt(1.0 - ac_t) * eps) / math.sqrt(ac_t)  # (B, C, H, W)
-            if clip_denoised:
-                pred_x0 = pred_x0.clamp(-1.0, 1.0)
-            eps = (x - math.sqrt(ac_t) * pred_x0) / math.sqrt(1.0 - ac_t)  # consistent with clipped x0
-            sigma = eta * math.sqrt((1.0 - ac_prev) / (1.0 - ac_t)) * math.sqrt(1.0 - ac_t / ac_prev)
-            x = math.sqrt(ac_prev) * pred_x0 + math.sqrt(max(1.0 - ac_prev - sigma**2, 0.0)) * eps
-            if sigma > 0.0:
-                x = x + sigma * _randn(tuple(shape), generator, dev)  # (B, C, H, W)
-            if progress is not None:
-                progress(k, n)
-        return x
-
-    @torch.no_grad()
-    def ddpm_sample(
-        self, model_fn: ModelFn, shape: tuple[int, ...], y: Tensor, steps: int = 250,
-        cfg_scale: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-        progress: ProgressFn | None = None, null_class: int | None = None, clip_denoised: bool = True,
-    ) -> Tensor:
-        """Ancestral sampling over the respaced schedule.
-
-        The variance is the learned range (respaced posterior log-variance to respaced log beta)
-        when learn_sigma, else the fixed respaced posterior variance ("fixed small").
-        """
-        ascending, sched, x, labels, dev = self._prepare(
-            shape, y, steps, cfg_scale, null_class, generator, device
-        )
-        n = len(ascending)
-        for k, i in enumerate(range(n - 1, -1, -1)):
-            t = torch.full((shape[0],), ascending[i], dtype=torch.long, device=dev)  # (B,)
-            eps, v = self._guided(model_fn, x, t, labels, cfg_scale, null_class)
-            ac_t = float(sched.alphas_cumprod[i])
-            pred_x0 = (x - math.sqrt(1.0 - ac_t) * eps) / math.sqrt(ac_t)  # (B, C, H, W)
-            if clip_denoised:
-                pred_x0 = pred_x0.clamp(-1.0, 1.0)
-            mean = float(sched.posterior_mean_coef1[i]) * pred_x0 + float(sched.posterior_mean_coef2[i]) * x
-            min_log = float(sched.posterior_log_variance_clipped[i])
-            if v is not None:
-                lo, hi = torch.full_like(v, min_log), torch.full_like(v, float(sched.log_betas[i]))
-                log_var = self._learned_log_variance(v, lo, hi)  # (B, C, H, W)
-            else:
-                log_var = torch.full_like(x, min_log)  # (B, C, H, W)
-            x = mean
-            if i > 0:
-                x = x + torch.exp(0.5 * log_var) * _randn(tuple(shape), generator, dev)  # (B, C, H, W)
-            if progress is not None:
-                progress(k, n)
-        return x
