@@ -22,7 +22,7 @@ from dynasearch.diffusion.gaussian import GaussianDiffusion
 from dynasearch.errors import CheckpointError, DataError, DynasearchError, TrainingError
 from dynasearch.model import DiT, get_config
 from dynasearch.model.subnet import Subnet
-from dynasearch.search_space import load_space
+from dynasearch.space.search_space import load_space
 from dynasearch.train.config import (
     TrainConfig,
     TrainingWarning,
@@ -31,7 +31,7 @@ from dynasearch.train.config import (
 )
 from dynasearch.train.ema import EMA
 from dynasearch.train.loop import train_supernet
-from dynasearch.train.run_dir import METRIC_COLUMNS
+from dynasearch.train.metrics import METRIC_COLUMNS
 from dynasearch.train.sandwich import (
     EpochOrder,
     draw_batch,

@@ -1,4 +1,6 @@
-"""Supernet training: config, the sandwich-rule step, the loop, run directory, distributed helpers, EMA, progress."""
+"""Supernet training: arguments (config), the sandwich-rule step (sandwich), the loop (loop), what it trains (build),
+the run directory (run_dir), several processes and signals (dist), step metrics (metrics), the live display
+(progress), the run's result (result) and the EMA (ema)."""
 
 from .config import (
     DATA_SPLIT_SEED,
@@ -11,14 +13,18 @@ from .config import (
 from .dist import TrainingInterrupted
 from .ema import EMA
 from .loop import train_supernet
-from .progress import SubnetLoss, TrainResult, subnets_digest
-from .run_dir import recover_run_dir
+from .metrics import METRIC_COLUMNS, SubnetLoss, subnets_digest
+from .result import TrainResult
+from .run_dir import PENDING_DIR, RUN_FILES, recover_run_dir
 from .sandwich import TrainBatch, draw_batch, sandwich_step, sandwich_subnets, step_seed
 
 __all__ = [
     "DATA_SPLIT_SEED",
     "DEFAULT_MODEL",
     "EMA",
+    "METRIC_COLUMNS",
+    "PENDING_DIR",
+    "RUN_FILES",
     "SubnetLoss",
     "TrainBatch",
     "TrainConfig",

@@ -1,30 +1,101 @@
-"""The supernet a run trains: from scratch, from a resumed run's config, or from --init-from (a dynasearch checkpoint
-or an original DiT state dict), re-ordered by importance when asked."""
+"""What a run trains, and with what: the supernet (from scratch, from a resumed run's config, or from --init-from -- a
+dynasearch checkpoint or an original DiT state dict -- re-ordered by importance when asked), its data, search space,
+diffusion, optimiser and EMA (:class:`TrainSetup`), and what config.json records about the run."""
 
 from __future__ import annotations
 
 import platform
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy
 import safetensors
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoint.dit import infer_config_from_state_dict, load_dit_state_dict
-from ..checkpoint.native import check_state_dict, load_weights, read_config
-from ..data import DatasetSplit
+from ..checkpoint.native import CONFIG_NAME, WEIGHT_NAMES, check_state_dict, load_weights, read_config
+from ..data import DatasetSplit, load_dataset, parse_data_spec
+from ..diffusion.factory import diffusion_for
+from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
+from ..space import SearchSpace, load_space
 from ..slicing import reorder_by_importance
 from ..version import __version__
-from .config import DEFAULT_MODEL, TrainConfig, TrainingWarning
-from .run_dir import CONFIG_NAME, SUPERNET_NAME
+from .config import DATA_SPLIT_SEED, DEFAULT_MODEL, TrainConfig, TrainingWarning
+from .dist import DistInfo
+from .ema import EMA
 
-__all__ = ["build_model", "load_init_state", "versions"]
+__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "run_meta", "versions"]
+
+
+@dataclass
+class TrainSetup:
+    """What a run trains and with what, the same on every rank: data, search space, model, diffusion, optimiser, EMA."""
+
+    split: DatasetSplit
+    space: SearchSpace
+    model: DiT  # on the run's device, in training mode
+    diffusion: GaussianDiffusion
+    params: list[torch.nn.Parameter]  # the trained parameters
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    autocast_dtype: torch.dtype | None  # bf16 on CUDA, none on the CPU
+    init: dict[str, Any]  # how the weights were initialised (build_model's record)
+
+    @property
+    def config(self) -> DiTConfig:
+        """The trained model's config."""
+        return self.model.config
+
+
+def build_setup(
+    cfg: TrainConfig, ddp: DistInfo, device: torch.device, stored_model: dict[str, Any] | None
+) -> TrainSetup:
+    """Load the data and the search space, build the model (see :func:`build_model`), its optimiser and EMA; every
+    error here is a user error, raised before any file is touched."""
+    split = load_dataset(parse_data_spec(cfg.data), image_size=cfg.image_size, seed=DATA_SPLIT_SEED)
+    space = load_space(cfg.space)
+    model, init = build_model(cfg, split, stored_model)
+    space.validate_for(model.config)
+    if cfg.batch_size % ddp.world:
+        raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} DDP processes")
+    diffusion = diffusion_for(model.config)
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    ema = EMA(model, cfg.ema_decay)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    return TrainSetup(split, space, model, diffusion, params, optimizer, ema, autocast_dtype, init)
+
+
+def run_meta(
+    cfg: TrainConfig, setup: TrainSetup, ddp: DistInfo, device: torch.device, resumed: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What config.json records about the run besides the model: arguments, space, data, how the weights were
+    initialised (as the `resumed` run's config.json says, if any), seeds, DDP, device, package versions."""
+    init = resumed.get("init", setup.init) if resumed is not None else setup.init
+    return {
+        "train": {**cfg.to_dict(), "model": setup.config.name, "reorder": cfg.do_reorder},
+        "space": setup.space.to_dict(),
+        "data": setup.split.describe(),
+        "init": init,
+        "seeds": {
+            "seed": cfg.seed,
+            "model_init": cfg.seed,
+            "data_split": DATA_SPLIT_SEED,
+            "per_step": "sha256('dynasearch:{seed}:{step}:{stream}')[:8], streams: epoch, batch, subnets",
+        },
+        "distributed": {"world_size": ddp.world, "backend": dist.get_backend() if ddp.enabled else None},
+        "device": str(device),
+        "versions": versions(),
+        "total_steps": cfg.steps,
+    }
 
 
 def load_init_state(model: DiT, state: dict[str, Tensor], source: str) -> dict[str, list[str]]:
@@ -73,9 +144,9 @@ def build_model(cfg: TrainConfig, split: DatasetSplit, stored_model: dict[str, A
                 raise CheckpointError(f"--init-from '{src}': {exc}") from None
             if base.is_sliced:
                 raise TrainingError(f"--init-from '{src}' is a sliced model; a supernet needs full-width weights")
-            weights = next((src / n for n in ("model.safetensors", SUPERNET_NAME) if (src / n).is_file()), None)
+            weights = next((src / n for n in WEIGHT_NAMES if (src / n).is_file()), None)
             if weights is None:
-                raise CheckpointError(f"--init-from '{src}' has no weights file (model.safetensors or {SUPERNET_NAME})")
+                raise CheckpointError(f"--init-from '{src}' has no weights file ({' or '.join(WEIGHT_NAMES)})")
             state = load_weights(weights)
             kind = "dynasearch"
         elif src.exists():

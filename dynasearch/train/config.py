@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint.native import read_config
+from ..checkpoint.native import CONFIG_NAME, read_config
 from ..errors import ConfigError, DynasearchError, TrainingError
 from ..model.config import DIT_CONFIGS
-from ..search_space import DEFAULT_SPACE
+from ..space import DEFAULT_SPACE
 
 __all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "RESUMABLE", "TrainConfig", "TrainingWarning", "flag", "learning_rate",
            "load_run_config"]
@@ -135,11 +135,11 @@ def load_run_config(out: str | Path) -> TrainConfig:
     doc = read_config(out)
     train = doc.get("train")
     if not isinstance(train, dict):
-        raise TrainingError(f"'{out}' is not a training run directory: its config.json has no \"train\" section")
+        raise TrainingError(f"'{out}' is not a training run directory: its {CONFIG_NAME} has no \"train\" section")
     try:
         return TrainConfig.from_dict(train)
     except DynasearchError as exc:
-        raise TrainingError(f"'{out}/config.json': stored training arguments are invalid: {exc}") from None
+        raise TrainingError(f"'{out}/{CONFIG_NAME}': stored training arguments are invalid: {exc}") from None
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:

@@ -1,5 +1,6 @@
-"""Several processes and signals: DDP helpers (no wrapper; gradients averaged by hand), turning a dead or stuck peer
-into one clear error, and Ctrl-C / SIGTERM as a request to stop at the end of the step."""
+"""Several processes and signals: DDP helpers (no wrapper; gradients averaged by hand), the one all-reduce of a step's
+losses and stop requests (:class:`StepSync`), turning a dead or stuck peer into one clear error, and Ctrl-C / SIGTERM
+as a request to stop at the end of the step."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import contextlib
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.distributed as dist
@@ -18,10 +19,11 @@ from torch import Tensor
 
 from ..errors import TrainingError
 from .config import TrainConfig
+from .metrics import SubnetLoss
 from .run_dir import kept_message
 
-__all__ = ["DistInfo", "StopSignals", "TrainingInterrupted", "collective", "setup_distributed", "average_gradients",
-           "mean_over_ranks", "barrier", "resolve_train_device"]
+__all__ = ["DistInfo", "StopSignals", "StepSync", "TrainingInterrupted", "collective", "setup_distributed",
+           "average_gradients", "broadcast_weights", "mean_over_ranks", "barrier", "resolve_train_device"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -175,6 +177,48 @@ def mean_over_ranks(values: list[float], ddp: DistInfo, device: torch.device) ->
     tensor = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     dist.all_reduce(tensor)
     return (tensor / ddp.world).tolist()
+
+
+def broadcast_weights(model: torch.nn.Module, ddp: DistInfo) -> None:
+    """Give every rank rank 0's weights (and buffers)."""
+    if not ddp.enabled:
+        return
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+@dataclass
+class StepSync:
+    """What the ranks agree on after a step: each subnet's losses (their mean over the ranks) and the signals any rank
+    received. Both travel in one vector, so one all-reduce a step carries them and every rank stops after the same
+    step."""
+
+    losses: list[SubnetLoss]
+    stop_by: list[str]  # names of the signals received, in StopSignals.NAMES order; empty: carry on
+
+    LOSS_FIELDS: ClassVar[tuple[str, ...]] = ("loss", "gt", "distill")
+
+    @classmethod
+    def local(cls, losses: list[SubnetLoss], requested: str | None) -> StepSync:
+        """This rank's own view: its shard's losses and the signal it received (if any)."""
+        return cls(losses, [requested] if requested else [])
+
+    def pack(self) -> list[float]:
+        """The vector of the all-reduce: every subnet's LOSS_FIELDS, then one 0/1 flag per StopSignals.NAMES."""
+        values = [float(getattr(r, name)) for r in self.losses for name in self.LOSS_FIELDS]
+        return values + [float(name in self.stop_by) for name in StopSignals.NAMES]
+
+    def unpack(self, values: list[float]) -> StepSync:
+        """The inverse of :meth:`pack` for these subnets (a flag any rank raised has a mean above 0)."""
+        width = len(self.LOSS_FIELDS)
+        rows = [values[i : i + width] for i in range(0, width * len(self.losses), width)]
+        losses = [replace(r, **dict(zip(self.LOSS_FIELDS, row))) for r, row in zip(self.losses, rows)]
+        flags = values[width * len(self.losses) :]
+        return StepSync(losses, [name for name, flag in zip(StopSignals.NAMES, flags) if flag > 0])
+
+    def all_reduce(self, ddp: DistInfo, device: torch.device) -> StepSync:
+        """The ranks' agreement: one all-reduce of the packed vector (this rank's own view without DDP)."""
+        return self.unpack(mean_over_ranks(self.pack(), ddp, device))
 
 
 def barrier(ddp: DistInfo) -> None:

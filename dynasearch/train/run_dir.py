@@ -1,13 +1,11 @@
-"""The run directory: its files, checkpoints written as one transaction (and repaired after a crash), resume, and
-metrics.csv."""
+"""The run directory: its files, checkpoints written as one transaction (and repaired after a crash), the checks
+before a run starts or resumes, and restoring a checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import io
-import math
 import os
 import pickle
 import shutil
@@ -15,46 +13,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
-from ..checkpoint.native import load_weights, save_checkpoint, save_weights
+from ..checkpoint.native import CONFIG_NAME, SUPERNET_NAME, load_weights, save_checkpoint, save_weights
 from ..errors import CheckpointError, TrainingError
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..model.dit import DiT
 from .config import RESUMABLE, TrainConfig, flag
 from .ema import EMA
 
-__all__ = ["SUPERNET_NAME", "RAW_NAME", "CONFIG_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR",
-           "COMMIT_NAME", "METRIC_COLUMNS", "MetricsLog", "check_run_dir", "make_run_dir", "save_run", "restore_run",
-           "recover_run_dir", "check_resume_args", "kept_message"]
+__all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR", "COMMIT_NAME", "check_run_dir",
+           "make_run_dir", "save_run", "restore_run", "recover_run_dir", "check_resume_args", "kept_message"]
 
-SUPERNET_NAME = "supernet.safetensors"
 RAW_NAME = "raw.safetensors"
-CONFIG_NAME = "config.json"
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.csv"
 RUN_FILES = (SUPERNET_NAME, RAW_NAME, CONFIG_NAME, STATE_NAME, METRICS_NAME)
-"""The files a run directory holds."""
+"""The files a run directory holds (config.json and supernet.safetensors as in any checkpoint)."""
 PENDING_DIR = ".checkpoint.tmp"
 """A checkpoint being written (its files, then COMMIT_NAME), renamed into place once complete."""
 COMMIT_NAME = "COMMIT"
-
-METRIC_COLUMNS = (
-    "step",
-    "loss_max",  # ground-truth diffusion loss (MSE + VB) of the largest subnet
-    "loss_min",  # ... of the smallest subnet
-    "loss_random",  # ... mean over the random subnets (empty with --sandwich 0)
-    "distill_min",  # MSE between the smallest subnet's epsilon and the largest's
-    "distill_random",  # ... mean over the random subnets
-    "lr",
-    "grad_norm",  # total gradient norm before clipping
-    "step_seconds",  # wall time of the whole step (data, sandwich, all-reduce, optimiser, EMA)
-    "elapsed_seconds",  # cumulated step time since the start of the run (across resumes)
-    "sec_max",  # forward + backward time of the largest subnet
-    "sec_min",
-    "sec_random",  # summed over the random subnets
-    "sandwich_gflops",  # closed-form forward GFLOPs of the step's subnets, summed, for the global batch
-    "subnets",  # short digest of the step's subnets (same digest = same sampling sequence)
-)
 
 
 def check_run_dir(cfg: TrainConfig) -> bool:
@@ -123,72 +101,12 @@ def make_run_dir(out: Path) -> None:
         raise TrainingError(f"run directory '{out}' cannot be written: {exc.strerror or exc}") from None
 
 
-class MetricsLog:
-    """metrics.csv: rows buffered in memory and appended (fsync'd) on flush; a resume truncates rows past its step."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-        self.pending: list[dict[str, Any]] = []
-        self.rows: list[dict[str, Any]] = []  # this session's rows (for the summary)
-
-    def restore(self, step: int) -> float:
-        """Keep the rows up to `step` (rewritten atomically); returns their last elapsed_seconds."""
-        if not self.path.is_file():
-            return 0.0
-        kept: list[dict[str, str]] = []
-        with self.path.open(newline="") as handle:
-            for r in csv.DictReader(handle):
-                # skip a line torn by a crash (missing fields) and anything past the checkpoint
-                if any(r.get(c) is None for c in METRIC_COLUMNS) or not r["step"].isdigit():
-                    continue
-                if int(r["step"]) <= step and (not kept or int(r["step"]) > int(kept[-1]["step"])):
-                    kept.append(r)
-        if self.enabled:
-            buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(kept)
-            atomic_write_text(self.path, buf.getvalue())
-        try:
-            return float(kept[-1]["elapsed_seconds"]) if kept else 0.0
-        except (KeyError, ValueError):
-            return 0.0
-
-    def add(self, row: dict[str, Any]) -> None:
-        """Buffer one step's row."""
-        self.pending.append(row)
-        self.rows.append(row)
-
-    def flush(self) -> None:
-        """Append the buffered rows (fsync'd); a no-op on ranks other than 0."""
-        if not self.enabled or not self.pending:
-            self.pending = []
-            return
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerows({k: _fmt_cell(v) for k, v in row.items()} for row in self.pending)
-            handle.flush()
-            os.fsync(handle.fileno())
-        self.pending = []
-
-
-def _fmt_cell(value: Any) -> Any:
-    """A metrics.csv cell: floats to 6 significant digits, NaN as an empty cell."""
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
-
-
 def save_run(
-    out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any], metrics: MetricsLog
+    out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any]
 ) -> None:
     """Write a checkpoint of `step` as one transaction: every file goes to PENDING_DIR, then a COMMIT record, then the
     files are renamed into place; a crash before the record leaves the previous checkpoint whole, one after it is
-    completed by :func:`recover_run_dir`."""
-    metrics.flush()
+    completed by :func:`recover_run_dir`. The caller flushes metrics.csv first (its rows up to `step`)."""
     pending = out / PENDING_DIR
     try:
         if pending.exists():
@@ -279,8 +197,6 @@ def restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimize
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise TrainingError(f"--resume: '{out / STATE_NAME}' is not a dynasearch training state (no integer step)")
     step = int(state["step"])
-    from safetensors import safe_open
-
     with safe_open(str(out / RAW_NAME), framework="pt") as handle:
         raw_step = (handle.metadata() or {}).get("step")
     steps = {STATE_NAME: step, CONFIG_NAME: doc.get("step"), RAW_NAME: int(raw_step) if raw_step else None}

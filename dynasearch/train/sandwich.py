@@ -1,6 +1,7 @@
-"""`dynasearch train-supernet`: sandwich-rule training of a dynamic DiT supernet.
+"""The sandwich rule: one training step's batch, subnets and forward/backward passes, every draw seeded by
+``(seed, step)``.
 
-One optimisation step (:func:`sandwich_step`, then one AdamW step):
+One optimisation step (:func:`sandwich_step`, then one AdamW step in the loop):
 
 1. the largest subnet of the search space on the ground-truth diffusion loss (epsilon MSE + variational bound);
 2. the smallest subnet and ``sandwich`` random subnets (per-block heads, MLP width and token ratio drawn from the
@@ -13,18 +14,6 @@ Every random draw of a step -- the batch indices, timesteps, noise, label dropou
 uninterrupted run would have seen, and under DDP every rank builds the same *global* batch and takes its shard:
 K ranks with a global batch B compute what one process with batch B computes (gradients are averaged by hand,
 without a DDP wrapper, so parameters a subnet does not use simply contribute zeros).
-
-The run directory holds ``supernet.safetensors`` (EMA weights, loadable with ``load_checkpoint(out)``),
-``raw.safetensors`` (current weights), ``config.json``, ``train_state.pt`` (optimiser, RNG, step; tensors and
-plain Python only) and ``metrics.csv``. A checkpoint is one transaction (all files, then a commit record, then
-renames; :func:`~dynasearch.train_files.save_run`): a process killed at any moment leaves the previous or the new
-checkpoint whole, never a mix, and ``--resume`` repairs the directory first. Ctrl-C or SIGTERM stop at the end of
-the step with a checkpoint (:class:`TrainingInterrupted`); under DDP a dead or stuck rank fails the others after at
-most ``--dist-timeout`` seconds.
-
-The pieces live in ``train_config`` (arguments), ``train_files`` (run directory, checkpoint transactions, metrics),
-``train_dist`` (DDP and signals), ``train_model`` (the model to train) and ``train_report`` (metrics rows, progress,
-summary); this module holds the per-step randomness, the sandwich step and the loop, and re-exports the public API.
 """
 
 from __future__ import annotations
@@ -46,9 +35,10 @@ from ..diffusion.gaussian import GaussianDiffusion
 from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.subnet import Subnet
-from ..search_space import SearchSpace
-from .progress import SubnetLoss
+from ..space import SearchSpace
+from .metrics import SubnetLoss
 
+__all__ = ["step_seed", "sandwich_subnets", "EpochOrder", "TrainBatch", "draw_batch", "sandwich_step"]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-step randomness: everything derives from (seed, step)
