@@ -17,10 +17,12 @@ from dynasearch.cost.flops import closed_form_flops, count_flops
 from dynasearch.errors import BudgetError, SearchError, SearchSpaceError
 from dynasearch.model import create_supernet
 from dynasearch.model.subnet import Subnet
+from dynasearch.search.config import SearchConfig
+from dynasearch.search.context import prepare_search
+from dynasearch.search.objective import run_trials
 from dynasearch.search.outputs import pareto_frame
 from dynasearch.search.run import run_search
-from dynasearch.search.study import SearchConfig, prepare_search, run_trials
-from dynasearch.search_space import load_space
+from dynasearch.space.search_space import load_space
 
 _fake_run = fake_supernet_run
 
@@ -208,7 +210,8 @@ def test_torn_journal_line_is_cut_before_the_next_append(tmp_path: Path) -> None
 
 def test_seeds_enqueued_twice_are_evaluated_once(run_dir: Path, tmp_path: Path) -> None:
     """Two fresh workers may both seed a new study: every copy but the first is pruned, counts stay exact."""
-    from dynasearch.search.study import ATTR_SEED, make_sampler, open_study, seed_study
+    from dynasearch.search.study import make_sampler, open_study, seed_study
+    from dynasearch.search.trials import ATTR_SEED
 
     ctx = prepare_search(_config(run_dir, tmp_path / "s", trials=5, export_top=0))
     study = open_study(ctx, make_sampler("tpe", 0, 5))

@@ -1,9 +1,9 @@
 """Search reliability: SIGKILL mid-trial and resume, Ctrl-C, 4 workers on one journal, PostgreSQL across processes.
 
 Every search here runs `dynasearch search` in real subprocesses through a small launcher that wraps the trial
-evaluation (the proxy evaluator, inside `dynasearch.search._evaluate`) to log each evaluation, to hang in a chosen one (so that a kill lands
-while that trial is RUNNING) or to wait until a given number of worker processes are up (so that every worker
-really takes part). Spawned worker processes re-import the launcher, so they get the same wrapper.
+evaluation (the proxy evaluator, inside `dynasearch.search.objective._evaluate`) to log each evaluation, to hang
+in a chosen one (so that a kill lands while that trial is RUNNING) or to wait until a given number of worker
+processes are up (so that every worker really takes part). Spawned worker processes re-import the launcher, so they get the same wrapper.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import pandas as pd
 import pytest
 from conftest import fake_supernet_run
 
-import dynasearch.search.study as search_module
+import dynasearch.search.objective as search_module
 from dynasearch.cli import main as cli_main
-from dynasearch.search.study import (
+from dynasearch.search.trials import (
     ATTR_CRASHED,
     ATTR_RETRY_OF,
     ATTR_SEED,
@@ -48,10 +48,11 @@ LAUNCHER = textwrap.dedent(
     import sys
     import time
 
-    from dynasearch.search import study as search
+    from dynasearch.search import objective as search
+    from dynasearch.search.proxy import ProxyEvaluator
 
     _real_evaluate = search._evaluate
-    _real_proxy = search.ProxyEvaluator.__call__
+    _real_proxy = ProxyEvaluator.__call__
     _calls = [0]
     _trial = [None]
 
@@ -84,7 +85,7 @@ LAUNCHER = textwrap.dedent(
 
 
     search._evaluate = _evaluate
-    search.ProxyEvaluator.__call__ = _proxy
+    ProxyEvaluator.__call__ = _proxy
 
     if __name__ == "__main__":
         from dynasearch.cli import main
@@ -425,13 +426,10 @@ def test_trial_of_a_dead_worker_on_another_machine_fails_by_heartbeat_and_is_ret
 ) -> None:
     """RDB storage (SQLite here): a RUNNING trial from another host whose heartbeat stopped is failed and retried once."""
     import dynasearch.search.storage as storage_module
-    from dynasearch.search.study import (
-        SearchConfig,
-        make_sampler,
-        open_study,
-        prepare_search,
-        run_trials,
-    )
+    from dynasearch.search.config import SearchConfig
+    from dynasearch.search.context import prepare_search
+    from dynasearch.search.objective import run_trials
+    from dynasearch.search.study import make_sampler, open_study
 
     monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
     monkeypatch.setattr(storage_module, "GRACE_PERIOD", 1)

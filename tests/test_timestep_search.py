@@ -19,12 +19,9 @@ from dynasearch.model import create_supernet
 from dynasearch.model.schedule import SubnetSchedule, TimestepBuckets
 from dynasearch.model.subnet import Subnet
 from dynasearch.sampling import sample_images
-from dynasearch.search.study import SearchConfig
-from dynasearch.search.timestep import (
-    TimestepSettings,
-    export_schedule,
-    run_timestep_search,
-)
+from dynasearch.search import run_search
+from dynasearch.search.config import SearchConfig, TimestepSettings, is_timestep_space
+from dynasearch.search.timestep import TimestepSearchResult, export_schedule, run_timestep_search
 from dynasearch.slicing import slice_schedule
 
 
@@ -146,8 +143,10 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     run = fake_supernet_run(root / "run")
     reference = root / "reference.json"
     Subnet.uniform(load_checkpoint(run).config, 0.5, 0.5, 1.0).save(reference)
-    config = SearchConfig(supernet=run, flops="0.5x", out=root / "out", space="timestep", trials=8, proxy_samples=64)
-    result = run_timestep_search(config, TimestepSettings(sample_steps=10, reference=reference), progress=False)
+    config = SearchConfig(supernet=run, flops="0.5x", out=root / "out", space="timestep", trials=8, proxy_samples=64,
+                          timestep=TimestepSettings(sample_steps=10, reference=reference))
+    result = run_search(config, progress=False)  # the one entry point: the space makes it timestep-aware
+    assert isinstance(result, TimestepSearchResult)
     return root, result
 
 
@@ -176,8 +175,9 @@ def test_rerun_resumes_without_new_trials(searched) -> None:
     root, result = searched
     journal = root / "out" / "study.journal"
     before = journal.read_bytes()
-    config = SearchConfig(supernet=root / "run", flops="0.5x", out=root / "out", space="timestep", trials=8, proxy_samples=64)
-    again = run_timestep_search(config, TimestepSettings(sample_steps=10, reference=root / "reference.json"), progress=False)
+    config = SearchConfig(supernet=root / "run", flops="0.5x", out=root / "out", space="timestep", trials=8, proxy_samples=64,
+                          timestep=TimestepSettings(sample_steps=10, reference=root / "reference.json"))
+    again = run_timestep_search(config, progress=False)
     assert again.schedule == result.schedule
     assert journal.read_bytes()[: len(before)] == before
     trials = [json.loads(line) for line in journal.read_text().splitlines()]
@@ -188,9 +188,11 @@ def test_static_space_and_bad_steps_are_refused(searched) -> None:
     root, _ = searched
     base = dict(supernet=root / "run", flops="0.5x", out=root / "other", trials=2, proxy_samples=64)
     with pytest.raises(SearchError, match="has no timestep_buckets"):
-        run_timestep_search(SearchConfig(space="blockwise", **base), TimestepSettings(), progress=False)
+        run_timestep_search(SearchConfig(space="blockwise", **base), progress=False)
     with pytest.raises(SearchError, match=r"--sample-steps 2 leaves timestep bucket 1 \(t 250-499\) without a sampling step"):
-        run_timestep_search(SearchConfig(space="timestep", **base), TimestepSettings(sample_steps=2), progress=False)
+        run_search(SearchConfig(space="timestep", timestep=TimestepSettings(sample_steps=2), **base), progress=False)
+    with pytest.raises(SearchError, match="--sample-steps must be a positive integer, got 0"):
+        run_search(SearchConfig(space="timestep", timestep=TimestepSettings(sample_steps=0), **base), progress=False)
     assert not (root / "other").exists()
 
 
@@ -273,6 +275,45 @@ def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixtur
     table = pd.read_csv(out / "schedules.csv")
     assert list(table["method"]) == ["knapsack", "joint", "static uniform"] and table["winner"].sum() == 1
     assert json.loads((out / "best.json").read_text())["steps_per_bucket"] == [2, 2, 2, 2]
+
+
+def test_library_run_search_with_a_timestep_space_writes_what_the_cli_writes(
+    searched, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dynasearch.search.run_search` decides by the space: schedules, not static outputs, byte for byte the CLI's."""
+    from dynasearch.cli import main
+
+    root, _ = searched
+    lib, cli = root / "library", root / "cli-twin"
+    config = SearchConfig(supernet=root / "run", flops="0.5x", out=lib, space="timestep", trials=3, proxy_samples=64,
+                          timestep=TimestepSettings(sample_steps=8))
+    result = run_search(config, progress=False)
+    assert isinstance(result, TimestepSearchResult)
+    assert not (lib / "trials.csv").exists() and not (lib / "pareto.csv").exists() and not (lib / "subnets").exists()
+    assert SubnetSchedule.from_dict(json.loads((lib / "schedule.json").read_text())) == result.schedule
+    assert list(result.comparison["method"]) == ["knapsack", "joint", "static uniform"]
+    assert main(["search", "--supernet", str(root / "run"), "--flops", "0.5x", "--space", "timestep", "--trials", "3",
+                 "--proxy-samples", "64", "--sample-steps", "8", "--out", str(cli)]) == 0
+    capsys.readouterr()
+    for name in ("schedules.csv", "bucket_trials.csv", "joint_trials.csv", "schedule.json"):
+        assert (lib / name).read_bytes() == (cli / name).read_bytes(), name
+    for method in ("knapsack", "joint", "static-uniform"):
+        assert (lib / "schedules" / method / "config.json").read_bytes() == (cli / "schedules" / method / "config.json").read_bytes()
+    best_lib, best_cli = (json.loads((out / "best.json").read_text()) for out in (lib, cli))
+    assert best_lib["settings"].pop("storage") == str(lib / "study.journal")
+    assert best_cli["settings"].pop("storage") == str(cli / "study.journal")
+    assert best_lib == best_cli
+
+
+def test_the_space_decides_which_search_runs(tmp_path: Path) -> None:
+    """A given space, or else the supernet's training space, makes a search timestep-aware."""
+    static_run = fake_supernet_run(tmp_path / "static")
+    timestep_run = fake_supernet_run(tmp_path / "timestep", space="timestep")
+    base = dict(flops="0.5x", out=tmp_path / "out")
+    assert not is_timestep_space(SearchConfig(supernet=static_run, **base))
+    assert is_timestep_space(SearchConfig(supernet=static_run, space="timestep", **base))
+    assert is_timestep_space(SearchConfig(supernet=timestep_run, **base))
+    assert not is_timestep_space(SearchConfig(supernet=timestep_run, space="blockwise", **base))
 
 
 def test_ctrl_c_stops_the_timestep_search_and_the_printed_command_resumes(

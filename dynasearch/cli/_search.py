@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Optional
 import typer
 from rich.table import Table
 
-from . import app, console, stop
+from ._app import app, console, stop
 
 if TYPE_CHECKING:
-    from ..search.study import SearchConfig
-    from ..search.timestep import TimestepSettings
+    from ..search.config import SearchConfig
+    from ..search.outputs import SearchResult
+    from ..search.timestep import TimestepSearchResult
 
 
 @app.command()
@@ -40,30 +41,32 @@ def search(
     With a timestep-aware space (timestep_buckets) every range of timesteps gets its own subnet: per-bucket
     studies and an exact knapsack, and a joint study, compared with the best static subnets.
     """
+    from ..search.config import SearchConfig, TimestepSettings
     from ..search.run import run_search
-    from ..search.study import SearchConfig, SearchInterrupted
-    from ..search.timestep import TimestepSettings, is_timestep_search
+    from ..search.timestep import TimestepSearchResult
+    from ..search.trials import SearchInterrupted
 
     config = SearchConfig(
         supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
         study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
-        device=device,
+        device=device, timestep=TimestepSettings(sample_steps=sample_steps, reference=reference),
     )
-    settings = TimestepSettings(sample_steps=sample_steps, reference=reference) if is_timestep_search(config) else None
     try:
-        if settings is not None:
-            return _timestep_search(config, settings)
         result = run_search(config)
     except SearchInterrupted as stopped:
-        extra = ""
-        if settings is not None:
-            extra += f" --sample-steps {settings.sample_steps}" if settings.sample_steps != 50 else ""
-            extra += f" --reference {settings.reference}" if settings.reference is not None else ""
         message = (
             f"interrupted after {stopped.finished} trials (of {stopped.target}); "
-            f"resume with: {resume_command(config)}{extra} (same --out)"
+            f"resume with: {resume_command(config)} (same --out)"
         )
         raise stop(message, 130) from None
+    if isinstance(result, TimestepSearchResult):
+        _print_schedules(result)
+    else:
+        _print_pareto(result)
+
+
+def _print_pareto(result: SearchResult) -> None:
+    """Print a static search's notes, Pareto front, best subnet and exports."""
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     table = Table(title=f"Pareto front ({len(result.pareto)} subnets within {result.best['budget_gflops']:.4f} GFLOPs)")
@@ -84,15 +87,12 @@ def search(
     console.print(f"results in {result.out}")
 
 
-def _timestep_search(config: SearchConfig, settings: TimestepSettings) -> None:
-    """Run a timestep-aware search and print the schedules it compared."""
-    from ..search.timestep import run_timestep_search
-
-    result = run_timestep_search(config, settings)
+def _print_schedules(result: TimestepSearchResult) -> None:
+    """Print a timestep-aware search's notes, the schedules it compared and their exports."""
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     best = result.best
-    title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {settings.sample_steps} DDIM steps, "
+    title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {best['sample_steps']} DDIM steps, "
              f"{'/'.join(str(c) for c in best['steps_per_bucket'])} per bucket)")
     table = Table(title=title)
     for h in ("method", "mean GFLOPs", "% of full", "proxy loss", "within budget", ""):
@@ -111,14 +111,19 @@ def resume_command(config: SearchConfig) -> str:
     import shlex
     from dataclasses import fields
 
+    from ..search.config import SearchConfig, TimestepSettings, is_timestep_space
     from ..search.storage import mask_url
-    from ..search.study import SearchConfig
 
     parts = ["dynasearch", "search"]
     for f in fields(SearchConfig):
         value = getattr(config, f.name)
-        if f.name not in ("supernet", "flops", "out") and value == f.default:
+        if f.name == "timestep" or (f.name not in ("supernet", "flops", "out") and value == f.default):
             continue
         text = mask_url(str(value)) if f.name == "storage" else str(value)
         parts += [f"--{f.name.replace('_', '-')}", shlex.quote(text)]
-    return " ".join(parts)
+    command = " ".join(parts)
+    if is_timestep_space(config):  # the options only the timestep-aware search reads
+        settings = config.timestep
+        command += f" --sample-steps {settings.sample_steps}" if settings.sample_steps != TimestepSettings.sample_steps else ""
+        command += f" --reference {settings.reference}" if settings.reference is not None else ""
+    return command

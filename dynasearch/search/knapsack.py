@@ -1,20 +1,28 @@
-"""Exact multiple-choice knapsack: pick one item per group, minimising total value under a total cost budget.
+"""Assembling a timestep schedule from each bucket's Pareto front: an exact multiple-choice knapsack.
 
-Used to assemble a timestep schedule from each bucket's own Pareto front. Costs are integers (FLOPs times step
-counts), far too large for a table over costs, so the dynamic programme keeps, group after group, only the
-Pareto-optimal partial solutions (no other partial solution is both cheaper-or-equal and better-or-equal). A
-partial solution that is dominated can never complete to a better answer than the one dominating it, so the
-result is exact; the number of states is bounded by the partial Pareto fronts, small for search fronts.
+One point per bucket: cost = FLOPs x sampler steps in the bucket, value = bucket loss x bucket share, total cost
+<= budget x steps. Costs are integers (FLOPs times step counts), far too large for a table over costs, so the
+dynamic programme keeps, group after group, only the Pareto-optimal partial solutions (no other partial solution
+is both cheaper-or-equal and better-or-equal). A partial solution that is dominated can never complete to a
+better answer than the one dominating it, so the result is exact; the number of states is bounded by the partial
+Pareto fronts, small for search fronts.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..errors import BudgetError
+import pandas as pd
 
-__all__ = ["KnapsackSolution", "multiple_choice_knapsack"]
+from ..errors import BudgetError
+from ..model.schedule import SubnetSchedule
+from ..model.subnet import Subnet
+from .buckets import TimestepContext
+
+__all__ = ["KnapsackSolution", "knapsack_schedule", "mark_fronts", "multiple_choice_knapsack"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +73,26 @@ def multiple_choice_knapsack(
         states = _pareto(grown)
     best = min(states, key=lambda s: (s[1], s[0], s[2]))
     return KnapsackSolution(choices=best[2], cost=best[0], value=best[1])
+
+
+def mark_fronts(candidates: pd.DataFrame) -> pd.DataFrame:
+    """Add `on_front`: the candidate is on its bucket's (FLOPs, loss) Pareto front (duplicates collapsed)."""
+    df = candidates.sort_values(["bucket", "flops", "proxy_loss", "source"]).reset_index(drop=True)
+    on_front = []
+    best_by_bucket: dict[int, float] = {}
+    for row in df.itertuples():
+        best = best_by_bucket.get(row.bucket, math.inf)
+        on_front.append(row.proxy_loss < best)
+        best_by_bucket[row.bucket] = min(best, row.proxy_loss)
+    df["on_front"] = on_front
+    return df
+
+
+def knapsack_schedule(tc: TimestepContext, candidates: pd.DataFrame) -> tuple[SubnetSchedule, float]:
+    """The exact best one-point-per-bucket schedule within the budget, and its predicted proxy loss."""
+    fronts = [candidates[(candidates["bucket"] == k) & candidates["on_front"]] for k in range(len(tc.buckets))]
+    costs = [[int(f) * tc.counts[k] for f in front["flops"]] for k, front in enumerate(fronts)]
+    values = [[float(v) * tc.weights[k] for v in front["proxy_loss"]] for k, front in enumerate(fronts)]
+    solution = multiple_choice_knapsack(costs, values, tc.budget_steps)
+    subnets = [Subnet.from_dict(json.loads(fronts[k]["subnet"].iloc[i])) for k, i in enumerate(solution.choices)]
+    return tc.schedule(subnets), solution.value

@@ -16,15 +16,19 @@ from ..errors import SearchError
 from ..fileio import atomic_write_text
 from ..model.subnet import Subnet
 from ..slicing import slice_subnet
-from .storage import mask_url
-from .study import (
-    ATTR_RETRY_OF,
-    SearchContext,
-    crashed_numbers,
-    finished_count,
-)
+from .context import SearchContext
+from .storage import DEFAULT_JOURNAL, mask_url
+from .trials import ATTR_RETRY_OF, FINISHED, crashed_numbers, finished_count
 
-__all__ = ["SearchResult", "run_search", "trials_frame", "pareto_frame", "baseline_frame", "export_subnets"]
+__all__ = [
+    "SearchResult",
+    "baseline_frame",
+    "export_subnets",
+    "pareto_frame",
+    "search_settings",
+    "trials_frame",
+    "write_outputs",
+]
 
 
 @dataclass
@@ -41,6 +45,7 @@ class SearchResult:
 
 
 def _block_columns(ctx: SearchContext, subnet: Subnet) -> dict[str, float]:
+    """Each block's choices as fractions of the full model (columns attn_bI, mlp_bI, tok_bI)."""
     cfg = ctx.model.config
     cols: dict[str, float] = {}
     for i, b in enumerate(subnet.blocks):
@@ -75,7 +80,7 @@ def trials_frame(ctx: SearchContext, study: optuna.Study) -> pd.DataFrame:
             "feasible": bool(flops is not None and flops <= ctx.budget),
             "seconds": seconds,
             "fail_reason": _fail_reason(t, t.number in crashed, retries.get(t.number)),
-            "counted": t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL) and t.number not in crashed,
+            "counted": t.state in FINISHED and t.number not in crashed,
             "retry_of": t.user_attrs.get(ATTR_RETRY_OF),
         }
         if subnet is not None:
@@ -166,6 +171,14 @@ def export_subnets(ctx: SearchContext, entries: list[tuple[str, Subnet, dict[str
     return exported
 
 
+def search_settings(ctx: SearchContext) -> dict[str, Any]:
+    """The settings best.json records: the study's settings, the sampler, trials, seed, study and storage (masked)."""
+    config = ctx.config
+    storage = mask_url(config.storage or str(config.out / DEFAULT_JOURNAL))
+    return {**ctx.settings, "sampler": config.sampler, "trials": config.trials, "seed": config.seed,
+            "study_name": config.study_name, "storage": storage}
+
+
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, df.to_csv(index=False))
 
@@ -218,16 +231,10 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
         "budget_gflops": ctx.budget / 1e9,
         "full_gflops": ctx.full_flops / 1e9,
         "best_uniform": best_uniform,
-        "settings": {**ctx.settings, "sampler": ctx.config.sampler, "trials": ctx.config.trials, "seed": ctx.config.seed,
-                     "study_name": ctx.config.study_name, "storage": mask_url(ctx.config.storage or str(out / "study.journal")),
-                     "workers": ctx.config.workers},
+        "settings": {**search_settings(ctx), "workers": ctx.config.workers},
         "finished_trials": finished_count(study),
         "crashed_trials": int((~trials["counted"] & (trials["state"] == "FAIL")).sum()) if not trials.empty else 0,
         "notes": notes,
     }
     atomic_write_text(out / "best.json", json.dumps(summary, indent=2, default=float) + "\n")
     return SearchResult(out, trials, pareto, baseline, summary, exported, notes)
-
-
-
-

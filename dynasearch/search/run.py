@@ -1,4 +1,9 @@
-"""Everything a search leaves behind: trials.csv, pareto.csv, baseline.csv, best.json and sliced checkpoints."""
+"""`run_search`, the one entry point of a search: the space decides whether it is static or timestep-aware.
+
+A space with ``timestep_buckets`` runs :func:`dynasearch.search.timestep.run_timestep_search`; any other runs the
+static search here: worker 0 in this process and workers 1..N-1 as processes on one study, under one progress bar,
+then every output is written once the study holds ``--trials`` counted trials.
+"""
 
 from __future__ import annotations
 
@@ -9,37 +14,37 @@ import sys
 import threading
 
 from ..errors import SearchError
+from ..progress_bar import progress_bar
+from .config import SearchConfig, is_timestep_space
+from .context import prepare_search
+from .objective import run_trials
 from .outputs import SearchResult, write_outputs
-from .study import (
-    SearchConfig,
-    SearchInterrupted,
-    check_study,
-    finished_count,
-    make_sampler,
-    open_study,
-    prepare_search,
-    run_trials,
-    seed_study,
-)
+from .study import check_study, make_sampler, open_study, seed_study
+from .timestep import TimestepSearchResult, run_timestep_search
+from .trials import SearchInterrupted, finished_count
 from .workers import graceful_sigint, start_workers
 
+__all__ = ["run_search", "run_static_search"]
 
-def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
-    """Prepare, run (resuming any earlier study), and write every output of a search.
+
+def run_search(config: SearchConfig, progress: bool = True) -> SearchResult | TimestepSearchResult:
+    """Run the search `config` asks for: timestep-aware when its space has timestep buckets, else static.
+
+    Either resumes an earlier study of the same settings; Ctrl-C raises :class:`SearchInterrupted` with the
+    outputs untouched, and a rerun of the same search resumes it.
+    """
+    if is_timestep_space(config):
+        return run_timestep_search(config, progress=progress)
+    return run_static_search(config, progress=progress)
+
+
+def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResult:
+    """Prepare, run (resuming any earlier study), and write every output of a static search.
 
     Ctrl-C (SIGINT) stops every worker after its running trial and raises :class:`SearchInterrupted` without
     touching the outputs (they stay those of the last finished run); a second Ctrl-C stops at once (the running
     trials are retried on resume). Either way a rerun of the same command resumes the study.
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     ctx = prepare_search(config)  # every input is checked before anything is written
     check_study(ctx)  # the storage opens and an existing study has the same settings
     try:
@@ -62,8 +67,7 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult:
     study = None
     try:
         procs.extend(start_workers(config, ctx.evaluator.proxy.to("cpu")) if config.workers > 1 else [])
-        columns = (TextColumn("[bold]search"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, disable=not progress, transient=False) as bar:
+        with progress_bar("[bold]search", disable=not progress, transient=False) as bar:
             task = bar.add_task("trials", total=config.trials)
             study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)), stop=stop)
             for p in procs:

@@ -24,6 +24,11 @@ from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 
 from ..errors import SearchError
 
+try:  # flock: POSIX only
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "DEFAULT_JOURNAL",
     "HEARTBEAT_INTERVAL",
@@ -65,8 +70,6 @@ class FlockJournalLock(JournalFileSymlinkLock):
 
     def acquire(self) -> bool:
         """Block until this process holds the lock, then repair a torn last line."""
-        import fcntl
-
         fd = os.open(self._flock_path, os.O_RDWR | os.O_CREAT, 0o666)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._fd = fd
@@ -75,8 +78,6 @@ class FlockJournalLock(JournalFileSymlinkLock):
 
     def release(self) -> None:
         """Release the lock."""
-        import fcntl
-
         if self._fd is not None:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -110,9 +111,7 @@ def _cut_torn_tail(path: str) -> None:
 
 def _journal_lock(path: Path) -> JournalFileSymlinkLock:
     """flock where the platform has it (a dead worker cannot keep it), else Optuna's symlink lock."""
-    try:
-        import fcntl  # noqa: F401
-    except ImportError:  # pragma: no cover - Windows
+    if fcntl is None:  # pragma: no cover - Windows
         return JournalFileSymlinkLock(str(path))
     return FlockJournalLock(str(path))
 

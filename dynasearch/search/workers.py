@@ -1,17 +1,8 @@
-"""FLOPs-budgeted multi-objective search (Optuna) of per-block widths and token ratios in a trained supernet.
+"""Extra worker processes of a static search, and Ctrl-C handling that stops a worker after its running trial.
 
-Two objectives, both minimised: the quality proxy (:mod:`dynasearch.evaluate`) and the closed-form GFLOPs.
-The budget is an Optuna constraint (``trial.set_constraint``), so every sampler treats over-budget trials as
-infeasible. Studies live in an Optuna storage (a journal file in the output directory by default, or any RDB
-URL), so a rerun resumes and several workers can share one study.
-
-Crashes: every trial records which process runs it and starts out marked ``crashed`` with the reason "the worker
-process died during the trial"; the objective clears the mark when it returns or raises. A trial left RUNNING by
-a dead worker (this machine: its process id is gone; other machines: its RDB heartbeat stopped) is failed at the
-next start of any worker, and its parameters are enqueued once more (user attribute ``retry_of``; a retry that
-crashes again is not retried). Crashed trials stay in the study as FAIL but do not count toward ``--trials``:
-the study ends with exactly ``--trials`` counted trials (COMPLETE, or FAIL from the evaluation itself) and
-every crashed one in addition. Finished trials are never run again.
+Workers 1..N-1 are spawned processes that open the same study and run trials until it holds ``--trials`` counted
+ones; worker 0 runs in the calling process. A worker stops after its trial on Ctrl-C (forwarded by the parent)
+or when the process that started it is gone.
 """
 
 from __future__ import annotations
@@ -20,14 +11,16 @@ import multiprocessing as mp
 import os
 import signal
 import threading
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from .config import SearchConfig
+from .context import prepare_search
+from .objective import run_trials
 from .proxy import ProxySet
-from .study import SearchConfig, prepare_search, run_trials
+
+__all__ = ["graceful_sigint", "start_workers"]
 
 
 def graceful_sigint(stop: threading.Event, forward: Callable[[], None] | None = None, once: bool = True) -> Any:
@@ -53,16 +46,13 @@ def _watch_parent(parent: int, stop: threading.Event) -> None:
             stop.set()
 
 
-def _worker_main(
-    config_dict: dict[str, Any], worker: int, parent: int | None = None, proxy: ProxySet | None = None
-) -> None:
+def _worker_main(config: SearchConfig, worker: int, parent: int | None = None, proxy: ProxySet | None = None) -> None:
     """Entry point of an extra worker process: Ctrl-C (from the terminal or the parent) stops after the trial."""
     stop = threading.Event()
     graceful_sigint(stop, once=False)  # the parent forwards Ctrl-C; a forced stop is its SIGTERM
     if parent is not None:
         threading.Thread(target=_watch_parent, args=(parent, stop), daemon=True).start()
     torch.set_num_threads(1)
-    config = SearchConfig(**{**config_dict, "supernet": Path(config_dict["supernet"]), "out": Path(config_dict["out"])})
     run_trials(prepare_search(config, proxy=proxy), worker=worker, stop=stop)
 
 
@@ -76,7 +66,7 @@ def start_workers(config: SearchConfig, proxy: ProxySet | None = None) -> list[m
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
     try:
         for w in range(1, config.workers):
-            p = ctx.Process(target=_worker_main, args=(asdict(config), w, os.getpid(), proxy), daemon=True)
+            p = ctx.Process(target=_worker_main, args=(config, w, os.getpid(), proxy), daemon=True)
             p.start()
             procs.append(p)
     finally:

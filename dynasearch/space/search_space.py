@@ -1,98 +1,47 @@
 """Search spaces: the per-block choices the supernet is trained on (sandwich rule) and the search explores.
 
-A search space is a small YAML file, read with ``yaml.safe_load``; unknown keys are an error::
-
-    name: blockwise            # optional, defaults to the file name without .yaml
-    granularity: block         # global | stage | block: which blocks share one decision
-    stages: 4                  # granularity stage only: groups of consecutive blocks, split as evenly as
-                               # possible, earlier stages get the extra block (10 blocks / 4 -> 3, 3, 2, 2)
-    stage_sizes: [3, 3, 3, 3]  # granularity stage only, instead of stages: blocks per stage (sums to depth)
-    attn_rate: [0.25, 0.5, 0.75, 1.0]   # fractions of the full model's attention heads
-    mlp_rate: [0.25, 0.5, 0.75, 1.0]    # fractions of the full MLP width
-    token_ratio: [0.5, 0.75, 1.0]       # fraction of tokens through the MLP (< 1 needs token selection)
-    timestep_buckets: 4        # optional: a timestep-aware space, one configuration per range of timesteps
-                               # (K equal ranges of [0, T), or inner boundaries such as [250, 500, 750])
-
-``granularity``, ``attn_rate``, ``mlp_rate`` and ``token_ratio`` are required; a stage space needs exactly one of
-``stages`` / ``stage_sizes``, other spaces accept neither. Each choice list holds distinct numbers in (0, 1]
-and is stored sorted. A decision *group* is a set of blocks sharing one choice per dimension: the whole model
-(global), one stage, or one block. Rates are fractions of the full supernet's widths (see
-:func:`dynasearch.space.rate_to_heads`); rates that round to the same head or channel count are allowed and
-counted once by :meth:`SearchSpace.size`. With ``timestep_buckets`` every timestep range takes its own choices
-(:mod:`dynasearch.schedule`); the methods below describe the space of one bucket. The shipped spaces (``uniform``, ``stagewise``, ``blockwise``) are
-package data in ``dynasearch/search_spaces/`` and load by name.
+A decision *group* is a set of blocks sharing one choice per dimension: the whole model (global), one stage, or
+one block. Rates are fractions of the full supernet's widths (see :func:`dynasearch.model.subnet.rate_to_heads`);
+rates that round to the same head or channel count are allowed and counted once by :meth:`SearchSpace.size`. With
+``timestep_buckets`` every timestep range takes its own choices (:mod:`dynasearch.model.schedule`); the methods
+below describe the space of one bucket. Spaces are YAML files (:mod:`dynasearch.space.parse`); the shipped
+ones (``uniform``, ``stagewise``, ``blockwise``, ``timestep``) are package data in ``dynasearch/search_spaces/`` and
+load by name.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import yaml
-
-from .errors import SearchSpaceError, SubnetError
-from .model.schedule import TimestepBuckets
-from .model.subnet import Subnet, rate_to_heads, rate_to_mlp_hidden
+from ..errors import SearchSpaceError, SubnetError
+from ..model.schedule import TimestepBuckets
+from ..model.rates import rate_to_heads, rate_to_mlp_hidden
+from ..model.subnet import Subnet
+from .parse import (
+    DIMENSIONS,
+    GRANULARITIES,
+    NO_FILE,
+    bucket_spec,
+    check_mapping,
+    choice_list,
+    format_choices,
+    positive_int,
+    read_yaml,
+    same_choice,
+    space_error,
+)
 
 if TYPE_CHECKING:
-    from .model.config import DiTConfig
+    from ..model.config import DiTConfig
 
 __all__ = ["DEFAULT_SPACE", "GRANULARITIES", "SearchSpace", "load_space", "shipped_spaces"]
 
 DEFAULT_SPACE = "blockwise"
 """The space the supernet is trained on unless told otherwise."""
-
-GRANULARITIES = ("global", "stage", "block")
-_DIMENSIONS = ("attn_rate", "mlp_rate", "token_ratio")
-_KEYS = ("name", "granularity", "stages", "stage_sizes", *_DIMENSIONS, "timestep_buckets")
-_REQUIRED = ("granularity", *_DIMENSIONS)
-_NO_FILE = "<dict>"
-_TOL = 1e-9
-
-
-def _error(label: str, message: str) -> SearchSpaceError:
-    """A SearchSpaceError prefixed with the space's file or name."""
-    return SearchSpaceError(f"search space '{label}': {message}")
-
-
-def _same(a: float, b: float) -> bool:
-    """Two choice values are the same number (up to float noise)."""
-    return math.isclose(a, b, rel_tol=0.0, abs_tol=_TOL)
-
-
-def _fmt(values: Sequence[float]) -> str:
-    """Comma-separated values, e.g. '0.25, 0.5, 1.0'."""
-    return ", ".join(str(v) for v in values)
-
-
-def _choices(label: str, key: str, value: Any) -> tuple[float, ...]:
-    """Validate one choice list and return it as a sorted tuple of floats."""
-    if not isinstance(value, (list, tuple)):
-        raise _error(label, f"{key} must be a list of numbers in (0, 1], got {value!r}")
-    if not value:
-        raise _error(label, f"{key} is an empty list; give at least one number in (0, 1]")
-    out: list[float] = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, (int, float)):
-            raise _error(label, f"{key} has value {item!r} which is not a number")
-        number = float(item)
-        if not 0.0 < number <= 1.0:  # also rejects nan
-            raise _error(label, f"{key} has value {item!r} outside (0, 1]")
-        if any(_same(number, seen) for seen in out):
-            raise _error(label, f"{key} has duplicate value {item!r}")
-        out.append(number)
-    return tuple(sorted(out))
-
-
-def _positive_int(label: str, key: str, value: Any) -> int:
-    """Validate a positive integer field."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _error(label, f"{key} has value {value!r}; it must be a positive integer")
-    return value
 
 
 @dataclass(frozen=True)
@@ -107,39 +56,44 @@ class SearchSpace:
     stages: int | None = None
     stage_sizes: tuple[int, ...] | None = None
     timestep_buckets: int | tuple[int, ...] | None = None
-    source: str = field(default=_NO_FILE, compare=False)
+    source: str = field(default=NO_FILE, compare=False)
 
     def __post_init__(self) -> None:
         label = self.label
         if not isinstance(self.name, str) or not self.name.strip():
-            raise _error(label, f"name must be a non-empty string, got {self.name!r}")
+            raise space_error(label, f"name must be a non-empty string, got {self.name!r}")
         if self.granularity not in GRANULARITIES:
-            raise _error(label, f"granularity has value {self.granularity!r}; choose one of: {', '.join(GRANULARITIES)}")
-        for key in _DIMENSIONS:
-            object.__setattr__(self, key, _choices(label, key, getattr(self, key)))
+            choices = ", ".join(GRANULARITIES)
+            raise space_error(label, f"granularity has value {self.granularity!r}; choose one of: {choices}")
+        for key in DIMENSIONS:
+            object.__setattr__(self, key, choice_list(label, key, getattr(self, key)))
         if self.granularity != "stage":
             for key in ("stages", "stage_sizes"):
                 if getattr(self, key) is not None:
-                    raise _error(label, f"{key} is only allowed with granularity 'stage', not {self.granularity!r}")
+                    raise space_error(
+                        label, f"{key} is only allowed with granularity 'stage', not {self.granularity!r}"
+                    )
         elif (self.stages is None) == (self.stage_sizes is None):
-            raise _error(label, "granularity 'stage' needs exactly one of stages (a count) or stage_sizes (a list)")
+            raise space_error(
+                label, "granularity 'stage' needs exactly one of stages (a count) or stage_sizes (a list)"
+            )
         elif self.stages is not None:
-            _positive_int(label, "stages", self.stages)
+            positive_int(label, "stages", self.stages)
         else:
             sizes = self.stage_sizes
             if not isinstance(sizes, (list, tuple)) or not sizes:
-                raise _error(label, f"stage_sizes must be a non-empty list of positive integers, got {sizes!r}")
-            object.__setattr__(self, "stage_sizes", tuple(_positive_int(label, "stage_sizes", s) for s in sizes))
+                raise space_error(label, f"stage_sizes must be a non-empty list of positive integers, got {sizes!r}")
+            object.__setattr__(self, "stage_sizes", tuple(positive_int(label, "stage_sizes", s) for s in sizes))
         if self.timestep_buckets is not None:
-            object.__setattr__(self, "timestep_buckets", _bucket_spec(label, self.timestep_buckets))
+            object.__setattr__(self, "timestep_buckets", bucket_spec(label, self.timestep_buckets))
 
     @property
     def label(self) -> str:
         """How messages name this space: its file, its name if shipped, or its name when built from a dict."""
-        if self.source != _NO_FILE:
+        if self.source != NO_FILE:
             path = Path(self.source)
             return path.stem if str(path.parent) == str(_shipped_dir()) else self.source
-        return self.name if isinstance(self.name, str) and self.name else _NO_FILE
+        return self.name if isinstance(self.name, str) and self.name else NO_FILE
 
     # --- structure ----------------------------------------------------------------------------------------------
     @property
@@ -152,7 +106,7 @@ class SearchSpace:
         try:
             return TimestepBuckets.from_spec(self.timestep_buckets or 1, num_timesteps)
         except SubnetError as exc:
-            raise _error(self.label, str(exc)) from None
+            raise space_error(self.label, str(exc)) from None
 
     def groups(self, config: DiTConfig) -> list[list[int]]:
         """Block indices of each decision group of `config`, in block order."""
@@ -163,7 +117,7 @@ class SearchSpace:
             return [[i] for i in range(depth)]
         if self.stage_sizes is not None:
             if sum(self.stage_sizes) != depth:
-                raise _error(
+                raise space_error(
                     self.label,
                     f"stage_sizes {list(self.stage_sizes)} sum to {sum(self.stage_sizes)} "
                     f"but model '{config.name}' has {depth} blocks",
@@ -172,7 +126,9 @@ class SearchSpace:
         else:
             assert self.stages is not None
             if self.stages > depth:
-                raise _error(self.label, f"stages is {self.stages} but model '{config.name}' has only {depth} blocks")
+                raise space_error(
+                    self.label, f"stages is {self.stages} but model '{config.name}' has only {depth} blocks"
+                )
             base, extra = divmod(depth, self.stages)
             sizes = [base + (1 if i < extra else 0) for i in range(self.stages)]
         out, start = [], 0
@@ -186,8 +142,9 @@ class SearchSpace:
         self.groups(config)
         below_one = [r for r in self.token_ratio if r < 1.0]
         if below_one and not config.token_selection:
-            raise _error(
-                self.label, f"token_ratio {_fmt(below_one)} needs token selection, which model '{config.name}' lacks"
+            raise space_error(
+                self.label,
+                f"token_ratio {format_choices(below_one)} needs token selection, which model '{config.name}' lacks",
             )
 
     def _checked_groups(self, config: DiTConfig) -> list[list[int]]:
@@ -197,7 +154,7 @@ class SearchSpace:
 
     def num_decisions(self, config: DiTConfig) -> int:
         """Number of (group, dimension) decisions: 3 per group, even where a dimension has a single choice."""
-        return len(self._checked_groups(config)) * len(_DIMENSIONS)
+        return len(self._checked_groups(config)) * len(DIMENSIONS)
 
     def size(self, config: DiTConfig) -> int:
         """Number of distinct subnets of `config` in this space (rates that round to the same width count once)."""
@@ -219,10 +176,10 @@ class SearchSpace:
         """The subnet with one choice per group per dimension (each must be one of this space's choices)."""
         groups = self._checked_groups(config)
         rates: dict[str, list[float]] = {}
-        for key, values in zip(_DIMENSIONS, (attn, mlp, tokens)):
+        for key, values in zip(DIMENSIONS, (attn, mlp, tokens)):
             values = list(values)
             if len(values) != len(groups):
-                raise _error(
+                raise space_error(
                     self.label,
                     f"{key} has {len(values)} entries but the space has {len(groups)} decision groups "
                     f"for model '{config.name}'",
@@ -232,9 +189,11 @@ class SearchSpace:
             for g, (blocks, value) in enumerate(zip(groups, values)):
                 match = None
                 if not isinstance(value, bool) and isinstance(value, (int, float)):
-                    match = next((a for a in allowed if _same(float(value), a)), None)
+                    match = next((a for a in allowed if same_choice(float(value), a)), None)
                 if match is None:
-                    raise _error(self.label, f"{key} {value!r} (group {g}) is not one of the choices ({_fmt(allowed)})")
+                    raise space_error(
+                        self.label, f"{key} {value!r} (group {g}) is not one of the choices ({format_choices(allowed)})"
+                    )
                 for b in blocks:
                     per_block[b] = match
             rates[key] = per_block
@@ -268,7 +227,7 @@ class SearchSpace:
     ) -> tuple[list[float], list[float], list[float]]:
         """Uniform random per-group rates (attn, mlp, tokens), drawn dimension by dimension, group by group."""
         n = len(self._checked_groups(config))
-        attn, mlp, tokens = ([rng.choice(getattr(self, key)) for _ in range(n)] for key in _DIMENSIONS)
+        attn, mlp, tokens = ([rng.choice(getattr(self, key)) for _ in range(n)] for key in DIMENSIONS)
         return attn, mlp, tokens
 
     def sample(self, config: DiTConfig, rng: random.Random) -> Subnet:
@@ -287,20 +246,21 @@ class SearchSpace:
             if not any(all(rate_to_mlp_hidden(config, r, b) == blocks_of[b].mlp_hidden for b in blocks)
                        for r in self.mlp_rate):
                 return False
-            if not any(all(_same(r, blocks_of[b].token_ratio) for b in blocks) for r in self.token_ratio):
+            if not any(all(same_choice(r, blocks_of[b].token_ratio) for b in blocks) for r in self.token_ratio):
                 return False
         return True
 
     def check_trained_on(self, other: SearchSpace) -> None:
         """Raise SearchSpaceError if this space has a choice value that `other` (the training space) lacks."""
-        for key in _DIMENSIONS:
+        for key in DIMENSIONS:
             trained = getattr(other, key)
-            missing = [v for v in getattr(self, key) if not any(_same(v, t) for t in trained)]
+            missing = [v for v in getattr(self, key) if not any(same_choice(v, t) for t in trained)]
             if missing:
                 verb = "was" if len(missing) == 1 else "were"
-                raise _error(
+                raise space_error(
                     self.label,
-                    f"{key} {_fmt(missing)} {verb} not in the supernet's training space '{other.name}' ({_fmt(trained)})",
+                    f"{key} {format_choices(missing)} {verb} not in the supernet's training space '{other.name}' "
+                    f"({format_choices(trained)})",
                 )
 
     # --- serialisation ------------------------------------------------------------------------------------------
@@ -311,28 +271,19 @@ class SearchSpace:
             out["stages"] = self.stages
         if self.stage_sizes is not None:
             out["stage_sizes"] = list(self.stage_sizes)
-        out.update({key: list(getattr(self, key)) for key in _DIMENSIONS})
+        out.update({key: list(getattr(self, key)) for key in DIMENSIONS})
         if self.timestep_buckets is not None:
             tb = self.timestep_buckets
             out["timestep_buckets"] = tb if isinstance(tb, int) else list(tb)
         return out
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = _NO_FILE) -> SearchSpace:
+    def from_dict(cls, data: Any, source: str = NO_FILE) -> SearchSpace:
         """Build and validate a space from its mapping form; `source` names it in messages."""
-        name = data.get("name") if isinstance(data, dict) else None
-        label = source if source != _NO_FILE else (name if isinstance(name, str) and name else _NO_FILE)
-        if not isinstance(data, dict):
-            found = "an empty document" if data is None else f"a {type(data).__name__}"
-            raise _error(label, f"expected a mapping with keys {', '.join(_KEYS)}; found {found}")
-        unknown = [str(k) for k in data if k not in _KEYS]
-        if unknown:
-            raise _error(label, f"unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(_KEYS)}")
-        missing = [k for k in _REQUIRED if k not in data]
-        if missing:
-            raise _error(label, f"missing required key(s) {', '.join(missing)}")
+        check_mapping(data, source)
+        name = data.get("name")
         if name is None:
-            name = Path(source).stem if source != _NO_FILE else "custom"
+            name = Path(source).stem if source != NO_FILE else "custom"
         return cls(
             name=name,
             granularity=data["granularity"],
@@ -352,30 +303,17 @@ class SearchSpace:
             how = f"{self.stages} stages"
         elif self.stage_sizes is not None:
             how = f"stages of {'/'.join(str(s) for s in self.stage_sizes)} blocks"
-        dims = ", ".join(f"{key} {'/'.join(str(v) for v in getattr(self, key))}" for key in _DIMENSIONS)
+        dims = ", ".join(f"{key} {'/'.join(str(v) for v in getattr(self, key))}" for key in DIMENSIONS)
         tb = self.timestep_buckets
         if tb is not None:
             how += f", {tb} timestep buckets" if isinstance(tb, int) else f", timestep buckets at {'/'.join(map(str, tb))}"
         return f"{self.name} ({how}): {dims}"
 
 
-def _bucket_spec(label: str, value: Any) -> int | tuple[int, ...]:
-    """Validate `timestep_buckets`: a positive count, or a strictly increasing list of positive boundaries."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return _positive_int(label, "timestep_buckets", value)
-    if isinstance(value, (list, tuple)) and value:
-        bounds = tuple(_positive_int(label, "timestep_buckets", v) for v in value)
-        if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])):
-            raise _error(label, f"timestep_buckets boundaries {list(bounds)} must increase strictly")
-        return bounds
-    raise _error(
-        label, f"timestep_buckets has value {value!r}; give a count (e.g. 4) or inner boundaries (e.g. [250, 500, 750])"
-    )
-
 
 def _shipped_dir() -> Any:
     """The package directory holding the shipped YAML files (a Traversable)."""
-    return resources.files(__package__ or "dynasearch") / "search_spaces"
+    return resources.files("dynasearch") / "search_spaces"
 
 
 def shipped_spaces() -> list[str]:
@@ -385,17 +323,7 @@ def shipped_spaces() -> list[str]:
 
 def _parse(text: str, source: str) -> SearchSpace:
     """Parse YAML text into a validated space."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if context and context_mark is not None and context_mark is not mark:
-            problem += f" ({context} started at line {context_mark.line + 1})"
-        raise _error(source, f"not valid YAML{where}: {problem}") from None
-    return SearchSpace.from_dict(data, source=source)
+    return SearchSpace.from_dict(read_yaml(text, source), source=source)
 
 
 def load_space(path_or_name: str | Path) -> SearchSpace:

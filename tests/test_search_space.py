@@ -1,4 +1,4 @@
-"""Tests for dynasearch.searchspace: loading, validation, groups, subnets, sampling, size and serialisation."""
+"""Tests for dynasearch.space: loading, validation, groups, subnets, sampling, size and serialisation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from dynasearch.errors import SearchSpaceError
 from dynasearch.model.config import DiTConfig, get_config
 from dynasearch.model.subnet import BlockChoice, Subnet
-from dynasearch.search_space import (
+from dynasearch.space.search_space import (
     DEFAULT_SPACE,
     SearchSpace,
     load_space,

@@ -1,0 +1,83 @@
+"""What a search is asked to do: its typed config (one value per `dynasearch search` option) and which search that is.
+
+The space decides the search: one with ``timestep_buckets`` (given, or the supernet's training space) runs the
+timestep-aware search, with the settings of :class:`TimestepSettings`; any other space runs the static search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint.native import read_config
+from ..errors import SearchError
+from ..space import SearchSpace, load_space
+
+__all__ = [
+    "SAMPLERS",
+    "SearchConfig",
+    "TimestepSettings",
+    "is_timestep_space",
+    "training_space",
+]
+
+SAMPLERS = ("tpe", "nsga2", "gp", "random")
+
+
+@dataclass(frozen=True)
+class TimestepSettings:
+    """What a timestep-aware search adds to a SearchConfig: the sampler run its FLOPs are averaged over.
+
+    A static search ignores them; the timestep-aware search checks them (:meth:`check`) before anything else.
+    """
+
+    sample_steps: int = 50
+    reference: Path | None = None  # a static subnet (or a static search's best.json) to compare against
+
+    def check(self) -> None:
+        """Raise SearchError when `sample_steps` is not a positive integer."""
+        if isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int) or self.sample_steps < 1:
+            raise SearchError(f"--sample-steps must be a positive integer, got {self.sample_steps!r}")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything `dynasearch search` needs; one value per CLI option (the timestep-aware ones in `timestep`)."""
+
+    supernet: Path
+    flops: str
+    out: Path
+    space: str | None = None
+    trials: int = 200
+    sampler: str = "tpe"
+    storage: str | None = None
+    study_name: str = "dynasearch"
+    workers: int = 1
+    seed: int = 0
+    export_top: int = 3
+    proxy_samples: int = 512
+    device: str = "cpu"
+    timestep: TimestepSettings = field(default_factory=TimestepSettings)
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise SearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
+        for key in ("trials", "workers", "proxy_samples"):
+            if getattr(self, key) < 1:
+                raise SearchError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        if self.export_top < 0:
+            raise SearchError(f"--export-top must be 0 or more, got {self.export_top}")
+
+
+def training_space(supernet: Path, doc: dict[str, Any]) -> SearchSpace | None:
+    """The space a supernet was trained on, from its config.json `doc` (None when it records none)."""
+    return SearchSpace.from_dict(doc["space"], source=f"{supernet}/config.json") if doc.get("space") else None
+
+
+def is_timestep_space(config: SearchConfig) -> bool:
+    """True when the space `config` searches (given, or the supernet's training space) has timestep buckets."""
+    if config.space is not None:
+        return load_space(config.space).timestep_aware
+    space = training_space(config.supernet, read_config(config.supernet))
+    return space is not None and space.timestep_aware

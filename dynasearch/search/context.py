@@ -1,0 +1,108 @@
+"""What every search worker builds once from a SearchConfig: the supernet, the space, the proxy and the budget.
+
+Two objectives, both minimised: the quality proxy (:mod:`dynasearch.search.proxy`) and the closed-form GFLOPs,
+with the FLOPs budget parsed against the full model. Every input is checked here, with clear errors, before a
+search writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..checkpoint.native import load_checkpoint, read_config
+from ..cost.flops import closed_form_flops, format_flops, parse_budget
+from ..device import resolve_device
+from ..diffusion.factory import diffusion_for
+from ..errors import BudgetError, SearchError
+from ..model.dit import DiT
+from ..model.subnet import Subnet
+from ..space import DEFAULT_SPACE, SearchSpace, load_space
+from .config import SearchConfig, training_space
+from .proxy import ProxyEvaluator, ProxySet, build_proxy_set, dataset_from_run_config
+
+__all__ = ["SearchContext", "prepare_search", "subnet_params"]
+
+
+@dataclass
+class SearchContext:
+    """What every worker builds once: the supernet, the space, the proxy evaluator and the budget."""
+
+    config: SearchConfig
+    model: DiT
+    space: SearchSpace
+    train_space: SearchSpace | None
+    evaluator: ProxyEvaluator
+    budget: int
+    full_flops: int
+    min_flops: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """Block indices per decision group."""
+        return self.space.groups(self.model.config)
+
+    def subnet_from_params(self, params: dict[str, Any]) -> Subnet:
+        """The subnet a trial's parameters describe."""
+        n = len(self.groups)
+        return self.space.subnet(
+            self.model.config,
+            [params[f"attn_{g}"] for g in range(n)],
+            [params[f"mlp_{g}"] for g in range(n)],
+            [params[f"tok_{g}"] for g in range(n)],
+        )
+
+    def flops(self, subnet: Subnet) -> int:
+        """Closed-form FLOPs of a subnet (batch 1)."""
+        return closed_form_flops(self.model.config, subnet)
+
+
+def subnet_params(n_groups: int, attn: list[float], mlp: list[float], tok: list[float]) -> dict[str, float]:
+    """Optuna parameters of per-group rates."""
+    params: dict[str, float] = {}
+    for g in range(n_groups):
+        params[f"attn_{g}"], params[f"mlp_{g}"], params[f"tok_{g}"] = attn[g], mlp[g], tok[g]
+    return params
+
+
+def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> SearchContext:
+    """Load the supernet and its data, resolve the space and the budget (raising clear errors).
+
+    `proxy`: the proxy set another worker of this search already built (skips loading the dataset).
+    """
+    doc = read_config(config.supernet)
+    model = load_checkpoint(config.supernet, device=resolve_device(config.device))
+    if model.config.is_sliced:
+        raise SearchError(f"'{config.supernet}' is a sliced model; search needs a supernet (a training run directory)")
+    train_space = training_space(config.supernet, doc)
+    if config.space is not None:
+        space = load_space(config.space)
+    else:
+        space = train_space or load_space(DEFAULT_SPACE)
+    space.validate_for(model.config)
+    if train_space is not None:
+        space.check_trained_on(train_space)
+    full = closed_form_flops(model.config, Subnet.full(model.config))
+    budget = parse_budget(config.flops, full)
+    smallest = closed_form_flops(model.config, space.smallest(model.config))
+    if budget < smallest:
+        raise BudgetError(
+            f"FLOPs budget '{config.flops}' ({format_flops(budget)}) is below the smallest subnet of space "
+            f"'{space.name}', {format_flops(smallest)} ({smallest / full:.1%} of the full model)"
+        )
+    if proxy is None:
+        split = dataset_from_run_config(doc)
+        diffusion = diffusion_for(model.config)
+        proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=config.proxy_samples, seed=config.seed)
+    settings = {
+        "supernet": str(config.supernet),
+        "model": model.config.name,
+        "space": space.to_dict(),
+        "budget_flops": budget,
+        "budget": config.flops,
+        "full_flops": full,
+        "proxy_samples": config.proxy_samples,
+        "proxy_seed": config.seed,
+    }
+    return SearchContext(config, model, space, train_space, ProxyEvaluator(model, proxy), budget, full, smallest, settings)
