@@ -31,10 +31,11 @@ from dynasearch.bench import (
     trials_to_reach,
     uniform_at_ratio,
 )
+from dynasearch.bench.common import bench_run
 from dynasearch.cli import main
 from dynasearch.cost.flops import closed_form_flops
 from dynasearch.model import get_config
-from dynasearch.search_space import load_space
+from dynasearch.space.search_space import load_space
 
 TINY = dict(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10)
 MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name"}
@@ -56,6 +57,28 @@ def _check_files(out: Path, stem: str, extra: tuple[str, ...] = ()) -> dict:
     assert MACHINE_KEYS <= set(doc["machine"]) and doc["date"] and doc["settings"]
     assert doc["command"].startswith(f"dynasearch bench {stem.split('-')[0]} ") and f"--out {out}" in doc["command"]
     return doc
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# common
+# ---------------------------------------------------------------------------------------------------------------------
+def test_bench_run_sets_and_restores_threads() -> None:
+    before = torch.get_num_threads()
+    with bench_run("cpu", 1) as run:
+        assert torch.get_num_threads() == 1 and run.threads == 1 and run.device == torch.device("cpu")
+        assert MACHINE_KEYS <= set(run.machine) and run.machine["threads"] == 1
+    assert torch.get_num_threads() == before
+    with bench_run(torch.device("cpu"), None) as run:
+        assert run.threads == before
+
+
+def test_config_checks_name_the_first_bad_option() -> None:
+    with pytest.raises(BenchError, match=r"^--batch-size must be positive, got 0$"):
+        TrainBenchConfig(steps=1, batch_size=0, distill=-1.0)
+    with pytest.raises(BenchError, match=r"^--sandwich must be 0 or more, got -1$"):
+        TrainBenchConfig(warmup=0, sandwich=-1, distill=-1.0)
+    with pytest.raises(BenchError, match=r"^--device must be cpu or cuda, got 'tpu'$"):
+        LatencyBenchConfig(device="tpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -191,7 +214,8 @@ def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
 
 def test_feasible_draws_fit_the_budget_and_are_seeded(run_dir: Path) -> None:
     from dynasearch.bench.samplers import feasible_draws
-    from dynasearch.search.study import SearchConfig, prepare_search
+    from dynasearch.search.config import SearchConfig
+    from dynasearch.search.context import prepare_search
 
     ctx = prepare_search(SearchConfig(supernet=run_dir, flops="0.4x", out=Path("."), proxy_samples=8))
     draws = feasible_draws(ctx, 20, seed=3)
@@ -259,11 +283,11 @@ def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> N
     save_bench(result, tmp_path)
     doc = _check_files(tmp_path, "ranking-0.4-0.9-proxy16", extra=("runs",))
     assert "--flops-range 0.4,0.9" in doc["command"] and not (tmp_path / "ranking.csv").exists()
-    from dynasearch.bench.proxy_ranking import _result_name
+    from dynasearch.bench.proxy_ranking import result_name
 
-    assert _result_name(RankingBenchConfig(proxy_samples=2048, flops_range=(0.4, 0.6))) == "ranking-0.4-0.6-proxy2048"
-    assert _result_name(RankingBenchConfig(proxy_samples=2048)) == "ranking-proxy2048"
-    assert _result_name(RankingBenchConfig()) == "ranking"
+    assert result_name(RankingBenchConfig(proxy_samples=2048, flops_range=(0.4, 0.6))) == "ranking-0.4-0.6-proxy2048"
+    assert result_name(RankingBenchConfig(proxy_samples=2048)) == "ranking-proxy2048"
+    assert result_name(RankingBenchConfig()) == "ranking"
 
 
 def test_finetune_lr_schedule() -> None:

@@ -14,15 +14,15 @@ from dynasearch.cli import main
 from dynasearch.errors import CheckpointError, DataError
 from dynasearch.model import get_config
 from dynasearch.quality import (
+    ClassifierSettings,
     DigitClassifier,
     FeatureExtractor,
     InceptionFeatureExtractor,
     QualityResult,
-    _load_cached,
-    _TrainSettings,
     default_cache_dir,
     evaluate_quality,
     frechet_distance,
+    load_cached_classifier,
     load_digit_classifier,
     real_digits,
 )
@@ -68,17 +68,17 @@ def test_cache_is_reused_not_retrained(classifier: DigitClassifier, cache_dir: P
 
 
 def test_stale_or_corrupt_cache_is_ignored(classifier: DigitClassifier, cache_dir: Path, tmp_path: Path):
-    settings = _TrainSettings()
-    assert _load_cached(cache_dir, settings) is not None
-    assert _load_cached(cache_dir, _TrainSettings(epochs=3)) is None  # other settings: retrain
+    settings = ClassifierSettings()
+    assert load_cached_classifier(cache_dir, settings) is not None
+    assert load_cached_classifier(cache_dir, ClassifierSettings(epochs=3)) is None  # other settings: retrain
     copy = tmp_path / "copy"
     copy.mkdir()
     for name in ("digits-cnn-v1.safetensors", "digits-cnn-v1.json"):
         (copy / name).write_bytes((cache_dir / name).read_bytes())
     (copy / "digits-cnn-v1.safetensors").write_bytes(b"garbage")  # weights no longer match the recorded digest
-    assert _load_cached(copy, settings) is None
+    assert load_cached_classifier(copy, settings) is None
     (copy / "digits-cnn-v1.json").write_text("{not json")
-    assert _load_cached(copy, settings) is None
+    assert load_cached_classifier(copy, settings) is None
 
 
 def test_default_cache_dir_honours_env(monkeypatch, tmp_path: Path):

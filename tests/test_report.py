@@ -21,9 +21,9 @@ from dynasearch.report.data import (
     pareto_plot_data,
     width_map,
 )
+from dynasearch.search.config import SearchConfig
 from dynasearch.search.run import run_search
-from dynasearch.search.study import SearchConfig
-from dynasearch.search_space import load_space
+from dynasearch.space.search_space import load_space
 
 
 def test_hypervolume_2d_by_hand() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .common import (
+    BenchConfig,
     BenchError,
     BenchResult,
     command_line,
@@ -23,6 +24,7 @@ from .common import (
     torch_threads,
     write_bench,
 )
+from .plots import plot_for
 from .proxy_ranking import RankingBenchConfig, bench_ranking, spread_subnets
 from .registry_flops import FlopsBenchConfig, bench_flops
 from .samplers import (
@@ -35,6 +37,7 @@ from .sandwich_overhead import TrainBenchConfig, bench_train
 from .subnet_latency import LatencyBenchConfig, bench_latency, uniform_at_ratio
 
 __all__ = [
+    "BenchConfig",
     "BenchError",
     "BenchResult",
     "FlopsBenchConfig",
@@ -61,6 +64,4 @@ __all__ = [
 
 def save_bench(result: BenchResult, out: str | Path = "results/bench") -> list[Path]:
     """Write a result's CSV(s), its figure and its JSON sidecar into `out`; returns the paths."""
-    from .plots import plot_for
-
     return write_bench(result, out, plot_for(result))

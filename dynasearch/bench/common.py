@@ -1,4 +1,5 @@
-"""What every benchmark shares: the result type, the machine record, thread control and the files written."""
+"""What every benchmark shares: the config base and its checks, where it runs (device, threads, the machine
+record), the result type, the command line that reproduces it and the files written."""
 
 from __future__ import annotations
 
@@ -20,7 +21,19 @@ from ..device import resolve_device
 from ..errors import DynasearchError
 from ..fileio import atomic_write_text
 
-__all__ = ["BenchError", "BenchResult", "machine_info", "command_line", "torch_threads", "resolve_device", "write_bench"]
+__all__ = [
+    "BenchConfig",
+    "BenchError",
+    "BenchResult",
+    "BenchRun",
+    "bench_run",
+    "check_positive",
+    "command_line",
+    "machine_info",
+    "resolve_device",
+    "torch_threads",
+    "write_bench",
+]
 
 
 class BenchError(DynasearchError):
@@ -120,6 +133,44 @@ def check_positive(**values: int | float | None) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise BenchError(f"--{key.replace('_', '-')} must be positive, got {value!r}")
+
+
+class BenchConfig:
+    """Base of every benchmark config (frozen dataclasses that keep their own fields, in their own order, since
+    that order is the one of the recorded settings and command line): the checks their `__post_init__` runs."""
+
+    def check_positive(self, *names: str) -> None:
+        """Raise BenchError naming the first of the fields `names` that is not a positive number (None passes)."""
+        check_positive(**{name: getattr(self, name) for name in names})
+
+    def check_non_negative(self, *names: str) -> None:
+        """Raise BenchError naming the first of the fields `names` that is below 0."""
+        for name in names:
+            if getattr(self, name) < 0:
+                raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+
+    def check_device(self) -> None:
+        """Raise BenchError unless the `device` field is cpu or cuda."""
+        device = self.device  # type: ignore[attr-defined]  # the configs that take a --device
+        if device not in ("cpu", "cuda"):
+            raise BenchError(f"--device must be cpu or cuda, got '{device}'")
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """Where a benchmark runs: the device, torch's intra-op thread count and the machine record."""
+
+    device: torch.device
+    threads: int
+    machine: dict[str, Any]
+
+
+@contextmanager
+def bench_run(device: str | torch.device, threads: int | None) -> Iterator[BenchRun]:
+    """Resolve the device, set torch's threads for the block (restored afterwards) and record the machine."""
+    resolved = resolve_device(device)
+    with torch_threads(threads) as count:
+        yield BenchRun(resolved, count, machine_info(resolved))
 
 
 def _jsonable(value: Any) -> Any:

@@ -25,6 +25,22 @@ def _save(fig: plt.Figure, path: Path, result: BenchResult) -> Path:
     return path
 
 
+def _dress(
+    ax: plt.Axes, xlabel: str | None = None, ylabel: str | None = None, title: str | None = None, title_size: int = 9,
+    legend: int | None = None, grid: str = "both",
+) -> None:
+    """Axis labels, a title, a light grid (on `grid`: both, x or y) and, given a font size, the legend."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if title is not None:
+        ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3, axis=grid)
+    if legend is not None:
+        ax.legend(fontsize=legend)
+
+
 def plot_latency(result: BenchResult, path: Path) -> Path:
     """Latency ratio against FLOPs ratio (the diagonal is 'speed-up = FLOPs saving', with the 10% band)."""
     t, s = result.table, result.summary
@@ -40,11 +56,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
                   zorder=5)
     a.set_xlim(0, 1.05)
     a.set_ylim(0, max(1.1, float(t["latency_ratio"].max()) * 1.05))
-    a.set_xlabel("FLOPs ratio (subnet / full)")
-    a.set_ylabel("latency ratio (subnet / full)")
-    a.set_title(f"{s['model']}, batch {s['batch']}, {s['device']} ({s['dtype']})", fontsize=9)
-    a.grid(alpha=0.3)
-    a.legend(fontsize=7)
+    _dress(a, "FLOPs ratio (subnet / full)", "latency ratio (subnet / full)",
+           f"{s['model']}, batch {s['batch']}, {s['device']} ({s['dtype']})", legend=7)
     sub = t[t["kind"] != "full"]
     colours = {"searched": "#1f4e8c", "mixed": "#2e8b57"}
     b.bar(range(len(sub)), sub["quotient"], color=[colours.get(k, "#e08b3a") for k in sub["kind"]])
@@ -52,10 +65,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     b.axhline(s.get("dydit_reference_quotient", 0.84), c="#c0392b", ls="--", lw=1, label="DyDiT-XL (0.84)")
     b.set_xticks(range(len(sub)))
     b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(sub["name"], sub["flops_ratio"])], fontsize=6, rotation=30)
-    b.set_ylabel("quotient = FLOPs ratio / latency ratio")
-    b.set_title("1.0: the speed-up equals the FLOPs saving", fontsize=9)
-    b.grid(alpha=0.3, axis="y")
-    b.legend(fontsize=7)
+    _dress(b, None, "quotient = FLOPs ratio / latency ratio", "1.0: the speed-up equals the FLOPs saving", legend=7,
+           grid="y")
     return _save(fig, path, result)
 
 
@@ -67,18 +78,14 @@ def plot_flops(result: BenchResult, path: Path) -> Path:
     a.bar(i - 0.2, t["gflops_fvcore"], 0.4, label="fvcore (+ attention handler)", color="#1f4e8c")
     a.bar(i + 0.2, t["gflops_closed_form"], 0.4, label="closed form", color="#e08b3a")
     a.set_yscale("log")
-    a.set_ylabel("GFLOPs (multiply-adds, batch 1)")
     a.set_xticks(i)
     a.set_xticklabels(t["model"], rotation=60, fontsize=7)
-    a.set_title(result.summary.get("data", ""), fontsize=9)
-    a.legend(fontsize=7)
-    a.grid(alpha=0.3, axis="y")
+    _dress(a, None, "GFLOPs (multiply-adds, batch 1)", result.summary.get("data", ""), legend=7, grid="y")
     b.bar(i, t["params_m"], color="#2e8b57")
     b.set_yscale("log")
-    b.set_ylabel("parameters (M, without token routers)")
     b.set_xticks(i)
     b.set_xticklabels(t["model"], rotation=60, fontsize=7)
-    b.grid(alpha=0.3, axis="y")
+    _dress(b, None, "parameters (M, without token routers)", grid="y")
     return _save(fig, path, result)
 
 
@@ -97,14 +104,11 @@ def plot_search(result: BenchResult, path: Path) -> Path:
         ax.axhline(s["random_feasible_final_hv_mean"], c="#777777", ls="-.", lw=1, label="random-feasible: final mean")
     trials = int(c["trial"].max())
     ax.axvline(trials / 3, c="#c0392b", ls=":", lw=1, label="1/3 of the trials")
-    ax.set_xlabel("trials")
-    ax.set_ylabel("hypervolume (GFLOPs x proxy loss)")
     ref = s["reference"]
     seeds = int(c.groupby("sampler")["seed"].nunique().max())
-    ax.set_title(f"{s['model']}, budget {s['budget_gflops']:.3g} GFLOPs; reference ({ref['gflops']:.3g}, "
-                 f"{ref['proxy_loss']:.4g}); mean of {seeds} seeds, band: min-max", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _dress(ax, "trials", "hypervolume (GFLOPs x proxy loss)",
+           f"{s['model']}, budget {s['budget_gflops']:.3g} GFLOPs; reference ({ref['gflops']:.3g}, "
+           f"{ref['proxy_loss']:.4g}); mean of {seeds} seeds, band: min-max", legend=8)
     return _save(fig, path, result)
 
 
@@ -117,8 +121,6 @@ def plot_ranking(result: BenchResult, path: Path) -> Path:
         ax.annotate(str(int(r["subnet"])), (r["inherited_loss"], r["finetuned_loss"]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     fig.colorbar(sc, ax=ax, label="FLOPs ratio")
-    ax.set_xlabel("inherited from the supernet: proxy-set loss")
-    ax.set_ylabel("fine-tuned alone: evaluation-set loss")
     tau, ci = s.get("kendall_tau"), s.get("tau_ci95") or [None, None]
 
     def fmt(value: float | None) -> str:
@@ -126,27 +128,24 @@ def plot_ranking(result: BenchResult, path: Path) -> Path:
         return "n/a" if value is None else f"{value:.2f}"
 
     p = s.get("p_value")
-    ax.set_title(f"{s['model']}: Kendall tau = {fmt(tau)} (p {'n/a' if p is None else f'{p:.2g}'}, bootstrap 95% "
-                 f"{fmt(ci[0])}..{fmt(ci[1])})\n"
-                 f"same evaluation set {fmt(s.get('kendall_tau_same_set'))}, proxy vs evaluation set "
-                 f"{fmt(s.get('kendall_tau_proxy_vs_evalset'))}, FLOPs only {fmt(s.get('kendall_tau_flops_baseline'))}",
-                 fontsize=8)
+    _dress(ax, "inherited from the supernet: proxy-set loss", "fine-tuned alone: evaluation-set loss",
+           f"{s['model']}: Kendall tau = {fmt(tau)} (p {'n/a' if p is None else f'{p:.2g}'}, bootstrap 95% "
+           f"{fmt(ci[0])}..{fmt(ci[1])})\n"
+           f"same evaluation set {fmt(s.get('kendall_tau_same_set'))}, proxy vs evaluation set "
+           f"{fmt(s.get('kendall_tau_proxy_vs_evalset'))}, FLOPs only {fmt(s.get('kendall_tau_flops_baseline'))}",
+           title_size=8)
     ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.yaxis.set_major_locator(plt.MaxNLocator(6))
-    ax.grid(alpha=0.3)
     order = t.sort_values("flops_ratio")
     bx.plot(order["flops_ratio"], order["inherited_eval_loss"], marker="o", label="inherited (evaluation set)")
     bx.plot(order["flops_ratio"], order["finetuned_loss"], marker="s", label="fine-tuned (evaluation set)")
     if "finetuned_loss_std" in order and (order["finetuned_loss_std"] > 0).any():
         bx.errorbar(order["flops_ratio"], order["finetuned_loss"], yerr=order["finetuned_loss_std"], fmt="none",
                     ecolor="#e08b3a", capsize=3)
-    bx.set_xlabel("FLOPs ratio (subnet / full)")
-    bx.set_ylabel("epsilon MSE")
     st = result.settings
-    bx.set_title(f"{st.get('finetune_steps')} steps, lr {st.get('lr')} {st.get('lr_schedule', '')}, "
-                 f"{st.get('finetune_seeds', 1)} seed(s)", fontsize=8)
-    bx.grid(alpha=0.3)
-    bx.legend(fontsize=7)
+    _dress(bx, "FLOPs ratio (subnet / full)", "epsilon MSE",
+           f"{st.get('finetune_steps')} steps, lr {st.get('lr')} {st.get('lr_schedule', '')}, "
+           f"{st.get('finetune_seeds', 1)} seed(s)", title_size=8, legend=7)
     return _save(fig, path, result)
 
 
@@ -159,15 +158,11 @@ def plot_train(result: BenchResult, path: Path) -> Path:
     a.bar(i + 0.2, t["ideal_ms"], 0.4, label="FLOPs-proportional ideal", color="#bbbbbb")
     a.set_xticks(i)
     a.set_xticklabels(t["part"], fontsize=7, rotation=20)
-    a.set_ylabel("fwd + bwd time (ms, median)")
-    a.legend(fontsize=7)
-    a.grid(alpha=0.3, axis="y")
+    _dress(a, None, "fwd + bwd time (ms, median)", legend=7, grid="y")
     b.plot(steps["step"], steps["overhead"], marker="o", c="#c0392b")
     b.axhline(1.0, c="black", lw=1)
-    b.set_xlabel("step")
-    b.set_ylabel("sandwich step / ideal")
-    b.set_title(f"{result.summary['model']}: median overhead {result.summary['overhead_median']:.2f}x", fontsize=9)
-    b.grid(alpha=0.3)
+    _dress(b, "step", "sandwich step / ideal",
+           f"{result.summary['model']}: median overhead {result.summary['overhead_median']:.2f}x")
     return _save(fig, path, result)
 
 

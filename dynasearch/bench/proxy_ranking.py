@@ -32,24 +32,32 @@ from scipy.stats import kendalltau
 
 from ..checkpoint.native import load_checkpoint, read_config
 from ..cost.flops import closed_form_flops
-from ..device import resolve_device
+from ..data import DatasetSplit
+from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
 from ..model.config import DiTConfig
+from ..model.dit import DiT
 from ..model.subnet import Subnet
-from ..search.proxy import ProxyEvaluator, build_proxy_set, dataset_from_run_config
-from ..search_space import DEFAULT_SPACE, SearchSpace, load_space
+from ..search.proxy import (
+    ProxyEvaluator,
+    ProxySet,
+    build_proxy_set,
+    dataset_from_run_config,
+)
+from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from ..slicing import slice_subnet
 from ..train.sandwich import draw_batch, sandwich_step
-from .common import (
-    BenchError,
-    BenchResult,
-    check_positive,
-    command_line,
-    machine_info,
-    torch_threads,
-)
+from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
-__all__ = ["RankingBenchConfig", "bench_ranking", "spread_subnets", "finetune", "finetune_lr", "kendall_bootstrap"]
+__all__ = [
+    "RankingBenchConfig",
+    "bench_ranking",
+    "finetune",
+    "finetune_lr",
+    "kendall_bootstrap",
+    "result_name",
+    "spread_subnets",
+]
 
 TAU_GOAL = 0.7
 LR_SCHEDULES = ("constant", "cosine")
@@ -58,7 +66,7 @@ EVAL_SEED_OFFSET = 1_000  # the evaluation set's seed is seed + this: independen
 
 
 @dataclass(frozen=True)
-class RankingBenchConfig:
+class RankingBenchConfig(BenchConfig):
     """Which supernet, how many subnets, how long to fine-tune each."""
 
     supernet: Path = Path("runs/demo")
@@ -84,15 +92,13 @@ class RankingBenchConfig:
             raise BenchError(f"--flops-range must be two FLOPs ratios LO,HI with 0 <= LO < HI <= 1, "
                              f"got {','.join(str(v) for v in r)}")
         object.__setattr__(self, "flops_range", (float(r[0]), float(r[1])))
-        check_positive(finetune_steps=self.finetune_steps, batch_size=self.batch_size, lr=self.lr,
-                       finetune_seeds=self.finetune_seeds, proxy_samples=self.proxy_samples,
-                       eval_samples=self.eval_samples, bootstrap=self.bootstrap, threads=self.threads)
+        self.check_positive("finetune_steps", "batch_size", "lr", "finetune_seeds", "proxy_samples", "eval_samples",
+                            "bootstrap", "threads")
         if self.lr_schedule not in LR_SCHEDULES:
             raise BenchError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 3:
             raise BenchError(f"--k must be an integer >= 3 (a rank correlation needs at least 3 subnets), got {self.k!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise BenchError(f"--device must be cpu or cuda, got '{self.device}'")
+        self.check_device()
 
 
 def spread_subnets(
@@ -193,6 +199,7 @@ def _tau(a: Any, b: Any) -> tuple[float | None, float | None]:
 
 
 def _space(cfg: RankingBenchConfig, doc: dict[str, Any]) -> SearchSpace:
+    """--space, else the space the supernet was trained on (or the default); checked against the training space."""
     trained = SearchSpace.from_dict(doc["space"], source=f"{cfg.supernet}/config.json") if doc.get("space") else None
     space = load_space(cfg.space) if cfg.space is not None else (trained or load_space(DEFAULT_SPACE))
     if trained is not None:
@@ -200,82 +207,111 @@ def _space(cfg: RankingBenchConfig, doc: dict[str, Any]) -> SearchSpace:
     return space
 
 
-def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
-    """Inherited vs fine-tuned loss of K subnets spread over the FLOPs range; Kendall tau between them."""
-    status = status or (lambda _m: None)
-    device = resolve_device(cfg.device)
-    with torch_threads(cfg.threads) as threads:
-        machine = machine_info(device)
-        doc = read_config(cfg.supernet)
-        supernet = load_checkpoint(cfg.supernet, device=device)
-        if supernet.config.is_sliced:
-            raise BenchError(f"'{cfg.supernet}' is a sliced model; ranking needs a supernet (a training run directory)")
-        config = supernet.config
-        space = _space(cfg, doc)
-        space.validate_for(config)
-        split = dataset_from_run_config(doc)
-        diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
-        proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.proxy_samples, seed=cfg.seed)
-        evalset = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.eval_samples,
-                                  seed=cfg.seed + EVAL_SEED_OFFSET)
-        inherited_proxy, inherited_eval = ProxyEvaluator(supernet, proxy), ProxyEvaluator(supernet, evalset)
-        full = closed_form_flops(config)
-        rows: list[dict[str, Any]] = []
-        runs: list[dict[str, Any]] = []
-        for i, subnet in enumerate(spread_subnets(space, config, cfg.k, cfg.seed, flops_range=cfg.flops_range)):
-            inherited, inherited_e = inherited_proxy(subnet), inherited_eval(subnet)
-            start = time.perf_counter()
-            for r in range(cfg.finetune_seeds):
-                status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: {cfg.finetune_steps} steps")
-                torch.manual_seed(cfg.seed + r)
-                small = slice_subnet(supernet, subnet)
-                losses = finetune(small, split, diffusion, cfg.finetune_steps, cfg.batch_size, cfg.lr, cfg.seed + r,
-                                  device, cfg.lr_schedule)
-                runs.append({
-                    "subnet": i,
-                    "finetune_seed": cfg.seed + r,
-                    "finetuned_loss": ProxyEvaluator(small, evalset)(),
-                    "finetuned_proxy_loss": ProxyEvaluator(small, proxy)(),
-                    "train_loss_last": float(np.mean(losses[-10:])),
-                })
-                del small
-            mine = [x for x in runs if x["subnet"] == i]
-            tuned = float(np.mean([x["finetuned_loss"] for x in mine]))
-            flops = closed_form_flops(config, subnet)
-            rows.append({
-                "subnet": i,
-                "describe": subnet.describe(config),
-                "gflops": flops / 1e9,
-                "flops_ratio": flops / full,
-                "inherited_loss": inherited,
-                "finetuned_loss": tuned,
-                "inherited_eval_loss": inherited_e,
-                "finetuned_proxy_loss": float(np.mean([x["finetuned_proxy_loss"] for x in mine])),
-                "finetuned_loss_std": float(np.std([x["finetuned_loss"] for x in mine])),
-                "improvement": (inherited_e - tuned) / inherited_e if inherited_e else np.nan,
-                "train_loss_last": float(np.mean([x["train_loss_last"] for x in mine])),
-                "finetune_s": time.perf_counter() - start,
-                "subnet_json": subnet.to_json(),
-            })
+@dataclass
+class _Setup:
+    """The supernet, its space and training data, and the two scored sets: the search's proxy set and the
+    separate evaluation set (another seed)."""
+
+    supernet: DiT
+    space: SearchSpace
+    split: DatasetSplit
+    diffusion: GaussianDiffusion
+    proxy: ProxySet
+    evalset: ProxySet
+
+
+def _setup(cfg: RankingBenchConfig, device: torch.device) -> _Setup:
+    """Load and check the supernet, its space and data; build the proxy set and the evaluation set."""
+    doc = read_config(cfg.supernet)
+    supernet = load_checkpoint(cfg.supernet, device=device)
+    if supernet.config.is_sliced:
+        raise BenchError(f"'{cfg.supernet}' is a sliced model; ranking needs a supernet (a training run directory)")
+    space = _space(cfg, doc)
+    space.validate_for(supernet.config)
+    split = dataset_from_run_config(doc)
+    diffusion = diffusion_for(supernet.config)
+    proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.proxy_samples, seed=cfg.seed)
+    evalset = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.eval_samples,
+                              seed=cfg.seed + EVAL_SEED_OFFSET)
+    return _Setup(supernet, space, split, diffusion, proxy, evalset)
+
+
+def _finetune_runs(
+    cfg: RankingBenchConfig, setup: _Setup, i: int, subnet: Subnet, device: torch.device, status: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Slice subnet `i` out and fine-tune it once per fine-tune seed; each run's losses on both sets."""
+    runs = []
+    for r in range(cfg.finetune_seeds):
+        status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: {cfg.finetune_steps} steps")
+        torch.manual_seed(cfg.seed + r)
+        small = slice_subnet(setup.supernet, subnet)
+        losses = finetune(small, setup.split, setup.diffusion, cfg.finetune_steps, cfg.batch_size, cfg.lr,
+                          cfg.seed + r, device, cfg.lr_schedule)
+        runs.append({
+            "subnet": i,
+            "finetune_seed": cfg.seed + r,
+            "finetuned_loss": ProxyEvaluator(small, setup.evalset)(),
+            "finetuned_proxy_loss": ProxyEvaluator(small, setup.proxy)(),
+            "train_loss_last": float(np.mean(losses[-10:])),
+        })
+        del small
+    return runs
+
+
+def _subnet_row(
+    i: int, subnet: Subnet, config: DiTConfig, inherited: float, inherited_e: float, runs: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    """One subnet's FLOPs, inherited losses and fine-tuned losses (means over its fine-tune runs)."""
+    tuned = float(np.mean([x["finetuned_loss"] for x in runs]))
+    flops = closed_form_flops(config, subnet)
+    return {
+        "subnet": i,
+        "describe": subnet.describe(config),
+        "gflops": flops / 1e9,
+        "flops_ratio": flops / closed_form_flops(config),
+        "inherited_loss": inherited,
+        "finetuned_loss": tuned,
+        "inherited_eval_loss": inherited_e,
+        "finetuned_proxy_loss": float(np.mean([x["finetuned_proxy_loss"] for x in runs])),
+        "finetuned_loss_std": float(np.std([x["finetuned_loss"] for x in runs])),
+        "improvement": (inherited_e - tuned) / inherited_e if inherited_e else np.nan,
+        "train_loss_last": float(np.mean([x["train_loss_last"] for x in runs])),
+        "finetune_s": seconds,
+        "subnet_json": subnet.to_json(),
+    }
+
+
+def _ranked(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The subnet rows with each subnet's rank by inherited and by fine-tuned loss."""
     table = pd.DataFrame(rows)
-    runs_df = pd.DataFrame(runs)
     table.insert(6, "rank_inherited", table["inherited_loss"].rank(method="min").astype(int))
     table.insert(7, "rank_finetuned", table["finetuned_loss"].rank(method="min").astype(int))
+    return table
+
+
+def _seed_taus(runs: pd.DataFrame) -> list[float]:
+    """Kendall tau between the fine-tuned losses of every pair of fine-tune seeds (defined ones only)."""
+    wide = runs.pivot(index="subnet", columns="finetune_seed", values="finetuned_loss")
+    taus = []
+    for a in range(wide.shape[1]):
+        for b in range(a + 1, wide.shape[1]):
+            t_ab, _ = _tau(wide.iloc[:, a], wide.iloc[:, b])
+            if t_ab is not None:
+                taus.append(t_ab)
+    return taus
+
+
+def _summary(cfg: RankingBenchConfig, table: pd.DataFrame, runs: pd.DataFrame) -> dict[str, Any]:
+    """Kendall tau (with p-value and bootstrap interval) and the taus that bound it, the goal and the spreads."""
     tau, p = _tau(table["inherited_loss"], table["finetuned_loss"])
     lo, hi = kendall_bootstrap(table["inherited_loss"].to_numpy(float), table["finetuned_loss"].to_numpy(float),
                                cfg.bootstrap, cfg.seed)
     tau_same, p_same = _tau(table["inherited_eval_loss"], table["finetuned_loss"])
     tau_reliability, _ = _tau(table["inherited_loss"], table["inherited_eval_loss"])
     tau_flops, _ = _tau(-table["gflops"], table["finetuned_loss"])
-    seed_taus = []
-    if cfg.finetune_seeds > 1:
-        wide = runs_df.pivot(index="subnet", columns="finetune_seed", values="finetuned_loss")
-        for a in range(wide.shape[1]):
-            for b in range(a + 1, wide.shape[1]):
-                t_ab, _ = _tau(wide.iloc[:, a], wide.iloc[:, b])
-                if t_ab is not None:
-                    seed_taus.append(t_ab)
-    summary = {
+    seed_taus = _seed_taus(runs) if cfg.finetune_seeds > 1 else []
+    return {
         "kendall_tau": tau,
         "p_value": p,
         "tau_ci95": [lo, hi],
@@ -289,25 +325,47 @@ def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None 
         "flops_ratio_range": [float(table["flops_ratio"].min()), float(table["flops_ratio"].max())],
         "inherited_loss_spread": float(table["inherited_loss"].max() - table["inherited_loss"].min()),
         "mean_improvement": float(table["improvement"].mean()),
-        "model": config.name,
-        "space": space.name,
-        "threads": threads,
     }
-    notes = ["kendall_tau: inherited loss on the proxy set (what the search sees) against the fine-tuned loss on the "
-             "separate evaluation set; kendall_tau_same_set: both on the evaluation set (weight sharing alone, "
-             "without the proxy set's sampling noise)",
-             "kendall_tau_proxy_vs_evalset: inherited weights on the proxy set against the evaluation set; it bounds "
-             "what kendall_tau can reach",
-             "kendall_tau_flops_baseline ranks by FLOPs alone (more FLOPs = better): over a wide FLOPs range it is "
-             "high too; --flops-range LO,HI (e.g. 0.45,0.55) ranks subnets of about one budget, what a search decides",
-             "improvement = relative drop of the evaluation-set loss by fine-tuning; near 0 means the fine-tune barely "
-             "moved the weights and tau says little"]
+
+
+_NOTES = [
+    "kendall_tau: inherited loss on the proxy set (what the search sees) against the fine-tuned loss on the "
+    "separate evaluation set; kendall_tau_same_set: both on the evaluation set (weight sharing alone, "
+    "without the proxy set's sampling noise)",
+    "kendall_tau_proxy_vs_evalset: inherited weights on the proxy set against the evaluation set; it bounds "
+    "what kendall_tau can reach",
+    "kendall_tau_flops_baseline ranks by FLOPs alone (more FLOPs = better): over a wide FLOPs range it is "
+    "high too; --flops-range LO,HI (e.g. 0.45,0.55) ranks subnets of about one budget, what a search decides",
+    "improvement = relative drop of the evaluation-set loss by fine-tuning; near 0 means the fine-tune barely "
+    "moved the weights and tau says little",
+]
+
+
+def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
+    """Inherited vs fine-tuned loss of K subnets spread over the FLOPs range; Kendall tau between them."""
+    status = status or (lambda _m: None)
+    with bench_run(cfg.device, cfg.threads) as run:
+        setup = _setup(cfg, run.device)
+        config = setup.supernet.config
+        inherited_proxy = ProxyEvaluator(setup.supernet, setup.proxy)
+        inherited_eval = ProxyEvaluator(setup.supernet, setup.evalset)
+        rows: list[dict[str, Any]] = []
+        runs: list[dict[str, Any]] = []
+        for i, subnet in enumerate(spread_subnets(setup.space, config, cfg.k, cfg.seed, flops_range=cfg.flops_range)):
+            inherited, inherited_e = inherited_proxy(subnet), inherited_eval(subnet)
+            start = time.perf_counter()
+            mine = _finetune_runs(cfg, setup, i, subnet, run.device, status)
+            runs += mine
+            rows.append(_subnet_row(i, subnet, config, inherited, inherited_e, mine, time.perf_counter() - start))
+    table, runs_df = _ranked(rows), pd.DataFrame(runs)
+    summary = {**_summary(cfg, table, runs_df), "model": config.name, "space": setup.space.name,
+               "threads": run.threads}
     settings = {**asdict(cfg), "flops_range": list(cfg.flops_range)}
-    return BenchResult(_result_name(cfg), table, summary, settings, command_line("ranking", cfg), machine,
-                       extra={"runs": runs_df}, notes=notes)
+    return BenchResult(result_name(cfg), table, summary, settings, command_line("ranking", cfg), run.machine,
+                       extra={"runs": runs_df}, notes=list(_NOTES))
 
 
-def _result_name(cfg: RankingBenchConfig) -> str:
+def result_name(cfg: RankingBenchConfig) -> str:
     """File stem: ranking, plus the FLOPs range and the proxy size where they differ from the defaults."""
     name = "ranking"
     if cfg.flops_range != (0.0, 1.0):

@@ -17,14 +17,7 @@ import torch
 from ..cost.flops import closed_form_flops, closed_form_params, count_flops
 from ..model.config import DIT_CONFIGS, get_config
 from ..model.dit import DiT
-from .common import (
-    BenchError,
-    BenchResult,
-    check_positive,
-    command_line,
-    machine_info,
-    torch_threads,
-)
+from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
 __all__ = ["FlopsBenchConfig", "bench_flops"]
 
@@ -33,7 +26,7 @@ _HEAVY = {"aten::scaled_dot_product_attention", "aten::matmul", "aten::bmm", "at
 
 
 @dataclass(frozen=True)
-class FlopsBenchConfig:
+class FlopsBenchConfig(BenchConfig):
     """Which registry models, at which data sizes."""
 
     models: tuple[str, ...] = tuple(DIT_CONFIGS)
@@ -44,8 +37,7 @@ class FlopsBenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check_positive(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                       batch=self.batch, threads=self.threads)
+        self.check_positive("input_size", "in_channels", "num_classes", "batch", "threads")
         if not self.models:
             raise BenchError("--models must name at least one registry model")
         unknown = [m for m in self.models if m not in DIT_CONFIGS]
@@ -53,46 +45,51 @@ class FlopsBenchConfig:
             raise BenchError(f"--models: unknown model '{unknown[0]}'; choose from: {', '.join(DIT_CONFIGS)}")
 
 
+def _count(name: str, cfg: FlopsBenchConfig) -> tuple[dict[str, Any], set[str]]:
+    """Build one registry model (seeded, no grad) and count it both ways; its row and the ops fvcore skipped."""
+    config = get_config(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = DiT(config).eval()
+    built = time.perf_counter() - start
+    start = time.perf_counter()
+    with torch.no_grad():
+        counted = count_flops(model, batch=cfg.batch)
+    seconds = time.perf_counter() - start
+    routers = sum(p.numel() for n, p in model.named_parameters() if ".token_router." in n)
+    params = sum(p.numel() for p in model.parameters())
+    closed = closed_form_flops(config, batch=cfg.batch)
+    params_closed = closed_form_params(config, routers=False)
+    row = {
+        "model": name,
+        "depth": config.depth,
+        "width": config.hidden_size,
+        "heads": config.num_heads,
+        "patch": config.patch_size,
+        "tokens": config.num_tokens,
+        "params_m": (params - routers) / 1e6,
+        "params_m_closed_form": params_closed / 1e6,
+        "params_match": params - routers == params_closed,
+        "router_params_m": routers / 1e6,
+        "gflops_fvcore": counted.total / 1e9,
+        "gflops_closed_form": closed / 1e9,
+        "match": counted.total == closed,
+        "build_s": built,
+        "count_s": seconds,
+    }
+    return row, set(counted.skipped_ops)
+
+
 def bench_flops(cfg: FlopsBenchConfig) -> BenchResult:
     """One row per model: GFLOPs by fvcore and by the closed form, parameters counted and in closed form."""
     rows: list[dict[str, Any]] = []
     skipped: set[str] = set()
-    with torch_threads(cfg.threads):
-        machine = machine_info("cpu")
-        for name in cfg.models:
-            config = get_config(name, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
-            start = time.perf_counter()
-            torch.manual_seed(0)
-            with torch.no_grad():
-                model = DiT(config).eval()
-            built = time.perf_counter() - start
-            start = time.perf_counter()
-            with torch.no_grad():
-                counted = count_flops(model, batch=cfg.batch)
-            seconds = time.perf_counter() - start
-            routers = sum(p.numel() for n, p in model.named_parameters() if ".token_router." in n)
-            params = sum(p.numel() for p in model.parameters())
-            closed = closed_form_flops(config, batch=cfg.batch)
-            params_closed = closed_form_params(config, routers=False)
-            rows.append({
-                "model": name,
-                "depth": config.depth,
-                "width": config.hidden_size,
-                "heads": config.num_heads,
-                "patch": config.patch_size,
-                "tokens": config.num_tokens,
-                "params_m": (params - routers) / 1e6,
-                "params_m_closed_form": params_closed / 1e6,
-                "params_match": params - routers == params_closed,
-                "router_params_m": routers / 1e6,
-                "gflops_fvcore": counted.total / 1e9,
-                "gflops_closed_form": closed / 1e9,
-                "match": counted.total == closed,
-                "build_s": built,
-                "count_s": seconds,
-            })
-            skipped.update(counted.skipped_ops)
-            del model
+    with bench_run("cpu", cfg.threads) as run:
+        for name in cfg.models:  # one model at a time, freed before the next
+            row, ops = _count(name, cfg)
+            rows.append(row)
+            skipped.update(ops)
     table = pd.DataFrame(rows)
     summary = {
         "models": len(table),
@@ -109,4 +106,4 @@ def bench_flops(cfg: FlopsBenchConfig) -> BenchResult:
         notes.append(f"fvcore skipped compute-heavy ops it has no handler for: {', '.join(heavy)}")
     settings = {**asdict(cfg), "models": list(cfg.models)}
     command = command_line("flops", cfg, **({"models": "all"} if cfg.models == tuple(DIT_CONFIGS) else {}))
-    return BenchResult("flops", table, summary, settings, command, machine, notes=notes)
+    return BenchResult("flops", table, summary, settings, command, run.machine, notes=notes)

@@ -27,25 +27,13 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from ..device import resolve_device
 from ..model.subnet import Subnet
 from ..report.data import hypervolume_2d
-from ..search.study import (
-    SAMPLERS,
-    SearchConfig,
-    make_objective,
-    make_sampler,
-    prepare_search,
-    seed_study,
-)
-from .common import (
-    BenchError,
-    BenchResult,
-    check_positive,
-    command_line,
-    machine_info,
-    torch_threads,
-)
+from ..search.config import SAMPLERS, SearchConfig
+from ..search.context import prepare_search
+from ..search.objective import make_objective
+from ..search.study import make_sampler, seed_study
+from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
 __all__ = ["SearchBenchConfig", "CachedEvaluator", "bench_search", "feasible_draws", "hypervolume_curve", "trials_to_reach"]
 
@@ -56,7 +44,7 @@ MAX_REDRAWS = 10_000
 
 
 @dataclass(frozen=True)
-class SearchBenchConfig:
+class SearchBenchConfig(BenchConfig):
     """Which supernet and budget, which samplers, how many trials and seeds."""
 
     supernet: Path = Path("runs/demo")
@@ -72,14 +60,13 @@ class SearchBenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check_positive(trials=self.trials, seeds=self.seeds, proxy_samples=self.proxy_samples, threads=self.threads)
+        self.check_positive("trials", "seeds", "proxy_samples", "threads")
         if not self.samplers:
             raise BenchError(f"--samplers must name at least one of {', '.join(BENCH_SAMPLERS)}")
         for s in self.samplers:
             if s not in BENCH_SAMPLERS:
                 raise BenchError(f"--samplers: unknown sampler '{s}'; choose from {', '.join(BENCH_SAMPLERS)}")
-        if self.device not in ("cpu", "cuda"):
-            raise BenchError(f"--device must be cpu or cuda, got '{self.device}'")
+        self.check_device()
         if len(set(self.samplers)) != len(self.samplers):
             raise BenchError(f"--samplers names a sampler twice: {','.join(self.samplers)}")
 
@@ -139,6 +126,7 @@ def feasible_draws(ctx: Any, n: int, seed: int) -> list[dict[str, float]]:
 
 
 def _run(ctx: Any, sampler: str, seed: int, trials: int, enqueue: bool) -> pd.DataFrame:
+    """One in-memory study of `trials` trials (random-feasible: random with pre-drawn feasible trials); a row each."""
     optuna_sampler = "random" if sampler == RANDOM_FEASIBLE else sampler
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(optuna_sampler, seed, trials))
     if enqueue:
@@ -162,34 +150,25 @@ def _run(ctx: Any, sampler: str, seed: int, trials: int, enqueue: bool) -> pd.Da
     return pd.DataFrame(rows)
 
 
-def bench_search(cfg: SearchBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
-    """Run every sampler over `seeds` seeds; hypervolume curves and trials needed to reach random search's final HV."""
-    status = status or (lambda _m: None)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with torch_threads(cfg.threads) as threads:
-        machine = machine_info(resolve_device(cfg.device))
-        search_cfg = SearchConfig(supernet=cfg.supernet, flops=cfg.flops, out=Path("."), space=cfg.space,
-                                  trials=cfg.trials, proxy_samples=cfg.proxy_samples, seed=cfg.seed, device=cfg.device)
-        ctx = prepare_search(search_cfg)
-        cached = CachedEvaluator(ctx.evaluator)
-        ctx = dataclasses.replace(ctx, evaluator=cached)
-        runs: list[pd.DataFrame] = []
-        for sampler in cfg.samplers:
-            for s in range(cfg.seeds):
-                status(f"{sampler}, seed {cfg.seed + s}: {cfg.trials} trials")
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    df = _run(ctx, sampler, cfg.seed + s, cfg.trials, cfg.enqueue)
-                df.insert(0, "seed", cfg.seed + s)
-                df.insert(0, "sampler", sampler)
-                df["run_seconds"] = time.perf_counter() - start
-                runs.append(df)
-    curves = pd.concat(runs, ignore_index=True)
-    losses = curves["proxy_loss"].dropna()
-    if losses.empty:
-        raise BenchError("no trial of any run finished; nothing to measure")
-    reference = (ctx.budget / 1e9, float(losses.max()))
+def _run_all(cfg: SearchBenchConfig, ctx: Any, status: Callable[[str], None]) -> pd.DataFrame:
+    """Every (sampler, seed) run's trials, one after the other, with the run's wall time."""
+    runs: list[pd.DataFrame] = []
+    for sampler in cfg.samplers:
+        for s in range(cfg.seeds):
+            status(f"{sampler}, seed {cfg.seed + s}: {cfg.trials} trials")
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                df = _run(ctx, sampler, cfg.seed + s, cfg.trials, cfg.enqueue)
+            df.insert(0, "seed", cfg.seed + s)
+            df.insert(0, "sampler", sampler)
+            df["run_seconds"] = time.perf_counter() - start
+            runs.append(df)
+    return pd.concat(runs, ignore_index=True)
+
+
+def _add_curves(curves: pd.DataFrame, reference: tuple[float, float]) -> None:
+    """Add each run's hypervolume and best feasible loss after every trial (in place; nan before the first)."""
     hv, best = [], []
     for _, run in curves.groupby(["sampler", "seed"], sort=False):
         hv.append(hypervolume_curve(run["gflops"].to_numpy(float), run["proxy_loss"].to_numpy(float),
@@ -200,34 +179,58 @@ def bench_search(cfg: SearchBenchConfig, status: Callable[[str], None] | None = 
     curves["best_feasible_loss"] = np.concatenate(best)
     curves.loc[~np.isfinite(curves["best_feasible_loss"]), "best_feasible_loss"] = np.nan
 
+
+def _sampler_row(
+    cfg: SearchBenchConfig, sampler: str, curves: pd.DataFrame, mean: pd.Series, random_final: float | None,
+    strong_final: float | None,
+) -> dict[str, Any]:
+    """One sampler's final hypervolume and loss over its seeds, and the trials it needs to reach random's final."""
+    runs_of = curves[curves["sampler"] == sampler]
+    finals = runs_of.groupby("seed")["hypervolume"].last()
+    best_final = runs_of.groupby("seed")["best_feasible_loss"].last()
+    reach = trials_to_reach(mean[sampler].to_numpy(), random_final) if random_final is not None else None
+    per_seed = ([trials_to_reach(run["hypervolume"].to_numpy(), random_final) for _, run in runs_of.groupby("seed")]
+                if random_final is not None else [])
+    strong = trials_to_reach(mean[sampler].to_numpy(), strong_final) if strong_final is not None else None
+    return {
+        "sampler": sampler,
+        "seeds": cfg.seeds,
+        "trials": cfg.trials,
+        "feasible_fraction": float(runs_of["feasible"].mean()),
+        "final_hv_mean": float(finals.mean()),
+        "final_hv_std": float(finals.std(ddof=0)),
+        "best_loss_mean": float(best_final.mean()),
+        "trials_to_random_final": reach,
+        "fraction_of_trials": reach / cfg.trials if reach is not None else None,
+        "goal_met": bool(reach is not None and reach <= GOAL_FRACTION * cfg.trials),
+        "trials_to_random_final_per_seed": " ".join("-" if r is None else str(r) for r in per_seed),
+        "seeds_within_third": sum(r is not None and r <= GOAL_FRACTION * cfg.trials for r in per_seed),
+        "trials_to_random_feasible_final": strong,
+        "seconds_per_run": float(runs_of.groupby("seed")["run_seconds"].first().mean()),
+    }
+
+
+def bench_search(cfg: SearchBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
+    """Run every sampler over `seeds` seeds; hypervolume curves and trials needed to reach random search's final HV."""
+    status = status or (lambda _m: None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with bench_run(cfg.device, cfg.threads) as run:
+        search_cfg = SearchConfig(supernet=cfg.supernet, flops=cfg.flops, out=Path("."), space=cfg.space,
+                                  trials=cfg.trials, proxy_samples=cfg.proxy_samples, seed=cfg.seed, device=cfg.device)
+        ctx = prepare_search(search_cfg)
+        cached = CachedEvaluator(ctx.evaluator)
+        ctx = dataclasses.replace(ctx, evaluator=cached)
+        curves = _run_all(cfg, ctx, status)
+    losses = curves["proxy_loss"].dropna()
+    if losses.empty:
+        raise BenchError("no trial of any run finished; nothing to measure")
+    reference = (ctx.budget / 1e9, float(losses.max()))
+    _add_curves(curves, reference)
+
     mean = curves.groupby(["sampler", "trial"], sort=False)["hypervolume"].mean()
     random_final = float(mean["random"].iloc[-1]) if "random" in cfg.samplers else None
     strong_final = float(mean[RANDOM_FEASIBLE].iloc[-1]) if RANDOM_FEASIBLE in cfg.samplers else None
-    rows: list[dict[str, Any]] = []
-    for sampler in cfg.samplers:
-        runs_of = curves[curves["sampler"] == sampler]
-        finals = runs_of.groupby("seed")["hypervolume"].last()
-        best_final = runs_of.groupby("seed")["best_feasible_loss"].last()
-        reach = trials_to_reach(mean[sampler].to_numpy(), random_final) if random_final is not None else None
-        per_seed = ([trials_to_reach(run["hypervolume"].to_numpy(), random_final) for _, run in runs_of.groupby("seed")]
-                    if random_final is not None else [])
-        strong = trials_to_reach(mean[sampler].to_numpy(), strong_final) if strong_final is not None else None
-        rows.append({
-            "sampler": sampler,
-            "seeds": cfg.seeds,
-            "trials": cfg.trials,
-            "feasible_fraction": float(runs_of["feasible"].mean()),
-            "final_hv_mean": float(finals.mean()),
-            "final_hv_std": float(finals.std(ddof=0)),
-            "best_loss_mean": float(best_final.mean()),
-            "trials_to_random_final": reach,
-            "fraction_of_trials": reach / cfg.trials if reach is not None else None,
-            "goal_met": bool(reach is not None and reach <= GOAL_FRACTION * cfg.trials),
-            "trials_to_random_final_per_seed": " ".join("-" if r is None else str(r) for r in per_seed),
-            "seeds_within_third": sum(r is not None and r <= GOAL_FRACTION * cfg.trials for r in per_seed),
-            "trials_to_random_feasible_final": strong,
-            "seconds_per_run": float(runs_of.groupby("seed")["run_seconds"].first().mean()),
-        })
+    rows = [_sampler_row(cfg, sampler, curves, mean, random_final, strong_final) for sampler in cfg.samplers]
     table = pd.DataFrame(rows)
     notes = []
     if random_final is None:
@@ -244,7 +247,7 @@ def bench_search(cfg: SearchBenchConfig, status: Callable[[str], None] | None = 
         "all_optuna_samplers_met_goal": bool(len(optuna_rows) and optuna_rows["goal_met"].all()),
         "distinct_subnets_evaluated": len(cached.cache),
         "cache_hits": cached.hits,
-        "threads": threads,
+        "threads": run.threads,
         "space": ctx.space.name,
         "model": ctx.model.config.name,
     }
@@ -252,5 +255,5 @@ def bench_search(cfg: SearchBenchConfig, status: Callable[[str], None] | None = 
     curves = curves.drop(columns=["run_seconds"])
     mean_curves = mean.unstack(level=0)[list(cfg.samplers)].reset_index()  # trial, one mean-HV column per sampler
     mean_curves.columns.name = None
-    return BenchResult("search", table, summary, settings, command_line("search", cfg), machine,
+    return BenchResult("search", table, summary, settings, command_line("search", cfg), run.machine,
                        extra={"curves": curves, "mean": mean_curves}, notes=notes)

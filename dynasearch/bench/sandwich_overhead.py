@@ -19,27 +19,21 @@ import torch
 
 from ..cost.flops import closed_form_flops
 from ..data import load_dataset, parse_data_spec
-from ..device import resolve_device
+from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
-from ..model.config import get_config
+from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
-from ..search_space import DEFAULT_SPACE, load_space
+from ..model.subnet import Subnet
+from ..space import DEFAULT_SPACE, load_space
 from ..train.config import DATA_SPLIT_SEED
-from ..train.sandwich import draw_batch, sandwich_step, sandwich_subnets
-from .common import (
-    BenchError,
-    BenchResult,
-    check_positive,
-    command_line,
-    machine_info,
-    torch_threads,
-)
+from ..train.sandwich import TrainBatch, draw_batch, sandwich_step, sandwich_subnets
+from .common import BenchConfig, BenchResult, bench_run, command_line
 
 __all__ = ["TrainBenchConfig", "bench_train"]
 
 
 @dataclass(frozen=True)
-class TrainBenchConfig:
+class TrainBenchConfig(BenchConfig):
     """Which model and data, how many timed steps."""
 
     model: str = "DiT-T/2"
@@ -56,14 +50,9 @@ class TrainBenchConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        check_positive(steps=self.steps, batch_size=self.batch_size, image_size=self.image_size, threads=self.threads)
-        for key in ("warmup", "sandwich"):
-            if getattr(self, key) < 0:
-                raise BenchError(f"--{key} must be 0 or more, got {getattr(self, key)}")
-        if self.distill < 0:
-            raise BenchError(f"--distill must be 0 or more, got {self.distill}")
-        if self.device not in ("cpu", "cuda"):
-            raise BenchError(f"--device must be cpu or cuda, got '{self.device}'")
+        self.check_positive("steps", "batch_size", "image_size", "threads")
+        self.check_non_negative("warmup", "sandwich", "distill")
+        self.check_device()
 
 
 def _sync(device: torch.device) -> None:
@@ -71,56 +60,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
-    """Per-role fwd+bwd time against the FLOPs-proportional ideal, and the whole step's overhead."""
-    status = status or (lambda _m: None)
-    device = resolve_device(cfg.device)
-    with torch_threads(cfg.threads) as threads:
-        machine = machine_info(device)
-        split = load_dataset(parse_data_spec(cfg.data), image_size=cfg.image_size, seed=DATA_SPLIT_SEED)
-        config = get_config(cfg.model, input_size=split.image_size, in_channels=split.in_channels,
-                            num_classes=split.num_classes)
-        space = load_space(cfg.space)
-        space.validate_for(config)
-        torch.manual_seed(cfg.seed)
-        model = DiT(config).to(device).train()
-        diffusion = GaussianDiffusion(learn_sigma=config.learn_sigma)
-        dtype = torch.bfloat16 if device.type == "cuda" else None
-        steps: list[dict[str, Any]] = []
-        roles: list[dict[str, Any]] = []
-        for step in range(1, cfg.warmup + cfg.steps + 1):
-            status(f"step {step}/{cfg.warmup + cfg.steps}" + (" (warm-up)" if step <= cfg.warmup else ""))
-            batch = draw_batch(split, diffusion, cfg.seed, step, cfg.batch_size, config.class_dropout_prob).to(device)
-            subnets = sandwich_subnets(space, config, cfg.seed, step, cfg.sandwich)
-            model.zero_grad(set_to_none=True)
-            _sync(device)
-            start = time.perf_counter()
-            sandwich_step(model, diffusion, batch, subnets, cfg.distill, dtype)
-            _sync(device)
-            measured = time.perf_counter() - start
-            alone = []
-            for name, subnet in subnets:
-                model.zero_grad(set_to_none=True)
-                _sync(device)
-                start = time.perf_counter()
-                sandwich_step(model, diffusion, batch, [(name, subnet)], cfg.distill, dtype)
-                _sync(device)
-                alone.append(time.perf_counter() - start)
-            if step <= cfg.warmup:
-                continue
-            flops = [closed_form_flops(config, s, batch=cfg.batch_size) for _, s in subnets]
-            largest = flops[0]
-            ideal = sum(flops) / largest * alone[0]
-            steps.append({"step": step, "sandwich_ms": measured * 1e3, "alone_sum_ms": sum(alone) * 1e3,
-                          "ideal_ms": ideal * 1e3, "overhead": measured / ideal, "gflops": sum(flops) / 1e9})
-            for (name, _), f, sec in zip(subnets, flops, alone):
-                role = "random" if name.startswith("random") else name
-                ideal_role = f / largest * alone[0]
-                roles.append({"step": step, "role": role, "subnet": name, "gflops": f / 1e9, "ms": sec * 1e3,
-                              "ideal_ms": ideal_role * 1e3, "time_over_ideal": sec / ideal_role})
+def _timed_step(
+    model: DiT, diffusion: GaussianDiffusion, batch: TrainBatch, subnets: list[tuple[str, Subnet]],
+    cfg: TrainBenchConfig, dtype: torch.dtype | None,
+) -> tuple[float, list[float]]:
+    """Seconds of the whole sandwich step, then of each subnet's forward + backward on its own (same batch)."""
+    device = next(model.parameters()).device
+    times = []
+    for part in [subnets, *([one] for one in subnets)]:
         model.zero_grad(set_to_none=True)
-    per_step = pd.DataFrame(steps)
-    per_role = pd.DataFrame(roles)
+        _sync(device)
+        start = time.perf_counter()
+        sandwich_step(model, diffusion, batch, part, cfg.distill, dtype)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times[0], times[1:]
+
+
+def _step_rows(
+    step: int, subnets: list[tuple[str, Subnet]], config: DiTConfig, cfg: TrainBenchConfig, measured: float,
+    alone: list[float],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The step's row (sandwich against ideal) and one row per subnet (its time against its FLOPs-share ideal)."""
+    flops = [closed_form_flops(config, s, batch=cfg.batch_size) for _, s in subnets]
+    largest = flops[0]
+    ideal = sum(flops) / largest * alone[0]
+    step_row = {"step": step, "sandwich_ms": measured * 1e3, "alone_sum_ms": sum(alone) * 1e3,
+                "ideal_ms": ideal * 1e3, "overhead": measured / ideal, "gflops": sum(flops) / 1e9}
+    roles = []
+    for (name, _), f, sec in zip(subnets, flops, alone):
+        role = "random" if name.startswith("random") else name
+        ideal_role = f / largest * alone[0]
+        roles.append({"step": step, "role": role, "subnet": name, "gflops": f / 1e9, "ms": sec * 1e3,
+                      "ideal_ms": ideal_role * 1e3, "time_over_ideal": sec / ideal_role})
+    return step_row, roles
+
+
+def _parts_table(per_step: pd.DataFrame, per_role: pd.DataFrame) -> pd.DataFrame:
+    """Median time against ideal of the max, min and random subnets, of all subnets alone and of the whole step."""
     rows = []
     for role in ("max", "min", "random"):
         r = per_role[per_role["role"] == role]
@@ -135,7 +112,38 @@ def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = No
     rows.append({"part": "sandwich step", "fwd_gflops": per_step["gflops"].mean(),
                  "measured_ms": per_step["sandwich_ms"].median(), "ideal_ms": per_step["ideal_ms"].median(),
                  "measured_over_ideal": per_step["overhead"].median()})
-    table = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
+    """Per-role fwd+bwd time against the FLOPs-proportional ideal, and the whole step's overhead."""
+    status = status or (lambda _m: None)
+    with bench_run(cfg.device, cfg.threads) as run:
+        device = run.device
+        split = load_dataset(parse_data_spec(cfg.data), image_size=cfg.image_size, seed=DATA_SPLIT_SEED)
+        config = get_config(cfg.model, input_size=split.image_size, in_channels=split.in_channels,
+                            num_classes=split.num_classes)
+        space = load_space(cfg.space)
+        space.validate_for(config)
+        torch.manual_seed(cfg.seed)
+        model = DiT(config).to(device).train()
+        diffusion = diffusion_for(config)
+        dtype = torch.bfloat16 if device.type == "cuda" else None
+        steps: list[dict[str, Any]] = []
+        roles: list[dict[str, Any]] = []
+        for step in range(1, cfg.warmup + cfg.steps + 1):
+            status(f"step {step}/{cfg.warmup + cfg.steps}" + (" (warm-up)" if step <= cfg.warmup else ""))
+            batch = draw_batch(split, diffusion, cfg.seed, step, cfg.batch_size, config.class_dropout_prob).to(device)
+            subnets = sandwich_subnets(space, config, cfg.seed, step, cfg.sandwich)
+            measured, alone = _timed_step(model, diffusion, batch, subnets, cfg, dtype)
+            if step > cfg.warmup:
+                step_row, role_rows = _step_rows(step, subnets, config, cfg, measured, alone)
+                steps.append(step_row)
+                roles += role_rows
+        model.zero_grad(set_to_none=True)
+    per_step = pd.DataFrame(steps)
+    per_role = pd.DataFrame(roles)
+    table = _parts_table(per_step, per_role)
     summary = {
         "overhead_median": float(per_step["overhead"].median()),
         "overhead_mean": float(per_step["overhead"].mean()),
@@ -144,7 +152,7 @@ def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = No
         "model": config.name,
         "data": f"{split.name} {split.image_size}x{split.image_size}x{split.in_channels}",
         "subnets_per_step": 2 + cfg.sandwich,
-        "threads": threads,
+        "threads": run.threads,
         "device": device.type,
         "dtype": "bfloat16 autocast" if dtype is not None else "float32",
         "definition": "ideal = (sum of subnet FLOPs / largest FLOPs) x largest subnet's fwd+bwd time; "
@@ -152,5 +160,5 @@ def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = No
     }
     notes = ["random weights; no optimiser step (timing only)"]
     per_role = per_role.drop(columns=["role"])
-    return BenchResult(f"train-{device.type}", table, summary, asdict(cfg), command_line("train", cfg), machine,
+    return BenchResult(f"train-{device.type}", table, summary, asdict(cfg), command_line("train", cfg), run.machine,
                        extra={"steps": per_step, "subnets": per_role}, notes=notes)

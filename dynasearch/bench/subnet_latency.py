@@ -27,16 +27,9 @@ from ..errors import DynasearchError
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
 from ..model.subnet import Subnet
-from ..search_space import load_space
+from ..space import load_space
 from ..slicing import slice_subnet
-from .common import (
-    BenchError,
-    BenchResult,
-    check_positive,
-    command_line,
-    machine_info,
-    torch_threads,
-)
+from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
 __all__ = ["LatencyBenchConfig", "bench_latency", "uniform_at_ratio", "mixed_at_ratio", "latency_models"]
 
@@ -45,7 +38,7 @@ TOLERANCE = 0.10
 
 
 @dataclass(frozen=True)
-class LatencyBenchConfig:
+class LatencyBenchConfig(BenchConfig):
     """Which model, which subnets, how to time them."""
 
     model: str = "DiT-B/2"
@@ -68,17 +61,14 @@ class LatencyBenchConfig:
     def __post_init__(self) -> None:
         if isinstance(self.mixed, bool) or not isinstance(self.mixed, int) or self.mixed < 0:
             raise BenchError(f"--mixed must be 0 or more, got {self.mixed!r}")
-        check_positive(input_size=self.input_size, in_channels=self.in_channels, num_classes=self.num_classes,
-                       batch=self.batch, repeats=self.repeats, rounds=self.rounds, threads=self.threads)
-        if self.warmup < 0:
-            raise BenchError(f"--warmup must be 0 or more, got {self.warmup}")
+        self.check_positive("input_size", "in_channels", "num_classes", "batch", "repeats", "rounds", "threads")
+        self.check_non_negative("warmup")
         if not self.ratios:
             raise BenchError("--ratios must name at least one FLOPs ratio")
         for r in self.ratios:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 raise BenchError(f"--ratios must be numbers in (0, 1], got {r!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise BenchError(f"--device must be cpu or cuda, got '{self.device}'")
+        self.check_device()
 
 
 def uniform_at_ratio(config: DiTConfig, ratio: float) -> Subnet:
@@ -196,6 +186,41 @@ def latency_models(cfg: LatencyBenchConfig, supernet: DiT, notes: list[str] | No
     return entries
 
 
+def _time_models(models: list[DiT], cfg: LatencyBenchConfig, dtype: torch.dtype | None) -> list[list[float]]:
+    """Each model's median latency in each of `cfg.rounds` round-robin passes over all models (seconds)."""
+    per_round: list[list[float]] = [[] for _ in models]
+    for _ in range(cfg.rounds):
+        for i, model in enumerate(models):
+            per_round[i].append(measure_latency(model, batch=cfg.batch, warmup=cfg.warmup, repeats=cfg.repeats,
+                                                dtype=dtype))
+    return per_round
+
+
+def _latency_row(
+    name: str, kind: str, subnet: Subnet, config: DiTConfig, rounds: list[float], full_latency: float
+) -> dict[str, Any]:
+    """FLOPs, parameters, latency (median of the rounds, and their spread) and the ratios of one model."""
+    flops = closed_form_flops(config, subnet)
+    flops_ratio = flops / closed_form_flops(config)
+    latency = statistics.median(rounds)
+    latency_ratio = latency / full_latency
+    return {
+        "name": name,
+        "kind": kind,
+        "subnet": subnet.describe(config),
+        "gflops": flops / 1e9,
+        "params_m": closed_form_params(config, subnet) / 1e6,
+        "flops_ratio": flops_ratio,
+        "latency_ms": latency * 1e3,
+        "latency_ms_spread": (max(rounds) - min(rounds)) * 1e3,
+        "latency_ratio": latency_ratio,
+        "speedup": 1.0 / latency_ratio,
+        "quotient": flops_ratio / latency_ratio,
+        "in_target_range": TARGET_RANGE[0] <= flops_ratio <= TARGET_RANGE[1],
+        "within_10pct": abs(latency_ratio - flops_ratio) <= TOLERANCE * flops_ratio,
+    }
+
+
 def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
     """Time the full model and its sliced subnets; FLOPs ratio, latency ratio and their quotient per subnet."""
     device = resolve_device(cfg.device)
@@ -204,46 +229,21 @@ def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
     config = supernet.config
     dtype = torch.bfloat16 if device.type == "cuda" else None
     entries = latency_models(cfg, supernet, notes)
-    with torch_threads(cfg.threads) as threads:
-        machine = machine_info(device)
+    with bench_run(device, cfg.threads) as run:
         models = [slice_subnet(supernet, s).to(device).eval() for _, _, s in entries]
         del supernet
-        per_round: list[list[float]] = [[] for _ in models]
-        for _ in range(cfg.rounds):
-            for i, model in enumerate(models):
-                per_round[i].append(measure_latency(model, batch=cfg.batch, warmup=cfg.warmup, repeats=cfg.repeats,
-                                                    dtype=dtype))
-    full_flops = closed_form_flops(config)
-    latencies = [statistics.median(v) for v in per_round]
-    rows: list[dict[str, Any]] = []
-    for (name, kind, subnet), lat, rounds in zip(entries, latencies, per_round):
-        flops = closed_form_flops(config, subnet)
-        flops_ratio = flops / full_flops
-        latency_ratio = lat / latencies[0]
-        rows.append({
-            "name": name,
-            "kind": kind,
-            "subnet": subnet.describe(config),
-            "gflops": flops / 1e9,
-            "params_m": closed_form_params(config, subnet) / 1e6,
-            "flops_ratio": flops_ratio,
-            "latency_ms": lat * 1e3,
-            "latency_ms_spread": (max(rounds) - min(rounds)) * 1e3,
-            "latency_ratio": latency_ratio,
-            "speedup": 1.0 / latency_ratio,
-            "quotient": flops_ratio / latency_ratio,
-            "in_target_range": TARGET_RANGE[0] <= flops_ratio <= TARGET_RANGE[1],
-            "within_10pct": abs(latency_ratio - flops_ratio) <= TOLERANCE * flops_ratio,
-        })
-    table = pd.DataFrame(rows)
+        per_round = _time_models(models, cfg, dtype)
+    full_latency = statistics.median(per_round[0])
+    table = pd.DataFrame([_latency_row(name, kind, subnet, config, rounds, full_latency)
+                          for (name, kind, subnet), rounds in zip(entries, per_round)])
     in_range = table[table["in_target_range"]]
     summary = {
         "model": config.name,
         "batch": cfg.batch,
         "device": device.type,
         "dtype": "bfloat16 autocast" if dtype is not None else "float32",
-        "threads": threads,
-        "full_latency_ms": latencies[0] * 1e3,
+        "threads": run.threads,
+        "full_latency_ms": full_latency * 1e3,
         "subnets_in_target_range": int(len(in_range)),
         "target": f"latency ratio within {TOLERANCE:.0%} of the FLOPs ratio for FLOPs ratios in "
                   f"[{TARGET_RANGE[0]}, {TARGET_RANGE[1]}] at batch >= 8",
@@ -255,5 +255,5 @@ def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
     if cfg.batch < 8:
         notes.append(f"batch {cfg.batch} < 8: the target is stated for batch 8 and up")
     settings = {**asdict(cfg), "ratios": list(cfg.ratios)}
-    return BenchResult(f"latency-{device.type}", table, summary, settings, command_line("latency", cfg), machine,
+    return BenchResult(f"latency-{device.type}", table, summary, settings, command_line("latency", cfg), run.machine,
                        notes=notes)

@@ -8,19 +8,22 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from . import app, console, print_frame
+from ._app import app, console, print_frame
 
-bench_app = typer.Typer(
-    name="bench",
-    help="Benchmarks: latency vs FLOPs, FLOPs counters, samplers, supernet ranking, sandwich-step cost.",
-    no_args_is_help=True,
-    add_completion=False,
-    rich_markup_mode=None,
-)
+_HELP = "Benchmarks: latency vs FLOPs, FLOPs counters, samplers, supernet ranking, sandwich-step cost."
+bench_app = typer.Typer(name="bench", help=_HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
+# options that read the same in several benchmarks
 _OUT = typer.Option(Path("results/bench"), help="Output directory (NAME.csv, NAME.png, NAME.json).")
 _THREADS = typer.Option(None, help="torch intra-op threads for the run (default: torch's own); recorded either way.")
+_INPUT_SIZE = typer.Option(32, help="Latent side length.")
+_IN_CHANNELS = typer.Option(4, help="Latent channels.")
+_NUM_CLASSES = typer.Option(1000, help="Number of classes.")
+_SUPERNET = typer.Option(Path("runs/demo"), help="Supernet run directory.")
+_SPACE = typer.Option(None, help="Search space (default: the supernet's training space).")
+_DEVICE = typer.Option("cpu", help="cpu or cuda.")
+_DEVICE_BF16 = typer.Option("cpu", help="cpu or cuda (bf16 autocast).")
 
 
 def _split(text: str, option: str, cast: Callable[[str], Any] = str) -> tuple[Any, ...]:
@@ -61,11 +64,11 @@ def _run(
 @bench_app.command("latency")
 def latency(
     model: str = typer.Option("DiT-B/2", help="Registry model (ignored with --supernet)."),
-    input_size: int = typer.Option(32, help="Latent side length."),
-    in_channels: int = typer.Option(4, help="Latent channels."),
-    num_classes: int = typer.Option(1000, help="Number of classes."),
+    input_size: int = _INPUT_SIZE,
+    in_channels: int = _IN_CHANNELS,
+    num_classes: int = _NUM_CLASSES,
     batch: int = typer.Option(8, help="Batch size of each timed forward pass."),
-    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)."),
+    device: str = _DEVICE_BF16,
     repeats: int = typer.Option(10, help="Timed runs per model and round (the median is kept)."),
     warmup: int = typer.Option(3, help="Untimed runs before each model's timed runs."),
     rounds: int = typer.Option(3, help="Round-robin passes over all models (median of the per-round medians)."),
@@ -99,9 +102,9 @@ def latency(
 @bench_app.command("flops")
 def flops(
     models: str = typer.Option("all", help="Comma-separated registry models, or 'all'."),
-    input_size: int = typer.Option(32, help="Latent side length."),
-    in_channels: int = typer.Option(4, help="Latent channels."),
-    num_classes: int = typer.Option(1000, help="Number of classes."),
+    input_size: int = _INPUT_SIZE,
+    in_channels: int = _IN_CHANNELS,
+    num_classes: int = _NUM_CLASSES,
     batch: int = typer.Option(1, help="Batch size."),
     threads: Optional[int] = _THREADS,
     out: Path = _OUT,
@@ -120,17 +123,17 @@ def flops(
 
 @bench_app.command("search")
 def search(
-    supernet: Path = typer.Option(Path("runs/demo"), help="Supernet run directory."),
+    supernet: Path = _SUPERNET,
     trials: int = typer.Option(60, help="Trials per run."),
     seeds: int = typer.Option(3, help="Runs (sampler seeds) per sampler."),
     samplers: str = typer.Option("tpe,nsga2,gp,random,random-feasible",
                                  help="Comma-separated samplers; random-feasible redraws until a subnet fits the budget."),
     flops: str = typer.Option("0.5x", help="FLOPs budget: 50G, 500M, 0.5x or 50%."),
-    space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
+    space: Optional[str] = _SPACE,
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
     seed: int = typer.Option(0, help="First sampler seed and the proxy set's seed."),
     enqueue: bool = typer.Option(True, help="Start each study with the largest, smallest and best uniform subnet."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = _DEVICE,
     threads: Optional[int] = _THREADS,
     out: Path = _OUT,
 ) -> None:
@@ -150,20 +153,20 @@ def search(
 
 @bench_app.command("ranking")
 def ranking(
-    supernet: Path = typer.Option(Path("runs/demo"), help="Supernet run directory."),
+    supernet: Path = _SUPERNET,
     k: int = typer.Option(8, help="Subnets, spread over the FLOPs range."),
     finetune_steps: int = typer.Option(200, help="Fine-tuning steps of each sliced subnet."),
     batch_size: int = typer.Option(64, help="Fine-tuning batch size."),
     lr: float = typer.Option(1e-4, help="Fine-tuning AdamW learning rate (the peak with --lr-schedule cosine)."),
     lr_schedule: str = typer.Option("cosine", help="constant, or cosine (5% linear warm-up, then cosine to 0)."),
     finetune_seeds: int = typer.Option(1, help="Fine-tunes per subnet with different batch seeds (losses averaged)."),
-    space: Optional[str] = typer.Option(None, help="Search space (default: the supernet's training space)."),
+    space: Optional[str] = _SPACE,
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy (the inherited side)."),
     eval_samples: int = typer.Option(2048, help="Quadruples of the separate set the fine-tuned models are scored on."),
     bootstrap: int = typer.Option(2000, help="Bootstrap resamplings of the subnets for tau's 95% interval."),
     flops_range: str = typer.Option("0,1", help="LO,HI: FLOPs ratios the subnets are drawn from (e.g. 0.45,0.55)."),
     seed: int = typer.Option(0, help="Seed of the subnet choice, the batches and the proxy set."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = _DEVICE,
     threads: Optional[int] = _THREADS,
     out: Path = _OUT,
 ) -> None:
@@ -203,7 +206,7 @@ def train(
     space: str = typer.Option("blockwise", help="Search space the subnets are drawn from."),
     data: str = typer.Option("digits", help="digits | folder:PATH | npz:PATH."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this side."),
-    device: str = typer.Option("cpu", help="cpu or cuda (bf16 autocast)."),
+    device: str = _DEVICE_BF16,
     seed: int = typer.Option(0, help="Seed of the weights, batches and subnets."),
     threads: Optional[int] = _THREADS,
     out: Path = _OUT,

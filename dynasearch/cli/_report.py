@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console, print_frame
+from ._app import app, console, print_frame
 
 
 @app.command()

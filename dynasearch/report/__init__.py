@@ -1,4 +1,5 @@
-"""Reports: data gathered from search outputs (pure), the figures, and the HTML / Markdown report."""
+"""Reports of a search directory: its tables (:mod:`.data`, pure), the figures (:mod:`.plots`), the exported models
+measured (:mod:`.measure`) and the HTML / Markdown / JSON pages (:mod:`.pages`), put together by :mod:`.build`."""
 
 from .build import ReportConfig, ReportResult, build_report
 from .data import ReportError, SearchTables, read_search

@@ -13,11 +13,13 @@ import pandas as pd
 from ..errors import DynasearchError
 
 __all__ = [
+    "ReportError",
     "SearchTables",
     "ParetoPlotData",
     "WidthMap",
     "History",
     "read_search",
+    "pareto_table",
     "pareto_plot_data",
     "width_map",
     "history",
@@ -25,8 +27,9 @@ __all__ = [
     "TimestepTables",
     "BucketFronts",
     "BucketWidthMap",
-    "is_timestep_search",
+    "is_timestep_output",
     "read_timestep_search",
+    "comparison_table",
     "bucket_fronts",
     "bucket_width_map",
 ]
@@ -75,6 +78,14 @@ def read_search(out: str | Path) -> SearchTables:
     frames = {name: _read_csv(out / f"{name}.csv") for name in ("trials", "pareto", "baseline")}
     best = _read_best(out)
     return SearchTables(out, frames["trials"], frames["pareto"], frames["baseline"], best)
+
+
+def pareto_table(t: SearchTables) -> pd.DataFrame:
+    """The Pareto front's trials (number, GFLOPs, proxy loss) and their share of the full model's FLOPs."""
+    cols = [c for c in ("number", "gflops", "proxy_loss") if c in t.pareto.columns]
+    df = t.pareto[cols].copy()
+    df["% of full"] = 100 * df["gflops"] / t.best["full_gflops"]
+    return df
 
 
 @dataclass
@@ -183,7 +194,7 @@ class TimestepTables:
     best: dict[str, Any]
 
 
-def is_timestep_search(out: str | Path) -> bool:
+def is_timestep_output(out: str | Path) -> bool:
     """True for the output directory of a timestep-aware search."""
     return (Path(out) / "schedules.csv").is_file()
 
@@ -197,6 +208,13 @@ def read_timestep_search(out: str | Path) -> TimestepTables:
         out, _read_csv(out / "bucket_trials.csv"), _read_csv(out / "joint_trials.csv"), _read_csv(out / "schedules.csv"),
         _read_best(out),
     )
+
+
+def comparison_table(t: TimestepTables) -> pd.DataFrame:
+    """The schedules compared, one row per method, FLOPs ratio in % of the full model (schedule JSON left out)."""
+    comparison = t.comparison.drop(columns=["schedule", "static"], errors="ignore").copy()
+    comparison["flops_ratio"] = 100 * comparison["flops_ratio"]
+    return comparison.rename(columns={"flops_ratio": "% of full FLOPs"})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Rendering of the report's figures (matplotlib, Agg); the data comes from :mod:`dynasearch.report_data`."""
+"""The report's figures (matplotlib, Agg): Pareto plot, width maps, history, sample rows and the timestep-aware
+search's bucket fronts and bucket width maps; what they show comes from :mod:`dynasearch.report.data`."""
 
 from __future__ import annotations
 
@@ -20,9 +21,13 @@ _METHOD_STYLE = {  # marker and colour of each schedule in the timestep figures
 }
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _save(fig: plt.Figure, path: Path, tight_box: bool = False) -> Path:
+    """Write the figure (tight layout, or a tight bounding box for figures with a suptitle above) and close it."""
+    if tight_box:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    else:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
@@ -64,9 +69,7 @@ def plot_widths(w: WidthMap, path: Path) -> Path:
         axes[0].set_yticklabels(w.labels, fontsize=7)
     fig.colorbar(im, ax=axes, fraction=0.02, label="fraction of the full model")
     fig.suptitle("Where the search prunes (Pareto subnets, cheapest first)", y=1.04)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight_box=True)
 
 
 def plot_history(h: History, path: Path) -> Path:
@@ -109,9 +112,7 @@ def plot_bucket_fronts(d: BucketFronts, path: Path) -> Path:
     axes[0][0].set_ylabel("bucket proxy loss")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Each timestep bucket's own front, and the point every schedule takes", y=1.02)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight_box=True)
 
 
 def plot_bucket_widths(w: BucketWidthMap, path: Path) -> Path:
@@ -136,6 +137,4 @@ def plot_bucket_widths(w: BucketWidthMap, path: Path) -> Path:
     if im is not None:
         fig.colorbar(im, ax=axes, fraction=0.02, label="fraction of the full model")
     fig.suptitle("Where each schedule prunes, per timestep bucket (noisiest steps on top)", y=1.02)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path, tight_box=True)

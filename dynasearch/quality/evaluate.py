@@ -1,0 +1,201 @@
+"""The quality metric's front end: :class:`QualityResult`, scoring samples (:func:`evaluate_samples`), generating
+and scoring a model's samples (:func:`evaluate_quality`), and `dynasearch eval` (:class:`EvalConfig`,
+:func:`run_eval`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..checkpoint.native import load_checkpoint, read_config
+from ..cost.flops import closed_form_flops, mean_flops
+from ..device import resolve_device
+from ..diffusion.factory import diffusion_for
+from ..diffusion.gaussian import GaussianDiffusion
+from ..errors import CheckpointError, ConfigError, DataError
+from ..model.config import DiTConfig
+from ..model.dit import DiT
+from ..model.schedule import SubnetSchedule
+from ..model.subnet import Subnet
+from ..sampling import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    ProgressFn,
+    checkpoint_subnet,
+    cycle_labels,
+    sample_images,
+)
+from .classifier import StatusFn, default_extractor, real_digits
+from .features import FeatureExtractor, frechet_distance
+
+__all__ = ["QualityResult", "EvalConfig", "evaluate_samples", "evaluate_quality", "flops_per_step", "run_eval"]
+
+
+@dataclass
+class QualityResult:
+    """Frechet distance to real data and class accuracy of class-conditional samples (None if not measurable)."""
+
+    fd: float
+    class_accuracy: float | None
+    num: int
+    classifier_accuracy: float | None
+    extractor: str
+    num_real: int
+    per_class_accuracy: list[float | None] | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    subnet: dict[str, Any] | None = None
+    model: str | None = None
+    sample_seconds: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return asdict(self)
+
+
+def evaluate_samples(
+    samples: Tensor,
+    labels: Sequence[int] | Tensor,
+    real_images: Tensor,
+    extractor: FeatureExtractor,
+    num_classes: int | None = None,
+) -> QualityResult:
+    """The metric for samples already generated: FD to `real_images` and class accuracy against `labels`."""
+    labels_t = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long).cpu()
+    if len(labels_t) != len(samples):
+        raise DataError(f"{len(samples)} samples but {len(labels_t)} labels")
+    fd = frechet_distance(extractor.features(real_images), extractor.features(samples))
+    predicted = extractor.predict(samples)
+    accuracy = per_class = None
+    if predicted is not None:
+        correct = (predicted.cpu().long() == labels_t).double()  # (N,)
+        accuracy = float(correct.mean())
+        k = int(num_classes if num_classes is not None else int(labels_t.max()) + 1)
+        per_class = [float(correct[labels_t == c].mean()) if (labels_t == c).any() else None for c in range(k)]
+    return QualityResult(
+        fd=fd, class_accuracy=accuracy, num=len(samples), classifier_accuracy=extractor.accuracy,
+        extractor=extractor.name, num_real=len(real_images), per_class_accuracy=per_class,
+    )
+
+
+def flops_per_step(
+    config: DiTConfig, subnet: Subnet | SubnetSchedule | None, steps: int, diffusion: GaussianDiffusion | None = None
+) -> float:
+    """Closed-form FLOPs per denoising step (batch 1, without guidance) of a subnet (None: the full model), or of a
+    schedule averaged over a `steps` DDIM run of `diffusion` (default: the model's own)."""
+    if isinstance(subnet, SubnetSchedule):
+        diffusion = diffusion if diffusion is not None else diffusion_for(config)
+        return mean_flops(subnet, config, diffusion.timestep_schedule(steps))
+    return float(closed_form_flops(config, subnet))
+
+
+def evaluate_quality(
+    model: DiT,
+    num: int = 1000,
+    cfg_scale: float = DEFAULT_CFG_SCALE,
+    steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    subnet: Subnet | SubnetSchedule | None = None,
+    sampler: str = "ddim",
+    extractor: FeatureExtractor | None = None,
+    real_images: Tensor | None = None,
+    decode: Callable[[Tensor], Tensor] | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 250,
+    progress: ProgressFn | None = None,
+    cache_dir: str | Path | None = None,
+    status: StatusFn | None = None,
+    diffusion: GaussianDiffusion | None = None,
+) -> QualityResult:
+    """Generate `num` class-conditional samples (labels cycling over the classes) and score them.
+
+    FD is measured against `real_images` (default: all 1797 real digits at the model's size) in the feature space of
+    `extractor` (default: the cached digit CNN); class accuracy is the extractor's prediction against the requested
+    labels. `decode` maps samples to images first (e.g. a VAE decoder for latent models).
+    """
+    config = model.config
+    if extractor is None:
+        extractor = default_extractor(config, cache_dir, status)
+        if real_images is None:
+            real_images = real_digits(config.input_size)
+    elif real_images is None:
+        raise DataError("a custom feature extractor needs the real images to compare against")
+    if not isinstance(extractor, FeatureExtractor):
+        raise ConfigError(f"{type(extractor).__name__} does not implement FeatureExtractor (features, predict, ...)")
+    if num < 2:
+        raise ConfigError(f"the quality metric needs at least 2 samples, got {num}")
+    labels = cycle_labels(config.num_classes, num)
+    start = time.perf_counter()
+    samples = sample_images(
+        model, labels, cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed, subnet=subnet,
+        device=device, progress=progress, batch_size=batch_size, diffusion=diffusion,
+    )
+    seconds = time.perf_counter() - start
+    images = decode(samples) if decode is not None else samples
+    result = evaluate_samples(images, labels, real_images, extractor, config.num_classes)
+    result.steps, result.cfg_scale, result.sampler, result.seed = steps, float(cfg_scale), sampler, seed
+    result.subnet = subnet.to_dict() if subnet is not None else None
+    result.extra["gflops_per_step"] = flops_per_step(config, subnet if subnet is not None else model.subnet, steps,
+                                                     diffusion) / 1e9
+    result.model = config.name
+    result.sample_seconds = round(seconds, 3)
+    return result
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything `dynasearch eval` needs; validated on construction (ConfigError)."""
+
+    checkpoint: Path
+    subnet_file: Path | None = None
+    num: int = 1000
+    steps: int = DEFAULT_STEPS
+    cfg_scale: float = DEFAULT_CFG_SCALE
+    seed: int = 0
+    sampler: str = "ddim"
+    device: str = "auto"
+    batch_size: int = 250
+
+    def __post_init__(self) -> None:
+        if self.num < 2:
+            raise ConfigError(f"--num must be at least 2 for a Frechet distance, got {self.num}")
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+        if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:
+            raise ConfigError(f"--cfg-scale must be a finite number >= 0, got {self.cfg_scale}")
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+
+
+def run_eval(config: EvalConfig, progress: ProgressFn | None = None, status: StatusFn | None = None) -> QualityResult:
+    """Load a checkpoint (and subnet), check every input, then evaluate its generative quality."""
+    doc = read_config(config.checkpoint)
+    try:
+        model_config = DiTConfig.from_dict(doc["model"])
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint config '{config.checkpoint}': {exc}") from None
+    diffusion = diffusion_for(model_config)
+    subnet = checkpoint_subnet(config.checkpoint, doc, model_config, config.subnet_file)
+    device = resolve_device(config.device)
+    model = load_checkpoint(config.checkpoint, device=device)
+    result = evaluate_quality(
+        model, num=config.num, cfg_scale=config.cfg_scale, steps=config.steps, seed=config.seed, subnet=subnet,
+        sampler=config.sampler, device=device, batch_size=config.batch_size, progress=progress, status=status,
+        diffusion=diffusion,
+    )
+    result.extra["checkpoint"] = str(config.checkpoint)
+    if config.subnet_file is not None:
+        result.extra["subnet_file"] = str(config.subnet_file)
+    return result
