@@ -1,6 +1,6 @@
 """dynasearch: weight-sharing architecture search for Diffusion Transformers."""
 
-from .checkpoint.native import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_pretrained, save_checkpoint
 from .cost.flops import closed_form_flops, count_flops, parse_budget
 from .errors import (
     BudgetError,
@@ -14,8 +14,9 @@ from .errors import (
     TrainingError,
 )
 from .model import DIT_CONFIGS, DiT, DiTConfig, create_supernet, get_config, model_names
+from .model.schedule import SubnetSchedule, TimestepBuckets
 from .model.subnet import BlockChoice, Subnet
-from .search_space import SearchSpace, load_space
+from .space import SearchSpace, load_space
 from .slicing import reorder_by_importance, slice_subnet
 from .version import __version__
 
@@ -35,12 +36,15 @@ __all__ = [
     "SearchSpaceError",
     "Subnet",
     "SubnetError",
+    "SubnetSchedule",
+    "TimestepBuckets",
     "TrainingError",
     "closed_form_flops",
     "count_flops",
     "create_supernet",
     "get_config",
     "load_checkpoint",
+    "load_pretrained",
     "load_space",
     "model_names",
     "parse_budget",

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
 from torch import Tensor
 
 from dynasearch.errors import DataError
@@ -80,8 +82,6 @@ def parse_data_spec(text: str) -> DataSpec:
 
 def _load_digits(image_size: int | None) -> tuple[Tensor, Tensor, int, str]:
     """sklearn's bundled 8x8 digits scaled to [-1, 1]; other sizes use antialiased bilinear resize."""
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32)).view(-1, 1, 8, 8)  # (1797, 1, 8, 8)
     x = x / 8.0 - 1.0  # 0..16 -> [-1, 1]
@@ -95,8 +95,6 @@ def _load_digits(image_size: int | None) -> tuple[Tensor, Tensor, int, str]:
 
 def _load_image(path: Path, size: int) -> np.ndarray:
     """One image as RGB, shorter side resized to size and centre-cropped, as (3, S, S) float32 in [-1, 1]."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
@@ -119,10 +117,6 @@ def _load_folder(root: str, image_size: int | None) -> tuple[Tensor, Tensor, int
         raise DataError(f"data path '{root}' does not exist")
     if not path.is_dir():
         raise DataError(f"data path '{root}' is not a directory")
-    try:
-        import PIL  # noqa: F401
-    except ImportError:
-        raise DataError(f"data path '{root}' is an image folder but Pillow is not installed") from None
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data path '{root}' has no class sub-folders")

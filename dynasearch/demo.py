@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cost.flops import parse_budget
 from .errors import DynasearchError
+from .report.build import ReportConfig, build_report
+from .search.config import SearchConfig
+from .search.run import run_search
+from .train.config import TrainConfig
+from .train.loop import train_supernet
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo"]
 
@@ -49,13 +55,6 @@ def _quick(cfg: DemoConfig) -> dict[str, object]:
 
 def run_demo(cfg: DemoConfig, stage: Callable[[str], None] | None = None, progress: bool = True) -> DemoResult:
     """Train a supernet on digits, search at the budget, export, evaluate and report; returns the report path."""
-    from .cost.flops import parse_budget
-    from .report.build import ReportConfig, build_report
-    from .search.run import run_search
-    from .search.study import SearchConfig
-    from .train.config import TrainConfig
-    from .train.loop import train_supernet
-
     stage = stage or (lambda _m: None)
     settings = _quick(cfg)
     parse_budget(cfg.flops, full_flops=1)  # a malformed budget fails now, not after the training stage

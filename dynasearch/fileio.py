@@ -1,10 +1,14 @@
-"""Checkpoints: safetensors weights plus a JSON config, written atomically; safe import of original DiT `.pt` files."""
+"""Files every stage writes and reads: atomic writes (a reader never sees half a file) and JSON with clear errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
+
+from .errors import DynasearchError
 
 
 def umask_mode() -> int:
@@ -33,3 +37,18 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Text version of :func:`atomic_write_bytes`."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(
+    path: str | Path, what: str, error: type[DynasearchError] = DynasearchError, missing: str | None = None
+) -> Any:
+    """The parsed JSON at `path`; `error` naming `what` and the path when it is missing, unreadable or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(missing or f"{what} '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{what} '{path}' cannot be read: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None

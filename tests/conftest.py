@@ -102,7 +102,7 @@ def fake_supernet_run(path: Path, name: str = "DiT-N/2", space: str = "blockwise
     """A supernet run directory as train-supernet writes it (digits, 8x8x1, 10 classes), random non-zero weights."""
     from dynasearch.checkpoint.native import save_checkpoint
     from dynasearch.model import create_supernet
-    from dynasearch.search_space import load_space
+    from dynasearch.space.search_space import load_space
 
     torch.manual_seed(seed)
     model = create_supernet(name, input_size=8, in_channels=1, num_classes=10)

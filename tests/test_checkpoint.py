@@ -26,6 +26,7 @@ from dynasearch.checkpoint.native import (
     save_checkpoint,
     save_weights,
 )
+from dynasearch.checkpoint.pretrained import load_pretrained
 from dynasearch.errors import CheckpointError, DynasearchError
 from dynasearch.fileio import atomic_write_bytes
 from dynasearch.model import DiT, get_config
@@ -268,6 +269,34 @@ def test_original_dit_import_of_a_registry_config(tmp_path) -> None:
     model = DiT(config).eval()
     load_pretrained_dit(model, state)
     assert torch.equal(outputs(model), outputs(source))
+
+
+def test_load_pretrained_reads_every_supported_format(tmp_path) -> None:
+    """One call for an original DiT .pt (registry DiT-T/4 at 16x16x4) and for a dynasearch checkpoint directory."""
+    source = make_model(get_config("DiT-T/4", input_size=16, in_channels=4, num_classes=1000, learn_sigma=False), 3)
+    torch.save({"ema": _original_state(source)}, tmp_path / "dit.pt")
+    from_pt = load_pretrained(tmp_path / "dit.pt")
+    assert from_pt.config == source.config and not from_pt.training
+    assert torch.equal(outputs(from_pt), outputs(source))
+    save_checkpoint(source, tmp_path / "ours")
+    from_dir = load_pretrained(tmp_path / "ours")
+    assert torch.equal(outputs(from_dir), outputs(source))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.pt", "does not exist"),
+        (lambda d: d, "directory without config.json"),
+        (lambda d: (d / "w.bin").write_bytes(b"x") and d / "w.bin", "not a supported format"),
+        (lambda d: (d / "bad.pt").write_bytes(b"not a torch file") and d / "bad.pt", "corrupt or not a PyTorch file"),
+    ],
+)
+def test_load_pretrained_names_the_file_and_what_is_wrong(tmp_path, make, message) -> None:
+    path = make(tmp_path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_pretrained(path)
+    assert str(path) in str(info.value)
 
 
 def test_original_dit_state_of_unknown_shape_is_refused(tiny_model) -> None:

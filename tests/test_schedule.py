@@ -21,7 +21,7 @@ from dynasearch.model.schedule import (
 )
 from dynasearch.model.subnet import BlockChoice, Subnet
 from dynasearch.search.knapsack import multiple_choice_knapsack
-from dynasearch.search_space import SearchSpace, load_space
+from dynasearch.space.search_space import SearchSpace, load_space
 
 
 # ---------------------------------------------------------------------------------------------------- buckets

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights plus a JSON config, written atomically; safe import of original DiT `.pt` files."""
+"""Original DiT checkpoints: `.pt` state dicts read with `weights_only=True`, their config inferred from the tensors."""
 
 from __future__ import annotations
 
@@ -12,12 +12,19 @@ from ..model.config import DIT_CONFIGS, DiTConfig
 from ..model.dit import DiT
 from .native import load_state
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6
+_PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle (protocol 2+)
+
 
 def load_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of an original DiT `.pt` checkpoint, unpickled with `weights_only=True` (no code ever runs)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"DiT checkpoint '{path}' does not exist")
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
+        raise CheckpointError(f"DiT checkpoint '{path}' is corrupt or not a PyTorch file (neither a zip nor a pickle)")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -1,4 +1,4 @@
-"""Checkpoints: safetensors weights plus a JSON config, written atomically; safe import of original DiT `.pt` files."""
+"""dynasearch checkpoints: safetensors weights plus a JSON config (model, subnet or schedule), written atomically."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError, ConfigError, SubnetError
-from ..fileio import atomic_write_text, umask_mode
+from ..fileio import atomic_write_text, read_json, umask_mode
 from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
@@ -25,19 +25,17 @@ __all__ = [
     "read_config",
     "read_schedule",
     "load_weights",
+    "CONFIG_NAME",
     "check_state_dict",
+    "load_state",
     "save_weights",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "load_dit_state_dict",
-    "infer_config_from_state_dict",
-    "load_pretrained_dit",
     "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
-WEIGHT_NAMES = ("model.safetensors", "supernet.safetensors")
+SUPERNET_NAME = "supernet.safetensors"  # the EMA weights of a training run directory
+WEIGHT_NAMES = ("model.safetensors", SUPERNET_NAME)
 
 
 
@@ -101,14 +99,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint '{directory}' is not a directory (expected one holding {CONFIG_NAME})")
     path = directory / CONFIG_NAME
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint '{directory}' has no {CONFIG_NAME}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint config '{path}' cannot be read: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"checkpoint config '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    doc = read_json(path, "checkpoint config", CheckpointError, missing=f"checkpoint '{directory}' has no {CONFIG_NAME}")
     if not isinstance(doc, dict) or "model" not in doc:
         raise CheckpointError(f"checkpoint config '{path}' has no \"model\" section")
     return doc

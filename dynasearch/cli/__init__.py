@@ -2,74 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 
 import typer
-from rich.console import Console
 
 from ..errors import DynasearchError
-
-try:  # recent typer vendors click privately; older releases use click itself
-    from typer._click import exceptions as click_exc
-except ImportError:  # pragma: no cover - depends on the installed typer
-    from click import exceptions as click_exc  # type: ignore[no-redef]
-
-app = typer.Typer(
-    name="dynasearch",
-    help="Weight-sharing architecture search for Diffusion Transformers.",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
-console = Console()
-err_console = Console(stderr=True)
+from ._app import app, click_exc, debug_enabled, err_console, state
 
 _EXITS = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORTS = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort)})
 
-
-def print_frame(df: object, title: str) -> None:
-    """Print a pandas DataFrame as a rich table (numbers to 4 significant digits)."""
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in df.columns:  # type: ignore[attr-defined]
-        table.add_column(str(col), justify="right")
-    for row in df.itertuples(index=False):  # type: ignore[attr-defined]
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
-
-
-def _debug() -> bool:
-    """Whether --debug (or DYNASEARCH_DEBUG) asks for tracebacks."""
-    return os.environ.get("DYNASEARCH_DEBUG", "") not in ("", "0")
-
-
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
-    """Weight-sharing architecture search for Diffusion Transformers."""
-    if debug:
-        os.environ["DYNASEARCH_DEBUG"] = "1"
-
-
-_announced = False
-"""Whether the running command already printed why it stopped (see :func:`stop`)."""
-
-
-def stop(message: str | None, code: int) -> typer.Exit:
-    """Print `message` (None: nothing, e.g. on DDP ranks other than 0) as the command's one line on stderr and
-    return the Exit to raise (e.g. 130 after Ctrl-C)."""
-    global _announced
-    _announced = True
-    if message is not None:
-        print(message, file=sys.stderr)
-    return typer.Exit(code)
-
-
-from . import _bench, _demo, _inspect, _report, _sample, _search, _train
+from . import _bench, _demo, _inspect, _report, _sample, _search, _train  # noqa: F401, E402  (register commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,13 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]
-    debug = "--debug" in args or _debug()
-    global _announced
-    _announced = False
+    debug = "--debug" in args or debug_enabled()
+    state.announced = False
     try:
         rv = command.main(args=args, prog_name="dynasearch", standalone_mode=False)
         if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer turns Ctrl-C into a returned 130
-            if rv == 130 and not _announced:
+            if rv == 130 and not state.announced:
                 print("interrupted", file=sys.stderr)
             return rv
     except _EXITS as exc:

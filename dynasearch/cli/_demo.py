@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from . import app, console
+from ._app import app, console
 
 
 @app.command()

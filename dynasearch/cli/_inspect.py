@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import SubnetError
 from ..model.config import DIT_CONFIGS
-from . import app, click_exc, console
+from ._app import app, click_exc, console
 
 ModelName = Enum("ModelName", {name: name for name in DIT_CONFIGS}, type=str)  # CLI choices from the registry
 

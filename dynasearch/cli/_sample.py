@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from ..sampling import DEFAULT_CFG_SCALE, DEFAULT_STEPS
-from . import app, console, err_console
+from ._app import app, console, err_console
 
 
 class Sampler(str, Enum):

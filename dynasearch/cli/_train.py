@@ -11,11 +11,11 @@ from typing import Optional
 import typer
 
 from ..model.config import DIT_CONFIGS
-from ..search_space import DEFAULT_SPACE
+from ..space import DEFAULT_SPACE
 from ..train.config import TrainConfig, TrainingWarning, load_run_config
 from ..train.dist import TrainingInterrupted
 from ..train.loop import train_supernet
-from . import app, console, stop
+from ._app import app, console, stop
 
 ModelName = Enum("ModelName", {name: name for name in DIT_CONFIGS}, type=str)  # CLI choices from the registry
 

@@ -17,11 +17,14 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
 
 from ..errors import BudgetError
 from ..model.config import DiTConfig
 from ..model.schedule import SubnetSchedule
-from ..model.subnet import Subnet, tokens_kept
+from ..model.rates import tokens_kept
+from ..model.subnet import Subnet
 
 __all__ = [
     "FlopsCount",
@@ -119,8 +122,6 @@ class FlopsCount:
 
 def _sdpa_flop_handle(inputs: list[Any], outputs: list[Any]) -> Counter[str]:
     """fvcore handler for aten::scaled_dot_product_attention: q k^T and attn v, one FLOP per multiply-add."""
-    from fvcore.nn.jit_handles import get_shape
-
     q, k, v = (get_shape(x) for x in inputs[:3])
     batch = math.prod(q[:-2])
     flops = batch * q[-2] * k[-2] * q[-1] + batch * q[-2] * k[-2] * v[-1]
@@ -144,8 +145,6 @@ class _Call(nn.Module):
 
 def count_flops(model: nn.Module, subnet: Subnet | None = None, batch: int = 1) -> FlopsCount:
     """Count one forward pass of `batch` samples with fvcore (attention included through a registered handler)."""
-    from fvcore.nn import FlopCountAnalysis
-
     config: DiTConfig = model.config
     param = next(model.parameters())
     x = torch.randn(batch, config.in_channels, config.input_size, config.input_size, device=param.device)
