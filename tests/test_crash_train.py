@@ -27,6 +27,8 @@ from dynasearch.train.config import TrainConfig
 from dynasearch.train.loop import train_supernet
 from dynasearch.train.run_dir import PENDING_DIR, RUN_FILES
 
+pytestmark = pytest.mark.slow
+
 STEPS = 40
 
 

@@ -10,6 +10,8 @@ import pytest
 
 from dynasearch.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 def test_demo_quick_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, run = tmp_path / "res", tmp_path / "run"

@@ -189,7 +189,9 @@ def _inputs(config: DiTConfig, batch: int = 2):
     return x, torch.rand(batch, generator=gen) * 999, torch.randint(0, config.num_classes, (batch,), generator=gen)
 
 
-@pytest.mark.parametrize("name", list(DIT_CONFIGS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("DiT-XL") else n for n in DIT_CONFIGS]
+)
 def test_closed_form_equals_fvcore_on_every_registry_entry(name: str, request) -> None:
     if name == "DiT-XL/2":  # the module's XL/2 model at its published size: built and counted once
         config, counted = request.getfixturevalue("xl2_config"), request.getfixturevalue("xl2_count")

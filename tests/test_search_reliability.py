@@ -175,6 +175,7 @@ def _check_outputs(out: Path, study: optuna.Study, target: int) -> pd.DataFrame:
     return trials
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_resumes_with_exact_counts(
     run_dir: Path, launcher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -234,6 +235,7 @@ def test_sigkill_mid_trial_resumes_with_exact_counts(
     assert json.loads((out / "best.json").read_text())["crashed_trials"] == 2
 
 
+@pytest.mark.slow
 def test_sigint_stops_at_a_safe_point_and_resumes(
     run_dir: Path, launcher: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -262,6 +264,7 @@ def test_sigint_stops_at_a_safe_point_and_resumes(
     _check_outputs(out, study, target)
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_stops_at_once_and_the_trial_is_retried(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -309,6 +312,7 @@ def _check_shared_study(study: optuna.Study, target: int) -> list[optuna.trial.F
     return evaluated
 
 
+@pytest.mark.slow
 def test_four_workers_on_one_journal(run_dir: Path, launcher: Path, tmp_path: Path) -> None:
     """`--workers 4` on the journal file: all four evaluate, exactly the requested number of trials, no duplicates."""
     out, target, mark = tmp_path / "s", 12, tmp_path / "mark"
@@ -389,6 +393,7 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_postgres_two_machines_share_one_study(run_dir: Path, launcher: Path, tmp_path: Path, postgres_url: str) -> None:
     """Two separate `dynasearch search` commands (two "machines", 2 workers each) on one PostgreSQL study."""
     target, mark = 8, tmp_path / "mark"
@@ -421,6 +426,7 @@ def test_postgres_two_machines_share_one_study(run_dir: Path, launcher: Path, tm
     assert max(b["finished_trials"] for b in bests) == target  # the machine that finished last saw everything
 
 
+@pytest.mark.slow
 def test_trial_of_a_dead_worker_on_another_machine_fails_by_heartbeat_and_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path
 ) -> None:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import random
-import statistics
-import time
 
 import pytest
 import torch
@@ -273,8 +271,11 @@ def test_registry_dit_s2_half_subnet_slices_exactly(s2_state) -> None:
     assert small.blocks[0].attn.qkv.weight.shape == (3 * 3 * 64, 384) and small.blocks[0].mlp.fc1.weight.shape == (768, 384)
 
 
-def test_half_width_sliced_model_benchmark(s2_state) -> None:
-    """Prints a benchmark; asserts only FLOPs (timings on shared CPUs are too noisy to assert)."""
+def test_half_width_sliced_dit_s2_has_the_subnets_flops_and_runs(s2_state) -> None:
+    """A real registry config sliced to half width: FLOPs of the subnet, and a forward of the right shape.
+
+    Its speed is measured by `dynasearch bench latency` (results/bench/latency-cpu.*), not in a timed test.
+    """
     config = get_config("DiT-S/2", input_size=32, in_channels=4, num_classes=1000)
     model = model_at(s2_state, config)
     subnet = Subnet.uniform(config, attn_rate=0.5, mlp_rate=0.5)
@@ -282,19 +283,7 @@ def test_half_width_sliced_model_benchmark(s2_state) -> None:
     ratio = closed_form_flops(small.config) / closed_form_flops(config)
     assert closed_form_flops(small.config) == closed_form_flops(config, subnet)
     assert ratio < 0.6
-    x, t, y = model_inputs(config, batch=8, seed=0)
-
-    def median_time(net: DiT, runs: int = 3) -> float:
-        times = []
-        with torch.no_grad():
-            for _ in range(runs):
-                start = time.perf_counter()
-                net(x, t, y)
-                times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    full_s, small_s = median_time(model), median_time(small)
-    print(
-        f"\nDiT-S/2 32x32x4 batch 8 (median of 3): full {full_s * 1e3:.0f} ms, "
-        f"half-width sliced {small_s * 1e3:.0f} ms ({full_s / small_s:.2f}x faster), FLOPs ratio {ratio:.3f}"
-    )
+    x, t, y = model_inputs(config, batch=2, seed=0)
+    with torch.no_grad():
+        out = small(x, t, y)
+    assert out.shape == (2, config.out_channels, 32, 32) and torch.isfinite(out).all()

@@ -27,7 +27,10 @@ from dynasearch.train.run_dir import RUN_FILES
 ARGS = ["--model", "DiT-N/2", "--steps", "3", "--batch-size", "16", "--ckpt-every", "2", "--device", "cpu",
         "--log-every", "1"]
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo"),
+]
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess:

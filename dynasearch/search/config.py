@@ -61,6 +61,8 @@ class SearchConfig:
     timestep: TimestepSettings = field(default_factory=TimestepSettings)
 
     def __post_init__(self) -> None:
+        for key in ("supernet", "out"):  # library callers may pass strings
+            object.__setattr__(self, key, Path(getattr(self, key)))
         if self.sampler not in SAMPLERS:
             raise SearchError(f"--sampler must be one of {', '.join(SAMPLERS)}, got '{self.sampler}'")
         for key in ("trials", "workers", "proxy_samples"):
