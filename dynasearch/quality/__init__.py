@@ -1,21 +1,27 @@
 """Generative quality: Frechet distance in a classifier's feature space and the class accuracy of conditional samples.
 
 :mod:`.features` holds the :class:`FeatureExtractor` protocol, FID's Inception features and the Frechet distance;
-:mod:`.classifier` the built-in extractor (a small digit CNN, trained once and cached) and the real images it
-compares with; :mod:`.evaluate` the front end (:func:`evaluate_quality`, :func:`evaluate_samples`, `dynasearch eval`).
+:mod:`.classifier` the built-in extractor (a small CNN of one labelled image data set), :mod:`.cache` trains it
+once per data set and keeps it; :mod:`.reference` picks the data a model was trained on and its real images;
+:mod:`.evaluate` is the front end (:func:`evaluate_quality`, :func:`evaluate_samples`, `dynasearch eval`).
 """
 
+from .cache import (
+    classifier_digest,
+    default_cache_dir,
+    load_cached_classifier,
+    load_classifier,
+    load_digit_classifier,
+    train_digit_classifier,
+)
 from .classifier import (
     ClassifierSettings,
+    DataClassifier,
     DigitClassifier,
     DigitCNN,
+    ImageCNN,
     StatusFn,
-    default_cache_dir,
-    default_extractor,
-    load_cached_classifier,
-    load_digit_classifier,
-    real_digits,
-    train_digit_classifier,
+    train_classifier,
 )
 from .evaluate import (
     EvalConfig,
@@ -26,20 +32,35 @@ from .evaluate import (
     run_eval,
 )
 from .features import FeatureExtractor, InceptionFeatureExtractor, frechet_distance
+from .reference import (
+    Reference,
+    default_extractor,
+    load_reference,
+    real_digits,
+    resolve_data,
+)
 
 __all__ = [
     "ClassifierSettings",
+    "DataClassifier",
     "FeatureExtractor",
     "DigitCNN",
     "DigitClassifier",
+    "ImageCNN",
     "InceptionFeatureExtractor",
     "QualityResult",
+    "Reference",
     "StatusFn",
     "EvalConfig",
+    "classifier_digest",
     "default_cache_dir",
     "default_extractor",
     "load_cached_classifier",
+    "load_classifier",
     "load_digit_classifier",
+    "load_reference",
+    "resolve_data",
+    "train_classifier",
     "train_digit_classifier",
     "flops_per_step",
     "frechet_distance",

@@ -1,20 +1,16 @@
-"""The built-in feature extractor: a small classifier of the model's own data set, trained once and cached.
+"""The built-in feature extractor: a small CNN classifier of a labelled image data set, trained on its train split.
 
-Today that is the embedded digits set: a small CNN trained on the digits train split (seed-fixed, seconds on CPU)
-and cached (`~/.cache/dynasearch/`, or `$DYNASEARCH_CACHE`) as safetensors + JSON with its validation accuracy.
-:func:`default_extractor` picks the classifier for a model and :func:`real_digits` gives the real images it is
-compared with; a classifier for another data set (mnist, folder:, npz:) is added here, next to the digits one.
+One architecture for every data set, sized by it (:class:`ImageCNN`: input channels, image size, classes); at 8x8
+it is exactly the digit CNN the committed digits results were measured with, trained with the same settings
+(:class:`ClassifierSettings`), so the digits numbers are unchanged. :mod:`.cache` trains it once per data set and
+keeps it; :mod:`.reference` decides which data set a model is scored against.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -22,34 +18,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoint.native import load_weights, save_weights
-from ..data import load_dataset
-from ..errors import CheckpointError, DataError
-from ..fileio import atomic_write_text
-from ..model.config import DiTConfig
+from ..data import DatasetSplit
+from ..errors import DataError
 
 __all__ = [
+    "CLASSIFIER_VERSION",
+    "MAX_CLASSIFIER_SIZE",
+    "MIN_CLASSIFIER_SIZE",
     "ClassifierSettings",
+    "DataClassifier",
     "DigitCNN",
     "DigitClassifier",
+    "ImageCNN",
     "StatusFn",
-    "default_cache_dir",
-    "default_extractor",
-    "load_cached_classifier",
-    "load_digit_classifier",
-    "real_digits",
-    "train_digit_classifier",
+    "check_classifiable",
+    "classifier_size",
+    "extractor_name",
+    "train_classifier",
 ]
 
 StatusFn = Callable[[str], None]
 
-_CLASSIFIER_VERSION = 1
-_CLASSIFIER_STEM = f"digits-cnn-v{_CLASSIFIER_VERSION}"
+CLASSIFIER_VERSION = 2  # 2: one architecture for every data set (identical to version 1 at 8x8x1)
+MIN_CLASSIFIER_SIZE = 8  # smaller images: no built-in extractor fits
+MAX_CLASSIFIER_SIZE = 64  # larger images are scored at 64x64 (training stays CPU-cheap)
 
 
 @dataclass(frozen=True)
 class ClassifierSettings:
-    """How the digit classifier is trained; the cache is valid only for the settings it was trained with."""
+    """How a classifier is trained; a cached one is valid only for the settings (and data) it was trained with."""
 
     seed: int = 0
     epochs: int = 20
@@ -60,22 +57,42 @@ class ClassifierSettings:
     num_features: int = 64
 
 
-class DigitCNN(nn.Module):
-    """Three 3x3 convolutions and two poolings on 8x8 digits, a `num_features` penultimate layer, 10 logits."""
+def classifier_size(image_size: int) -> int:
+    """The resolution the classifier of `image_size` images works at: the same, at most MAX_CLASSIFIER_SIZE."""
+    return min(image_size, MAX_CLASSIFIER_SIZE)
 
-    def __init__(self, width: int = 16, num_features: int = 64, num_classes: int = 10) -> None:
+
+def extractor_name(split: DatasetSplit) -> str:
+    """'digits-cnn', 'mnist-cnn', 'folder-cnn' or 'npz-cnn': the extractor's name in results."""
+    kind = (split.spec or split.name).split(":", 1)[0]
+    return f"{kind}-cnn"
+
+
+class ImageCNN(nn.Module):
+    """3x3 convolutions, halving the resolution until it is below 4 (8x8: two poolings to 2x2), a `num_features`
+    penultimate layer, `num_classes` logits. Channels: width, then 2*width doubling every second pooling."""
+
+    def __init__(
+        self, width: int = 16, num_features: int = 64, num_classes: int = 10, in_channels: int = 1, image_size: int = 8
+    ) -> None:
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 2w, 4, 4)
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),  # (N, 2w, 2, 2)
-            nn.Flatten(), nn.Linear(8 * width, num_features), nn.ReLU(),  # (N, F)
-        )
+        self.in_channels, self.image_size = in_channels, image_size
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU()]
+        channels, size, stage = width, image_size, 0
+        while size >= 4:
+            out = 2 * width * 2 ** (stage // 2)
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]  # (N, out, size/2, size/2)
+            channels, size, stage = out, size // 2, stage + 1
+        layers += [nn.Flatten(), nn.Linear(channels * size * size, num_features), nn.ReLU()]  # (N, F)
+        self.body = nn.Sequential(*layers)
         self.head = nn.Linear(num_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Logits (N, 10) of (N, 1, 8, 8) images in [-1, 1]."""
+        """Logits (N, num_classes) of (N, C, S, S) images in [-1, 1]."""
         return self.head(self.body(x))
+
+
+DigitCNN = ImageCNN  # the 8x8x1 digit CNN is ImageCNN's default
 
 
 def _random_shift(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -87,31 +104,31 @@ def _random_shift(x: Tensor, generator: torch.Generator) -> Tensor:
     return crops[torch.arange(n), :, i, j]  # (N, C, H, W)
 
 
-class DigitClassifier:
-    """The built-in :class:`FeatureExtractor` for digits: a trained :class:`DigitCNN` plus its recorded accuracy.
+class DataClassifier:
+    """The built-in :class:`FeatureExtractor`: a trained :class:`ImageCNN` of one data set plus its recorded accuracy.
 
-    Any (N, 1, H, W) input is resized to 8x8 (antialiased bilinear) first, so models trained on digits at other
-    sizes are scored too.
+    Inputs of another size are resized to the network's (antialiased bilinear) first.
     """
 
-    name = "digits-cnn"
-    image_size = 8
-
-    def __init__(self, net: DigitCNN, accuracy: float | None, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, net: ImageCNN, accuracy: float | None, info: dict[str, Any] | None = None,
+                 name: str = "digits-cnn") -> None:
         self.net = net.eval()
         self.accuracy = accuracy
         self.info = dict(info or {})
+        self.name = name
         self.trained_now = False  # True when this instance was trained rather than loaded from the cache
         self.num_features = int(net.head.in_features)
+        self.in_channels, self.image_size = net.in_channels, net.image_size
 
     def _prepare(self, images: Tensor) -> Tensor:
-        """(N, 1, 8, 8) float CPU images in [-1, 1], resized where needed."""
-        if images.dim() != 4 or images.shape[1] != 1:
-            raise DataError(f"the digit classifier scores (N, 1, H, W) images, got shape {tuple(images.shape)}")
+        """(N, C, S, S) float CPU images in [-1, 1] at the network's size."""
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise DataError(f"the {self.name} classifier scores (N, {self.in_channels}, H, W) images, got shape "
+                            f"{tuple(images.shape)}")
         x = images.detach().float().cpu()
         if x.shape[-2:] != (self.image_size, self.image_size):
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True,
-                              align_corners=False)  # (N, 1, 8, 8)
+                              align_corners=False)  # (N, C, S, S)
         return x.clamp(-1.0, 1.0)
 
     @torch.no_grad()
@@ -131,7 +148,10 @@ class DigitClassifier:
         return torch.cat([self.net(chunk).argmax(dim=1) for chunk in x.split(1024)])  # (N,)
 
 
-def _fit(net: DigitCNN, x: Tensor, y: Tensor, s: ClassifierSettings, generator: torch.Generator) -> None:
+DigitClassifier = DataClassifier  # the digits' classifier is a DataClassifier like any other
+
+
+def _fit(net: ImageCNN, x: Tensor, y: Tensor, s: ClassifierSettings, generator: torch.Generator) -> None:
     """AdamW with a one-cycle schedule over `s.epochs` shuffled epochs of randomly shifted images."""
     n = int(x.shape[0])
     per_epoch = math.ceil(n / s.batch_size)
@@ -149,113 +169,57 @@ def _fit(net: DigitCNN, x: Tensor, y: Tensor, s: ClassifierSettings, generator: 
             schedule.step()
 
 
-def train_digit_classifier(settings: ClassifierSettings | None = None) -> DigitClassifier:
-    """Train the digit CNN on the digits train split (seed-fixed; a few seconds on CPU); accuracy on the val split."""
+@torch.no_grad()
+def _accuracy(classifier: DataClassifier, x: Tensor, y: Tensor) -> float:
+    """Fraction of `x` the classifier labels `y`."""
+    return float((classifier.predict(x) == y).double().mean())
+
+
+def check_classifiable(split: DatasetSplit) -> None:
+    """Raise DataError unless the built-in classifier fits `split`: labelled images of at least 8x8, 2+ classes."""
+    if not split.holds_images:
+        raise DataError(f"data '{split.name}' holds {split.in_channels}-channel values, not 1- or 3-channel images "
+                        "in [-1, 1]: the built-in classifier scores images only")
+    if split.image_size < MIN_CLASSIFIER_SIZE:
+        raise DataError(f"data '{split.name}' has {split.image_size}x{split.image_size} images: the built-in "
+                        f"classifier needs at least {MIN_CLASSIFIER_SIZE}x{MIN_CLASSIFIER_SIZE}")
+    if split.num_classes < 2 or len(torch.unique(split.train_y)) < 2:
+        raise DataError(f"data '{split.name}' has fewer than 2 classes in its train split: a classifier's features "
+                        "need at least 2")
+    if not len(split.val_x):
+        raise DataError(f"data '{split.name}' has no validation images to measure its classifier on")
+
+
+def train_classifier(split: DatasetSplit, settings: ClassifierSettings | None = None) -> DataClassifier:
+    """Train the data set's CNN on its train split (seed-fixed, one CPU thread); accuracy on its val split."""
     s = settings or ClassifierSettings()
-    data = load_dataset("digits")
+    check_classifiable(split)
+    size = classifier_size(split.image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
-        net = DigitCNN(s.width, s.num_features, data.num_classes)
+        net = ImageCNN(s.width, s.num_features, split.num_classes, split.in_channels, size)
+    classifier = DataClassifier(net, None, name=extractor_name(split))
+    train_x = classifier._prepare(split.train_x)  # (N, C, S, S) at the classifier's size
     generator = torch.Generator().manual_seed(s.seed)
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny convolutions: one thread is several times faster than two on a busy 2-core box
+    torch.set_num_threads(1)  # small convolutions: one thread is faster than two on a busy 2-core box
     try:
-        _fit(net, data.train_x, data.train_y, s, generator)
+        _fit(net, train_x, split.train_y, s, generator)
     finally:
         torch.set_num_threads(threads)
     net.eval()
-    with torch.no_grad():
-        val_acc = float((net(data.val_x).argmax(dim=1) == data.val_y).double().mean())
-        train_acc = float((net(data.train_x).argmax(dim=1) == data.train_y).double().mean())
-    info = {
-        "version": _CLASSIFIER_VERSION,
+    classifier.accuracy = _accuracy(classifier, split.val_x, split.val_y)
+    classifier.info = {
+        "version": CLASSIFIER_VERSION,
+        "name": classifier.name,
         "settings": asdict(s),
-        "val_accuracy": val_acc,
-        "train_accuracy": train_acc,
-        "dataset": data.describe(),
+        "architecture": {"in_channels": split.in_channels, "image_size": size, "num_classes": split.num_classes},
+        "val_accuracy": classifier.accuracy,
+        "train_accuracy": _accuracy(classifier, split.train_x, split.train_y),
+        "dataset": split.describe(),
         "train_seconds": round(time.perf_counter() - start, 2),
         "torch": torch.__version__,
     }
-    classifier = DigitClassifier(net, val_acc, info)
     classifier.trained_now = True
     return classifier
-
-
-def default_cache_dir() -> Path:
-    """`$DYNASEARCH_CACHE` if set, else `~/.cache/dynasearch`."""
-    env = os.environ.get("DYNASEARCH_CACHE", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dynasearch"
-
-
-def _cache_files(cache: Path) -> tuple[Path, Path]:
-    """The weights and the JSON record of the digit classifier in a cache directory."""
-    return cache / f"{_CLASSIFIER_STEM}.safetensors", cache / f"{_CLASSIFIER_STEM}.json"
-
-
-def _digest(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def load_cached_classifier(cache: Path, settings: ClassifierSettings) -> DigitClassifier | None:
-    """The cached classifier if its files are complete, consistent and from the same settings; else None."""
-    weights, meta = _cache_files(cache)
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("version") != _CLASSIFIER_VERSION or info.get("settings") != asdict(settings):
-            return None
-        if info.get("weights_sha256") != _digest(weights):
-            return None
-        net = DigitCNN(settings.width, settings.num_features)
-        net.load_state_dict(load_weights(weights))
-    except (OSError, ValueError, RuntimeError, KeyError, AttributeError, CheckpointError):
-        return None
-    return DigitClassifier(net, float(info["val_accuracy"]), info)
-
-
-def load_digit_classifier(cache_dir: str | Path | None = None, retrain: bool = False) -> DigitClassifier:
-    """The cached digit classifier, trained (and cached, atomically) on first use or when the cache is stale.
-
-    A missing, corrupt or out-of-date cache is simply retrained; an unwritable cache directory still returns the
-    freshly trained classifier (it is then trained again next time).
-    """
-    settings = ClassifierSettings()
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if not retrain:
-        cached = load_cached_classifier(cache, settings)
-        if cached is not None:
-            return cached
-    classifier = train_digit_classifier(settings)
-    weights, meta = _cache_files(cache)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        save_weights(classifier.net.state_dict(), weights, {"format": "dynasearch", "model": _CLASSIFIER_STEM})
-        classifier.info["weights_sha256"] = _digest(weights)
-        atomic_write_text(meta, json.dumps(classifier.info, indent=2) + "\n")
-        classifier.info["cache"] = str(cache)
-    except OSError:
-        classifier.info["cache"] = None
-    return classifier
-
-
-def real_digits(image_size: int = 8) -> Tensor:
-    """Every embedded digit (validation + train, 1797 images) at `image_size`, (N, 1, S, S) in [-1, 1]."""
-    data = load_dataset("digits", image_size=image_size)
-    return torch.cat([data.val_x, data.train_x], dim=0)  # (N, 1, S, S)
-
-
-def default_extractor(config: DiTConfig, cache_dir: str | Path | None, status: StatusFn | None) -> DigitClassifier:
-    """The built-in classifier that scores `config`'s samples (today: digit models only), from the cache or trained."""
-    if config.in_channels != 1 or config.num_classes != 10:
-        raise DataError(
-            f"the built-in digit classifier scores 1-channel, 10-class digit models; model '{config.name}' has "
-            f"{config.in_channels} channel(s) and {config.num_classes} classes; evaluate_quality() takes any "
-            "FeatureExtractor with real images"
-        )
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if status is not None and load_cached_classifier(cache, ClassifierSettings()) is None:
-        status(f"training the digit classifier once (cached in {cache})")
-    return load_digit_classifier(cache)

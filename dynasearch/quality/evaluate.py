@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..checkpoint.native import load_checkpoint, read_config
 from ..cost.flops import closed_form_flops, mean_flops
+from ..data import DataRecord, DataSpec, parse_data_spec
 from ..device import resolve_device
 from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
@@ -32,8 +33,9 @@ from ..sampling import (
     cycle_labels,
     sample_images,
 )
-from .classifier import StatusFn, default_extractor, real_digits
+from .classifier import StatusFn
 from .features import FeatureExtractor, frechet_distance
+from .reference import Reference, load_reference, resolve_data
 
 __all__ = ["QualityResult", "EvalConfig", "evaluate_samples", "evaluate_quality", "flops_per_step", "run_eval"]
 
@@ -56,6 +58,9 @@ class QualityResult:
     subnet: dict[str, Any] | None = None
     model: str | None = None
     sample_seconds: float | None = None
+    reference: str | None = None  # the real images' data set ('mnist', ...; None: given by the caller)
+    reference_split: str | None = None  # which of its images ('train+val')
+    classifier_val: int | None = None  # validation images the classifier's accuracy was measured on
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -69,12 +74,15 @@ def evaluate_samples(
     real_images: Tensor,
     extractor: FeatureExtractor,
     num_classes: int | None = None,
+    real_features: Tensor | None = None,
 ) -> QualityResult:
-    """The metric for samples already generated: FD to `real_images` and class accuracy against `labels`."""
+    """The metric for samples already generated: FD to `real_images` and class accuracy against `labels`
+    (`real_features`: the real images' features, if already computed)."""
     labels_t = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long).cpu()
     if len(labels_t) != len(samples):
         raise DataError(f"{len(samples)} samples but {len(labels_t)} labels")
-    fd = frechet_distance(extractor.features(real_images), extractor.features(samples))
+    real = real_features if real_features is not None else extractor.features(real_images)
+    fd = frechet_distance(real, extractor.features(samples))
     predicted = extractor.predict(samples)
     accuracy = per_class = None
     if predicted is not None:
@@ -110,6 +118,8 @@ def evaluate_quality(
     extractor: FeatureExtractor | None = None,
     real_images: Tensor | None = None,
     decode: Callable[[Tensor], Tensor] | None = None,
+    data: str | DataSpec | DataRecord | None = None,
+    reference: Reference | None = None,
     device: str | torch.device | None = None,
     batch_size: int = 250,
     progress: ProgressFn | None = None,
@@ -119,15 +129,20 @@ def evaluate_quality(
 ) -> QualityResult:
     """Generate `num` class-conditional samples (labels cycling over the classes) and score them.
 
-    FD is measured against `real_images` (default: all 1797 real digits at the model's size) in the feature space of
-    `extractor` (default: the cached digit CNN); class accuracy is the extractor's prediction against the requested
-    labels. `decode` maps samples to images first (e.g. a VAE decoder for latent models).
+    Without an `extractor` the samples are scored against `reference` (see :func:`load_reference`), else against
+    the data the model was trained on, `data` (a spec such as 'mnist' or a checkpoint's :class:`DataRecord`;
+    None: the 8x8 digits, for digits-shaped models only): FD to every image of that set in its classifier's feature
+    space, class accuracy by that classifier. A custom `extractor` needs its `real_images`. `decode` maps samples to
+    images first (e.g. a VAE decoder for latent models).
     """
     config = model.config
     if extractor is None:
-        extractor = default_extractor(config, cache_dir, status)
+        if reference is None:
+            record = resolve_data({}, config, data, source=f"model '{config.name}'", option="data=SPEC")
+            reference = load_reference(record, config, cache_dir, status, option="data=SPEC")
+        extractor = reference.extractor
         if real_images is None:
-            real_images = real_digits(config.input_size)
+            real_images = reference.images
     elif real_images is None:
         raise DataError("a custom feature extractor needs the real images to compare against")
     if not isinstance(extractor, FeatureExtractor):
@@ -142,7 +157,12 @@ def evaluate_quality(
     )
     seconds = time.perf_counter() - start
     images = decode(samples) if decode is not None else samples
-    result = evaluate_samples(images, labels, real_images, extractor, config.num_classes)
+    ours = reference is not None and real_images is reference.images and extractor is reference.extractor
+    real_features = reference.features() if ours and reference is not None else None
+    result = evaluate_samples(images, labels, real_images, extractor, config.num_classes, real_features)
+    if ours and reference is not None:
+        result.reference, result.reference_split = reference.data, reference.split
+        result.classifier_val = reference.classifier_val()
     result.steps, result.cfg_scale, result.sampler, result.seed = steps, float(cfg_scale), sampler, seed
     result.subnet = subnet.to_dict() if subnet is not None else None
     result.extra["gflops_per_step"] = flops_per_step(config, subnet if subnet is not None else model.subnet, steps,
@@ -165,6 +185,7 @@ class EvalConfig:
     sampler: str = "ddim"
     device: str = "auto"
     batch_size: int = 250
+    data: str | None = None  # the training data's spec, overriding the checkpoint's record
 
     def __post_init__(self) -> None:
         if self.num < 2:
@@ -177,10 +198,16 @@ class EvalConfig:
             raise ConfigError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.data is not None:
+            try:
+                parse_data_spec(self.data)
+            except DataError as exc:
+                raise DataError(f"--data: {exc}") from None
 
 
 def run_eval(config: EvalConfig, progress: ProgressFn | None = None, status: StatusFn | None = None) -> QualityResult:
-    """Load a checkpoint (and subnet), check every input, then evaluate its generative quality."""
+    """Load a checkpoint (and subnet), check every input, find the data it was trained on and that data's
+    classifier (trained once), then evaluate its generative quality against that data."""
     doc = read_config(config.checkpoint)
     try:
         model_config = DiTConfig.from_dict(doc["model"])
@@ -190,11 +217,15 @@ def run_eval(config: EvalConfig, progress: ProgressFn | None = None, status: Sta
     subnet = checkpoint_subnet(config.checkpoint, doc, model_config, config.subnet_file)
     device = resolve_device(config.device)
     model = load_checkpoint(config.checkpoint, device=device)
+    record = resolve_data(doc, model_config, config.data, source=f"checkpoint '{config.checkpoint}'")
+    reference = load_reference(record, model_config, status=status)
     result = evaluate_quality(
         model, num=config.num, cfg_scale=config.cfg_scale, steps=config.steps, seed=config.seed, subnet=subnet,
         sampler=config.sampler, device=device, batch_size=config.batch_size, progress=progress, status=status,
-        diffusion=diffusion,
+        diffusion=diffusion, reference=reference,
     )
+    result.extra["data_from"] = "--data" if config.data is not None else (
+        "checkpoint" if DataRecord.from_config(doc) is not None else "default (digits-shaped, unrecorded)")
     result.extra["checkpoint"] = str(config.checkpoint)
     if config.subnet_file is not None:
         result.extra["subnet_file"] = str(config.subnet_file)

@@ -14,11 +14,11 @@ from ..checkpoint.native import load_checkpoint, read_config, read_schedule
 from ..cost.flops import closed_form_params
 from ..cost.latency import measure_latency
 from ..diffusion.factory import diffusion_for
-from ..errors import DynasearchError
+from ..errors import DataError, DynasearchError
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
-from ..quality import StatusFn, evaluate_quality, flops_per_step
+from ..quality import StatusFn, evaluate_quality, flops_per_step, load_reference, resolve_data
 from ..sampling import cycle_labels, grid_array, sample_images
 
 __all__ = ["FULL_MODEL", "Measurements", "ReportConfig", "exported_models", "measure_models"]
@@ -79,13 +79,27 @@ def _latency(model: DiT, run: Subnet | SubnetSchedule, cfg: ReportConfig) -> flo
 
 
 def _quality(
-    name: str, model: DiT, run: Subnet | SubnetSchedule, cfg: ReportConfig, status: StatusFn
+    name: str, path: Path, model: DiT, run: Subnet | SubnetSchedule, cfg: ReportConfig, status: StatusFn,
+    notes: list[str],
 ) -> dict[str, Any]:
-    """FD and class accuracy on `cfg.eval_num` samples, for digit models (nothing otherwise or with eval_num 0)."""
-    if cfg.eval_num <= 0 or model.config.in_channels != 1 or model.config.num_classes != 10:
+    """FD and class accuracy on `cfg.eval_num` samples against the data the checkpoint was trained on (nothing with
+    eval_num 0; a note saying why where no built-in reference fits)."""
+    if cfg.eval_num <= 0:
+        return {}
+    try:
+        how = "--data SPEC to `dynasearch eval`"
+        record = resolve_data(read_config(path), model.config, source=f"'{path}'", option=how)
+        reference = load_reference(record, model.config, status=status, option=how)
+    except DataError as exc:
+        notes.append(f"{name}: FD and class accuracy not measured ({exc})")
         return {}
     status(f"scoring {name} on {cfg.eval_num} samples")
-    q = evaluate_quality(model, num=cfg.eval_num, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed, subnet=run)
+    q = evaluate_quality(model, num=cfg.eval_num, cfg_scale=cfg.cfg_scale, steps=cfg.steps, seed=cfg.seed, subnet=run,
+                         reference=reference)
+    note = (f"FD and class accuracy against {reference.describe()}, in {q.extractor} features (its accuracy on "
+            f"{reference.classifier_val()} val images: {q.classifier_accuracy:.1%})")
+    if note not in notes:
+        notes.append(note)
     return {"FD": q.fd, "class accuracy": q.class_accuracy}
 
 
@@ -126,7 +140,7 @@ def measure_models(
         full_latency = latency if name == FULL_MODEL else full_latency
         row["latency (ms)"] = latency * 1e3
         row["latency ratio"] = latency / full_latency if full_latency else None
-        row.update(_quality(name, model, run, cfg, status))
+        row.update(_quality(name, path, model, run, cfg, status, notes))
         if cfg.samples and model.config.in_channels in (1, 3):
             status(f"sampling {name}")
             grids.append((f"{name}\n{row['gflops']:.3g} GFLOPs", _sample_grid(model, run, cfg)))

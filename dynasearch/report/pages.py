@@ -16,7 +16,8 @@ from ..fileio import atomic_write_text
 __all__ = ["write_pages"]
 
 _NOTE = ("Latency: median forward time, same process, batch as in the settings (a schedule: the mean over its "
-         "sampling steps); FD and class accuracy from the digit classifier's feature space (lower FD is better).")
+         "sampling steps); FD and class accuracy in the training data's classifier's feature space (see the notes; "
+         "lower FD is better).")
 
 
 def write_pages(

@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from ..checkpoint.native import save_checkpoint
+from ..checkpoint.native import inherited_sections, save_checkpoint
 from ..cost.flops import count_flops
 from ..errors import SearchError
 from ..fileio import atomic_write_text
@@ -164,7 +164,7 @@ def export_subnets(ctx: SearchContext, entries: list[tuple[str, Subnet, dict[str
             )
         directory = ctx.config.out / "subnets" / name
         meta = {**info, "flops": counted, "gflops": counted / 1e9, "source_supernet": str(ctx.config.supernet)}
-        save_checkpoint(small, directory, extra={"search": meta})
+        save_checkpoint(small, directory, extra={"search": meta, **inherited_sections(ctx.config.supernet)})
         atomic_write_text(directory / "subnet.json", json.dumps(subnet.to_dict(), indent=2) + "\n")
         params = sum(p.numel() for p in small.parameters())
         exported.append({"name": name, "path": str(directory), "gflops": counted / 1e9, "params": params, **info})

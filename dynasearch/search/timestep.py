@@ -27,7 +27,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from ..checkpoint.native import save_checkpoint
+from ..checkpoint.native import inherited_sections, save_checkpoint
 from ..cost.flops import bucket_flops, count_flops, mean_flops
 from ..errors import SearchError
 from ..fileio import atomic_write_text
@@ -61,8 +61,10 @@ class TimestepSearchResult:
     notes: list[str] = field(default_factory=list)
 
 
-def export_schedule(model: DiT, schedule: SubnetSchedule, directory: Path, timesteps: list[int], info: dict[str, Any]) -> dict[str, Any]:
-    """Write a timestep-dynamic checkpoint: weights sliced to the schedule's union plus every bucket's subnet.
+def export_schedule(model: DiT, schedule: SubnetSchedule, directory: Path, timesteps: list[int], info: dict[str, Any],
+                    supernet: str | Path | None = None) -> dict[str, Any]:
+    """Write a timestep-dynamic checkpoint: weights sliced to the schedule's union plus every bucket's subnet (and the
+    `supernet` checkpoint's inherited sections, e.g. its data record).
 
     FLOPs of every bucket are re-counted with fvcore on the sliced model and must equal the closed form.
     """
@@ -76,7 +78,8 @@ def export_schedule(model: DiT, schedule: SubnetSchedule, directory: Path, times
         per_bucket.append(counted)
     mean = mean_flops(schedule, small.config, timesteps)
     meta = {**info, "mean_flops": mean, "mean_gflops": mean / 1e9, "bucket_flops": per_bucket, "sample_steps": len(timesteps)}
-    save_checkpoint(small, directory, extra={"kind": "timestep-dynamic", "schedule": schedule.to_dict(), "search": meta})
+    inherited = inherited_sections(supernet) if supernet is not None else {}
+    save_checkpoint(small, directory, extra={"kind": "timestep-dynamic", "schedule": schedule.to_dict(), "search": meta, **inherited})
     schedule.save(directory / "schedule.json")
     params = sum(p.numel() for p in small.parameters())
     return {"path": str(directory), "mean_gflops": mean / 1e9, "params": params, **info}
@@ -210,7 +213,7 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
         info = {"role": "winner" if row["winner"] else row["method"], "method": row["method"], "proxy_loss": float(row["proxy_loss"]),
                 "source_supernet": str(config.supernet)}
         sched = SubnetSchedule.from_dict(json.loads(row["schedule"]))
-        exported.append({"name": name, **export_schedule(ctx.model, sched, config.out / "schedules" / name, tc.timesteps, info)})
+        exported.append({"name": name, **export_schedule(ctx.model, sched, config.out / "schedules" / name, tc.timesteps, info, config.supernet)})
     atomic_write_text(config.out / "bucket_trials.csv", table.to_csv(index=False))
     atomic_write_text(config.out / "joint_trials.csv", trials_of_joint.to_csv(index=False))
     atomic_write_text(config.out / "schedules.csv", comparison.to_csv(index=False))
