@@ -6,6 +6,7 @@ hides almost every bug; the model fixtures here re-randomise all trainable param
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +18,18 @@ if str(_ROOT) not in sys.path:  # the package is not installed in the test venv
     sys.path.insert(0, str(_ROOT))
 
 from dynasearch.model import DiT, DiTConfig, get_config  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _default_sigint():
+    """Every test starts with Python's own Ctrl-C handler, as an interactive run does.
+
+    A test runner started in the background (`cmd &`, nohup) inherits SIGINT ignored; the Ctrl-C tests check that a
+    search restores the handler it found, so they need a known one.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
