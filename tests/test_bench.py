@@ -262,8 +262,22 @@ def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
     assert s["kendall_tau_same_set"] == pytest.approx(kendalltau(t["inherited_eval_loss"], t["finetuned_loss"])[0])
     lo, hi = s["tau_ci95"]
     assert lo is None or -1.0 <= lo <= hi <= 1.0
+    # every proxy kind scores the same subnets; the full model (last row) is its own teacher
+    assert (t["proxy_eps"] == t["inherited_loss"]).all() and (t["proxy_eps_evalset"] == t["inherited_eval_loss"]).all()
+    for kind in ("teacher", "teacher_norm", "teacher_sample"):
+        assert t[f"proxy_{kind}"].iloc[-1] == 0.0 and (t[f"proxy_{kind}"].iloc[:-1] > 0).all(), kind
+    taus = result.extra["proxies"]
+    assert list(taus["proxy"]) == ["eps", "teacher", "teacher-norm", "teacher-sample"]
+    assert set(taus["ground_truth"]) == {"finetuned_loss"} and "finetuned_fd" not in t.columns  # no --fd-samples
+    for r in taus.itertuples():
+        column = "proxy_" + r.proxy.replace("-", "_")
+        assert r.kendall_tau == pytest.approx(kendalltau(t[column], t["finetuned_loss"])[0])
+        assert s["proxies"][r.proxy]["finetuned_loss"]["kendall_tau"] == pytest.approx(r.kendall_tau)
+        assert r.score_s > 0 and r.setup_s >= 0
+        assert np.isnan(r.tau_ci95_lo) or -1.0 <= r.tau_ci95_lo <= r.tau_ci95_hi <= 1.0
+    assert s["best_proxy"]["finetuned_loss"]["kendall_tau"] == pytest.approx(taus["kendall_tau"].max())
     save_bench(result, tmp_path)
-    _check_files(tmp_path, "ranking-proxy32", extra=("runs",))
+    _check_files(tmp_path, "ranking-proxy32", extra=("runs", "proxies"))
     doc = json.loads((tmp_path / "ranking-proxy32.json").read_text())
     assert "--finetune-seeds 2" in doc["command"] and "--eval-samples 48" in doc["command"]
     with pytest.raises(BenchError, match="--k"):
@@ -288,6 +302,68 @@ def test_ranking_mid_range_has_its_own_files(run_dir: Path, tmp_path: Path) -> N
     assert result_name(RankingBenchConfig(proxy_samples=2048, flops_range=(0.4, 0.6))) == "ranking-0.4-0.6-proxy2048"
     assert result_name(RankingBenchConfig(proxy_samples=2048)) == "ranking-proxy2048"
     assert result_name(RankingBenchConfig()) == "ranking"
+
+
+class _PixelFeatures:
+    """A stand-in extractor: the flattened pixels as features, every sample called class 0."""
+
+    name, num_features, accuracy = "pixels", 64, None
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1)[:, :4]
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(images), dtype=torch.long)
+
+
+def test_ranking_fd_ground_truth(run_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import dynasearch.bench.proxy_ranking as ranking
+    from dynasearch.data import DataRecord, load_dataset
+    from dynasearch.quality import evaluate_quality
+
+    split = load_dataset("digits", val_fraction=0.1, seed=0)
+    real = torch.cat([split.val_x, split.train_x])
+    asked = []
+
+    def pixel_quality(model, **kw):  # the quality module's own FD, in a pixel feature space (no classifier to train)
+        asked.append(kw.pop("data"))
+        kw.pop("status")
+        return evaluate_quality(model, extractor=_PixelFeatures(), real_images=real, **kw)
+
+    monkeypatch.setattr(ranking, "evaluate_quality", pixel_quality)
+    cfg = RankingBenchConfig(supernet=run_dir, k=3, finetune_steps=1, batch_size=4, proxy_samples=16, eval_samples=16,
+                             finetune_seeds=2, bootstrap=10, fd_samples=6, fd_steps=2)
+    result = bench_ranking(cfg)
+    t, runs, taus = result.table, result.extra["runs"], result.extra["proxies"]
+    # every fine-tuned model is scored against the supernet's own training data (its checkpoint's record)
+    assert asked == [DataRecord.from_config(json.loads((run_dir / "config.json").read_text()))] * 6
+    assert str(asked[0].spec) == "digits"
+    assert {"finetuned_fd", "finetuned_fd_std", "finetuned_class_accuracy"} <= set(t.columns)
+    np.testing.assert_allclose(t["finetuned_fd"], runs.groupby("subnet")["finetuned_fd"].mean())
+    np.testing.assert_allclose(runs["finetuned_class_accuracy"], 1 / 6)  # labels 0..5, every sample called 0
+    assert len(taus) == 8 and set(taus["ground_truth"]) == {"finetuned_loss", "finetuned_fd"}
+    from scipy.stats import kendalltau
+
+    fd = taus[taus["ground_truth"] == "finetuned_fd"].set_index("proxy")
+    assert fd.loc["teacher", "kendall_tau"] == pytest.approx(kendalltau(t["proxy_teacher"], t["finetuned_fd"])[0])
+    assert result.summary["kendall_tau_fd_vs_loss"] == pytest.approx(kendalltau(t["finetuned_fd"], t["finetuned_loss"])[0])
+    # one run again by hand: the same fine-tune, then FD of 6 samples from the bench's seed
+    from dynasearch.checkpoint.native import load_checkpoint
+    from dynasearch.diffusion.factory import diffusion_for
+    from dynasearch.model.subnet import Subnet
+    from dynasearch.slicing import slice_subnet
+
+    supernet = load_checkpoint(run_dir)
+    torch.manual_seed(1)
+    small = slice_subnet(supernet, Subnet.from_dict(json.loads(t["subnet_json"].iloc[0])))
+    ranking.finetune(small, split, diffusion_for(supernet.config), 1, 4, cfg.lr, 1, torch.device("cpu"), "cosine")
+    again = evaluate_quality(small, num=6, steps=2, seed=0, extractor=_PixelFeatures(), real_images=real)
+    assert again.fd == pytest.approx(runs.set_index(["subnet", "finetune_seed"]).loc[(0, 1), "finetuned_fd"], rel=1e-5)
+    assert "--fd-samples 6 --fd-steps 2" in result.command
+    with pytest.raises(BenchError, match="--fd-samples must be 0"):
+        RankingBenchConfig(fd_samples=1)
+    with pytest.raises(BenchError, match="--proxy-samples must be at least 8"):
+        RankingBenchConfig(proxy_samples=4)
 
 
 def test_finetune_lr_schedule() -> None:

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from .common import BenchResult  # noqa: E402
 
@@ -115,7 +116,10 @@ def plot_search(result: BenchResult, path: Path) -> Path:
 def plot_ranking(result: BenchResult, path: Path) -> Path:
     """Fine-tuned against inherited loss (coloured by FLOPs ratio) with Kendall tau, and both losses against FLOPs."""
     t, s = result.table, result.summary
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6))
+    taus = result.extra.get("proxies")
+    panels = 3 if taus is not None and not taus.empty else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.6))
+    ax, bx = axes[0], axes[1]
     sc = ax.scatter(t["inherited_loss"], t["finetuned_loss"], c=t["flops_ratio"], cmap="viridis", s=50, zorder=5)
     for _, r in t.iterrows():
         ax.annotate(str(int(r["subnet"])), (r["inherited_loss"], r["finetuned_loss"]), fontsize=7,
@@ -146,7 +150,27 @@ def plot_ranking(result: BenchResult, path: Path) -> Path:
     _dress(bx, "FLOPs ratio (subnet / full)", "epsilon MSE",
            f"{st.get('finetune_steps')} steps, lr {st.get('lr')} {st.get('lr_schedule', '')}, "
            f"{st.get('finetune_seeds', 1)} seed(s)", title_size=8, legend=7)
+    if panels == 3:
+        _proxy_tau_bars(axes[2], taus, s.get("proxy_goal"))
     return _save(fig, path, result)
+
+
+def _proxy_tau_bars(ax: plt.Axes, taus: pd.DataFrame, goal: str | None) -> None:
+    """Kendall tau of every proxy kind against every ground truth, with the bootstrap 95% intervals."""
+    kinds, truths = list(dict.fromkeys(taus["proxy"])), list(dict.fromkeys(taus["ground_truth"]))
+    width = 0.8 / len(truths)
+    for j, truth in enumerate(truths):
+        rows = taus[taus["ground_truth"] == truth].set_index("proxy").reindex(kinds)
+        x = np.arange(len(kinds)) + (j - (len(truths) - 1) / 2) * width
+        tau = rows["kendall_tau"].to_numpy(float)
+        err = np.abs(np.vstack([tau - rows["tau_ci95_lo"].to_numpy(float), rows["tau_ci95_hi"].to_numpy(float) - tau]))
+        ax.bar(x, tau, width, label=truth.replace("_", " "), yerr=np.nan_to_num(err), capsize=3)
+    if goal:
+        ax.axhline(float(goal.split()[-1]), color="black", lw=1, ls="--", label=goal)
+    ax.set_xticks(np.arange(len(kinds)), kinds, fontsize=8)
+    ax.set_ylim(-1.0, 1.0)
+    _dress(ax, "proxy (inherited weights)", "Kendall tau", "each proxy against each ground truth (bootstrap 95%)",
+           title_size=8, legend=7, grid="y")
 
 
 def plot_train(result: BenchResult, path: Path) -> Path:

@@ -14,6 +14,13 @@ the barely moved fine-tuned weights share, as agreement. Kendall tau between the
 to Train Your Super-Net") is reported with its p-value and a bootstrap interval, next to the taus that bound it:
 the proxy set against the evaluation set (inherited weights on both: how reliable the proxy's own ranking is), the
 fine-tune seeds against each other, and FLOPs alone.
+
+Every proxy kind of the search (:data:`dynasearch.search.proxy.PROXY_KINDS`: eps, teacher, teacher-norm,
+teacher-sample) scores the same subnets with the same inherited weights, and each is ranked against each ground
+truth: the fine-tuned loss and, with ``--fd-samples N``, the Frechet distance of N samples of every fine-tuned
+model (:func:`dynasearch.quality.evaluate_quality`, in the default extractor's feature space, against the real
+images of the supernet's training data; one sampling seed for every model, so that they start from the same noise).
+The kinds' taus, intervals and costs are the ``_proxies.csv`` table and the summary's ``proxies``.
 """
 
 from __future__ import annotations
@@ -21,24 +28,27 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import kendalltau
 
 from ..checkpoint.native import load_checkpoint, read_config
 from ..cost.flops import closed_form_flops
-from ..data import DatasetSplit
+from ..data import DataRecord, DatasetSplit
 from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
 from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.subnet import Subnet
+from ..quality import evaluate_quality
+from ..sampling import DEFAULT_STEPS
 from ..search.proxy import (
+    PROXY_KINDS,
+    SAMPLE_STEPS,
     ProxyEvaluator,
     ProxySet,
     build_proxy_set,
@@ -48,6 +58,7 @@ from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from ..slicing import slice_subnet
 from ..train.sandwich import draw_batch, sandwich_step
 from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
+from .ranking_stats import kendall_bootstrap, loss_summary, proxy_column, proxy_summary, proxy_taus
 
 __all__ = [
     "RankingBenchConfig",
@@ -59,7 +70,6 @@ __all__ = [
     "spread_subnets",
 ]
 
-TAU_GOAL = 0.7
 LR_SCHEDULES = ("constant", "cosine")
 DEFAULT_PROXY_SAMPLES = 512  # the search's own proxy size: other sizes get their own file stem
 EVAL_SEED_OFFSET = 1_000  # the evaluation set's seed is seed + this: independent of the proxy set
@@ -81,6 +91,8 @@ class RankingBenchConfig(BenchConfig):
     eval_samples: int = 2048
     bootstrap: int = 2000
     flops_range: tuple[float, float] = (0.0, 1.0)  # FLOPs ratios (of the full model) the subnets are drawn from
+    fd_samples: int = 0  # samples per fine-tuned model for the FD ground truth (0: no FD)
+    fd_steps: int = DEFAULT_STEPS  # DDIM steps of those samples
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -93,7 +105,14 @@ class RankingBenchConfig(BenchConfig):
                              f"got {','.join(str(v) for v in r)}")
         object.__setattr__(self, "flops_range", (float(r[0]), float(r[1])))
         self.check_positive("finetune_steps", "batch_size", "lr", "finetune_seeds", "proxy_samples", "eval_samples",
-                            "bootstrap", "threads")
+                            "bootstrap", "fd_steps", "threads")
+        self.check_non_negative("fd_samples")
+        for key in ("proxy_samples", "eval_samples"):  # teacher-sample runs one trajectory per SAMPLE_STEPS of them
+            if getattr(self, key) < SAMPLE_STEPS:
+                raise BenchError(f"--{key.replace('_', '-')} must be at least {SAMPLE_STEPS} (one {SAMPLE_STEPS}-step "
+                                 f"trajectory of the teacher-sample proxy), got {getattr(self, key)}")
+        if self.fd_samples == 1:
+            raise BenchError("--fd-samples must be 0 (no FD) or at least 2 (a Frechet distance), got 1")
         if self.lr_schedule not in LR_SCHEDULES:
             raise BenchError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 3:
@@ -175,29 +194,6 @@ def finetune(
     return losses
 
 
-def kendall_bootstrap(a: np.ndarray, b: np.ndarray, reps: int, seed: int = 0) -> tuple[float | None, float | None]:
-    """Percentile 95% interval of Kendall tau between `a` and `b` over `reps` resamplings of the pairs (items)."""
-    rng = np.random.default_rng(seed)
-    n, taus = len(a), []
-    for _ in range(reps):
-        idx = rng.integers(0, n, n)
-        if len(np.unique(idx)) < 3:
-            continue
-        tau, _ = kendalltau(a[idx], b[idx])
-        if np.isfinite(tau):
-            taus.append(tau)
-    if not taus:
-        return None, None
-    lo, hi = np.percentile(taus, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _tau(a: Any, b: Any) -> tuple[float | None, float | None]:
-    """Kendall tau and its p-value as floats (None where undefined, e.g. constant input)."""
-    tau, p = kendalltau(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
-    return (float(tau) if np.isfinite(tau) else None, float(p) if np.isfinite(p) else None)
-
-
 def _space(cfg: RankingBenchConfig, doc: dict[str, Any]) -> SearchSpace:
     """--space, else the space the supernet was trained on (or the default); checked against the training space."""
     trained = SearchSpace.from_dict(doc["space"], source=f"{cfg.supernet}/config.json") if doc.get("space") else None
@@ -209,8 +205,8 @@ def _space(cfg: RankingBenchConfig, doc: dict[str, Any]) -> SearchSpace:
 
 @dataclass
 class _Setup:
-    """The supernet, its space and training data, and the two scored sets: the search's proxy set and the
-    separate evaluation set (another seed)."""
+    """The supernet, its space and training data, the two scored sets (the search's proxy set and the separate
+    evaluation set, another seed), an evaluator per proxy kind on each, and the FD ground truth's extractor."""
 
     supernet: DiT
     space: SearchSpace
@@ -218,10 +214,26 @@ class _Setup:
     diffusion: GaussianDiffusion
     proxy: ProxySet
     evalset: ProxySet
+    evaluators: dict[str, tuple[ProxyEvaluator, ProxyEvaluator]] = field(default_factory=dict)
+    setup_s: dict[str, float] = field(default_factory=dict)  # seconds to build each kind's cache on the proxy set
+    data: DataRecord | None = None  # the supernet's training data, that the FD ground truth compares with
 
 
-def _setup(cfg: RankingBenchConfig, device: torch.device) -> _Setup:
-    """Load and check the supernet, its space and data; build the proxy set and the evaluation set."""
+def _evaluators(setup: _Setup) -> None:
+    """One evaluator per proxy kind on the proxy set and on the evaluation set; the teacher's caches are built once
+    and shared between the kinds."""
+    proxy, evalset = setup.proxy, setup.evalset
+    for kind in PROXY_KINDS:
+        start = time.perf_counter()
+        on_proxy = ProxyEvaluator(setup.supernet, proxy, kind=kind)
+        setup.setup_s[kind] = time.perf_counter() - start
+        on_eval = ProxyEvaluator(setup.supernet, evalset, kind=kind)
+        setup.evaluators[kind] = (on_proxy, on_eval)
+        proxy, evalset = on_proxy.proxy, on_eval.proxy
+
+
+def _setup(cfg: RankingBenchConfig, device: torch.device, status: Callable[[str], None]) -> _Setup:
+    """Load and check the supernet, its space and data; build both sets, their evaluators and the FD extractor."""
     doc = read_config(cfg.supernet)
     supernet = load_checkpoint(cfg.supernet, device=device)
     if supernet.config.is_sliced:
@@ -233,13 +245,19 @@ def _setup(cfg: RankingBenchConfig, device: torch.device) -> _Setup:
     proxy = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.proxy_samples, seed=cfg.seed)
     evalset = build_proxy_set(split.val_x, split.val_y, diffusion, num=cfg.eval_samples,
                               seed=cfg.seed + EVAL_SEED_OFFSET)
-    return _Setup(supernet, space, split, diffusion, proxy, evalset)
+    if cfg.fd_samples and supernet.config.in_channels not in (1, 3):
+        raise BenchError(f"--fd-samples: '{cfg.supernet}' generates latents ({supernet.config.in_channels} channels); "
+                         "the built-in FD scores images only (use --fd-samples 0)")
+    setup = _Setup(supernet, space, split, diffusion, proxy, evalset, data=DataRecord.from_config(doc))
+    status("the teacher's predictions and samples for the proxy kinds")
+    _evaluators(setup)
+    return setup
 
 
 def _finetune_runs(
     cfg: RankingBenchConfig, setup: _Setup, i: int, subnet: Subnet, device: torch.device, status: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Slice subnet `i` out and fine-tune it once per fine-tune seed; each run's losses on both sets."""
+    """Slice subnet `i` out and fine-tune it once per fine-tune seed; each run's losses on both sets (and FD)."""
     runs = []
     for r in range(cfg.finetune_seeds):
         status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: {cfg.finetune_steps} steps")
@@ -247,30 +265,49 @@ def _finetune_runs(
         small = slice_subnet(setup.supernet, subnet)
         losses = finetune(small, setup.split, setup.diffusion, cfg.finetune_steps, cfg.batch_size, cfg.lr,
                           cfg.seed + r, device, cfg.lr_schedule)
-        runs.append({
+        run = {
             "subnet": i,
             "finetune_seed": cfg.seed + r,
             "finetuned_loss": ProxyEvaluator(small, setup.evalset)(),
             "finetuned_proxy_loss": ProxyEvaluator(small, setup.proxy)(),
             "train_loss_last": float(np.mean(losses[-10:])),
-        })
+        }
+        if cfg.fd_samples:
+            status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: FD of {cfg.fd_samples} samples")
+            quality = evaluate_quality(small, num=cfg.fd_samples, steps=cfg.fd_steps, seed=cfg.seed, data=setup.data,
+                                       device=device, status=status)
+            run["finetuned_fd"] = quality.fd
+            run["finetuned_class_accuracy"] = quality.class_accuracy
+        runs.append(run)
         del small
     return runs
 
 
+def _proxy_scores(setup: _Setup, subnet: Subnet) -> tuple[dict[str, float], dict[str, float]]:
+    """Every proxy kind's value of `subnet` (inherited weights) on the proxy set and on the evaluation set (columns),
+    and the seconds each kind took on the proxy set."""
+    values, seconds = {}, {}
+    for kind, (on_proxy, on_eval) in setup.evaluators.items():
+        start = time.perf_counter()
+        values[proxy_column(kind)] = on_proxy(subnet)
+        seconds[kind] = time.perf_counter() - start
+        values[proxy_column(kind, evalset=True)] = on_eval(subnet)
+    return values, seconds
+
+
 def _subnet_row(
-    i: int, subnet: Subnet, config: DiTConfig, inherited: float, inherited_e: float, runs: list[dict[str, Any]],
-    seconds: float,
+    i: int, subnet: Subnet, config: DiTConfig, scores: dict[str, float], runs: list[dict[str, Any]], seconds: float,
 ) -> dict[str, Any]:
-    """One subnet's FLOPs, inherited losses and fine-tuned losses (means over its fine-tune runs)."""
+    """One subnet's FLOPs, inherited losses, fine-tuned losses (means over its fine-tune runs) and proxy values."""
     tuned = float(np.mean([x["finetuned_loss"] for x in runs]))
+    inherited_e = scores[proxy_column("eps", evalset=True)]
     flops = closed_form_flops(config, subnet)
-    return {
+    row = {
         "subnet": i,
         "describe": subnet.describe(config),
         "gflops": flops / 1e9,
         "flops_ratio": flops / closed_form_flops(config),
-        "inherited_loss": inherited,
+        "inherited_loss": scores[proxy_column("eps")],
         "finetuned_loss": tuned,
         "inherited_eval_loss": inherited_e,
         "finetuned_proxy_loss": float(np.mean([x["finetuned_proxy_loss"] for x in runs])),
@@ -280,6 +317,12 @@ def _subnet_row(
         "finetune_s": seconds,
         "subnet_json": subnet.to_json(),
     }
+    if "finetuned_fd" in runs[0]:
+        row["finetuned_fd"] = float(np.mean([x["finetuned_fd"] for x in runs]))
+        row["finetuned_fd_std"] = float(np.std([x["finetuned_fd"] for x in runs]))
+        accuracy = [x["finetuned_class_accuracy"] for x in runs if x["finetuned_class_accuracy"] is not None]
+        row["finetuned_class_accuracy"] = float(np.mean(accuracy)) if accuracy else None
+    return {**row, **scores}
 
 
 def _ranked(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -288,44 +331,6 @@ def _ranked(rows: list[dict[str, Any]]) -> pd.DataFrame:
     table.insert(6, "rank_inherited", table["inherited_loss"].rank(method="min").astype(int))
     table.insert(7, "rank_finetuned", table["finetuned_loss"].rank(method="min").astype(int))
     return table
-
-
-def _seed_taus(runs: pd.DataFrame) -> list[float]:
-    """Kendall tau between the fine-tuned losses of every pair of fine-tune seeds (defined ones only)."""
-    wide = runs.pivot(index="subnet", columns="finetune_seed", values="finetuned_loss")
-    taus = []
-    for a in range(wide.shape[1]):
-        for b in range(a + 1, wide.shape[1]):
-            t_ab, _ = _tau(wide.iloc[:, a], wide.iloc[:, b])
-            if t_ab is not None:
-                taus.append(t_ab)
-    return taus
-
-
-def _summary(cfg: RankingBenchConfig, table: pd.DataFrame, runs: pd.DataFrame) -> dict[str, Any]:
-    """Kendall tau (with p-value and bootstrap interval) and the taus that bound it, the goal and the spreads."""
-    tau, p = _tau(table["inherited_loss"], table["finetuned_loss"])
-    lo, hi = kendall_bootstrap(table["inherited_loss"].to_numpy(float), table["finetuned_loss"].to_numpy(float),
-                               cfg.bootstrap, cfg.seed)
-    tau_same, p_same = _tau(table["inherited_eval_loss"], table["finetuned_loss"])
-    tau_reliability, _ = _tau(table["inherited_loss"], table["inherited_eval_loss"])
-    tau_flops, _ = _tau(-table["gflops"], table["finetuned_loss"])
-    seed_taus = _seed_taus(runs) if cfg.finetune_seeds > 1 else []
-    return {
-        "kendall_tau": tau,
-        "p_value": p,
-        "tau_ci95": [lo, hi],
-        "goal": f"tau >= {TAU_GOAL}",
-        "goal_met": bool(tau is not None and tau >= TAU_GOAL),
-        "kendall_tau_same_set": tau_same,
-        "p_value_same_set": p_same,
-        "kendall_tau_proxy_vs_evalset": tau_reliability,
-        "kendall_tau_between_finetune_seeds": float(np.mean(seed_taus)) if seed_taus else None,
-        "kendall_tau_flops_baseline": tau_flops,
-        "flops_ratio_range": [float(table["flops_ratio"].min()), float(table["flops_ratio"].max())],
-        "inherited_loss_spread": float(table["inherited_loss"].max() - table["inherited_loss"].min()),
-        "mean_improvement": float(table["improvement"].mean()),
-    }
 
 
 _NOTES = [
@@ -338,31 +343,37 @@ _NOTES = [
     "high too; --flops-range LO,HI (e.g. 0.45,0.55) ranks subnets of about one budget, what a search decides",
     "improvement = relative drop of the evaluation-set loss by fine-tuning; near 0 means the fine-tune barely "
     "moved the weights and tau says little",
+    "proxies (and the _proxies.csv table): every proxy kind (inherited_loss is proxy_eps) against every ground "
+    "truth (finetuned_loss; finetuned_fd with --fd-samples); score_s is the mean seconds to score one subnet, "
+    "setup_s the one-off seconds of the teacher's cache on the proxy set",
 ]
 
 
 def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None = None) -> BenchResult:
-    """Inherited vs fine-tuned loss of K subnets spread over the FLOPs range; Kendall tau between them."""
+    """Inherited proxy values (every kind) vs fine-tuned loss (and FD) of K subnets; Kendall tau between them."""
     status = status or (lambda _m: None)
     with bench_run(cfg.device, cfg.threads) as run:
-        setup = _setup(cfg, run.device)
+        setup = _setup(cfg, run.device, status)
         config = setup.supernet.config
-        inherited_proxy = ProxyEvaluator(setup.supernet, setup.proxy)
-        inherited_eval = ProxyEvaluator(setup.supernet, setup.evalset)
         rows: list[dict[str, Any]] = []
         runs: list[dict[str, Any]] = []
+        score_s: dict[str, list[float]] = {kind: [] for kind in PROXY_KINDS}
         for i, subnet in enumerate(spread_subnets(setup.space, config, cfg.k, cfg.seed, flops_range=cfg.flops_range)):
-            inherited, inherited_e = inherited_proxy(subnet), inherited_eval(subnet)
+            scores, seconds = _proxy_scores(setup, subnet)
+            for kind, sec in seconds.items():
+                score_s[kind].append(sec)
             start = time.perf_counter()
             mine = _finetune_runs(cfg, setup, i, subnet, run.device, status)
             runs += mine
-            rows.append(_subnet_row(i, subnet, config, inherited, inherited_e, mine, time.perf_counter() - start))
+            rows.append(_subnet_row(i, subnet, config, scores, mine, time.perf_counter() - start))
     table, runs_df = _ranked(rows), pd.DataFrame(runs)
-    summary = {**_summary(cfg, table, runs_df), "model": config.name, "space": setup.space.name,
-               "threads": run.threads}
+    costs = {kind: {"setup_s": setup.setup_s[kind], "score_s": float(np.mean(score_s[kind]))} for kind in PROXY_KINDS}
+    taus = proxy_taus(table, cfg.bootstrap, cfg.seed, PROXY_KINDS, costs)
+    summary = {**loss_summary(table, runs_df, cfg.bootstrap, cfg.seed), **proxy_summary(taus, table, runs_df), "model": config.name,
+               "space": setup.space.name, "threads": run.threads}
     settings = {**asdict(cfg), "flops_range": list(cfg.flops_range)}
     return BenchResult(result_name(cfg), table, summary, settings, command_line("ranking", cfg), run.machine,
-                       extra={"runs": runs_df}, notes=list(_NOTES))
+                       extra={"runs": runs_df, "proxies": taus}, notes=list(_NOTES))
 
 
 def result_name(cfg: RankingBenchConfig) -> str:

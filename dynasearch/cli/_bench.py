@@ -165,19 +165,22 @@ def ranking(
     eval_samples: int = typer.Option(2048, help="Quadruples of the separate set the fine-tuned models are scored on."),
     bootstrap: int = typer.Option(2000, help="Bootstrap resamplings of the subnets for tau's 95% interval."),
     flops_range: str = typer.Option("0,1", help="LO,HI: FLOPs ratios the subnets are drawn from (e.g. 0.45,0.55)."),
+    fd_samples: int = typer.Option(0, help="Samples per fine-tuned model for the FD ground truth (0: loss only)."),
+    fd_steps: int = typer.Option(50, help="DDIM steps of the FD samples."),
     seed: int = typer.Option(0, help="Seed of the subnet choice, the batches and the proxy set."),
     device: str = _DEVICE,
     threads: Optional[int] = _THREADS,
     out: Path = _OUT,
 ) -> None:
-    """Kendall tau between the proxy loss subnets inherit and their proxy loss after fine-tuning alone."""
+    """Kendall tau between every proxy kind's value of the inherited subnets and their loss (and FD) after
+    fine-tuning alone."""
     from ..bench import RankingBenchConfig, bench_ranking
 
     cfg = RankingBenchConfig(supernet=supernet, k=k, finetune_steps=finetune_steps, batch_size=batch_size, lr=lr,
                              lr_schedule=lr_schedule, finetune_seeds=finetune_seeds, space=space,
                              proxy_samples=proxy_samples, eval_samples=eval_samples, bootstrap=bootstrap,
-                             flops_range=_split(flops_range, "--flops-range", float), seed=seed, device=device,
-                             threads=threads)
+                             flops_range=_split(flops_range, "--flops-range", float), fd_samples=fd_samples,
+                             fd_steps=fd_steps, seed=seed, device=device, threads=threads)
     result = _run(lambda status: bench_ranking(cfg, status), out,
                   lambda r: f"ranking: {r.summary['model']}, {k} subnets, {finetune_steps} fine-tuning steps",
                   ["subnet", "flops_ratio", "inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned",
@@ -186,13 +189,17 @@ def ranking(
 
     def fmt(value: float | None) -> str:
         """Two or three decimals, or a word where the value is undefined."""
-        return "undefined" if value is None else f"{value:.3f}"
+        return "undefined" if value is None or value != value else f"{value:.3f}"  # None or NaN
 
     lo, hi = s["tau_ci95"]
     console.print(f"Kendall tau {fmt(s['kendall_tau'])} (p {fmt(s['p_value'])}, bootstrap 95% {fmt(lo)}..{fmt(hi)}; "
                   f"goal {s['goal']}: {'met' if s['goal_met'] else 'not met'}); same evaluation set "
                   f"{fmt(s['kendall_tau_same_set'])}; proxy vs evaluation set {fmt(s['kendall_tau_proxy_vs_evalset'])}; "
                   f"FLOPs-only baseline {fmt(s['kendall_tau_flops_baseline'])}", highlight=False)
+    for r in result.extra["proxies"].itertuples(index=False):
+        console.print(f"proxy {r.proxy} vs {r.ground_truth}: tau {fmt(r.kendall_tau)} (bootstrap 95% "
+                      f"{fmt(r.tau_ci95_lo)}..{fmt(r.tau_ci95_hi)}), {1000 * r.score_s:.0f} ms per subnet",
+                      highlight=False)
 
 
 @bench_app.command("train")

@@ -29,6 +29,11 @@ def search(
     seed: int = typer.Option(0, help="Sampler seed and proxy-set seed."),
     export_top: int = typer.Option(3, help="Pareto points to export as sliced checkpoints (besides the best)."),
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
+    proxy: str = typer.Option(
+        "eps", help="Quality proxy: eps (epsilon MSE), teacher (MSE to the full model's prediction), teacher-norm "
+        "(the same per timestep bin, in units of the full model's own error), teacher-sample (8-step DDIM samples "
+        "against the full model's; static spaces only).",
+    ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     out: Path = typer.Option(Path("results/search"), help="Output directory."),
     sample_steps: int = typer.Option(50, help="Timestep-aware spaces: DDIM steps the mean FLOPs per step is taken over."),
@@ -49,7 +54,7 @@ def search(
     config = SearchConfig(
         supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
         study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
-        device=device, timestep=TimestepSettings(sample_steps=sample_steps, reference=reference),
+        proxy=proxy, device=device, timestep=TimestepSettings(sample_steps=sample_steps, reference=reference),
     )
     try:
         result = run_search(config)

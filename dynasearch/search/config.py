@@ -13,6 +13,7 @@ from typing import Any
 from ..checkpoint.native import read_config
 from ..errors import SearchError
 from ..space import SearchSpace, load_space
+from .proxy import DEFAULT_PROXY, SAMPLE_STEPS, check_proxy_kind
 
 __all__ = [
     "SAMPLERS",
@@ -57,6 +58,7 @@ class SearchConfig:
     seed: int = 0
     export_top: int = 3
     proxy_samples: int = 512
+    proxy: str = DEFAULT_PROXY  # the quality proxy's kind (dynasearch.search.proxy.PROXY_KINDS)
     device: str = "cpu"
     timestep: TimestepSettings = field(default_factory=TimestepSettings)
 
@@ -68,6 +70,10 @@ class SearchConfig:
         for key in ("trials", "workers", "proxy_samples"):
             if getattr(self, key) < 1:
                 raise SearchError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(self, key)}")
+        check_proxy_kind(self.proxy)
+        if self.proxy == "teacher-sample" and self.proxy_samples < SAMPLE_STEPS:
+            raise SearchError(f"--proxy teacher-sample needs --proxy-samples of at least {SAMPLE_STEPS} "
+                              f"({SAMPLE_STEPS} forwards per trajectory), got {self.proxy_samples}")
         if self.export_top < 0:
             raise SearchError(f"--export-top must be 0 or more, got {self.export_top}")
 

@@ -19,7 +19,13 @@ from ..model.dit import DiT
 from ..model.subnet import Subnet
 from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from .config import SearchConfig, training_space
-from .proxy import ProxyEvaluator, ProxySet, build_proxy_set, dataset_from_run_config
+from .proxy import (
+    SPLITTABLE_PROXIES,
+    ProxyEvaluator,
+    ProxySet,
+    build_proxy_set,
+    dataset_from_run_config,
+)
 
 __all__ = ["SearchContext", "prepare_search", "subnet_params"]
 
@@ -69,7 +75,8 @@ def subnet_params(n_groups: int, attn: list[float], mlp: list[float], tok: list[
 def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> SearchContext:
     """Load the supernet and its data, resolve the space and the budget (raising clear errors).
 
-    `proxy`: the proxy set another worker of this search already built (skips loading the dataset).
+    `proxy`: the proxy set another worker of this search already built, with its teacher's cache (skips loading
+    the dataset and the teacher's forwards).
     """
     doc = read_config(config.supernet)
     model = load_checkpoint(config.supernet, device=resolve_device(config.device))
@@ -83,6 +90,11 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
     space.validate_for(model.config)
     if train_space is not None:
         space.check_trained_on(train_space)
+    if space.timestep_aware and config.proxy not in SPLITTABLE_PROXIES:
+        raise SearchError(
+            f"--proxy {config.proxy} scores whole sampling trajectories and cannot be split by timestep bucket "
+            f"(space '{space.label}' has timestep_buckets); use one of {', '.join(SPLITTABLE_PROXIES)}"
+        )
     full = closed_form_flops(model.config, Subnet.full(model.config))
     budget = parse_budget(config.flops, full)
     smallest = closed_form_flops(model.config, space.smallest(model.config))
@@ -105,4 +117,7 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
         "proxy_samples": config.proxy_samples,
         "proxy_seed": config.seed,
     }
-    return SearchContext(config, model, space, train_space, ProxyEvaluator(model, proxy), budget, full, smallest, settings)
+    if config.proxy != "eps":  # absent means eps (whatever the default), the proxy of studies made before kinds
+        settings["proxy"] = config.proxy
+    evaluator = ProxyEvaluator(model, proxy, kind=config.proxy)  # computes the teacher's cache once
+    return SearchContext(config, model, space, train_space, evaluator, budget, full, smallest, settings)
