@@ -350,7 +350,7 @@ def test_bad_data_and_existing_run_dir(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         train_supernet(tiny(out, data=f"npz:{tmp_path / 'missing.npz'}"), progress=False)
     with pytest.raises(DataError, match="not one of"):
-        train_supernet(tiny(out, data="mnist"), progress=False)
+        train_supernet(tiny(out, data="cifar"), progress=False)
     assert not out.exists()  # nothing written before the data was checked
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -6,15 +6,18 @@ import sys
 import warnings
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from ..checkpoint.native import CONFIG_NAME
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
-from ..train.config import TrainConfig, TrainingWarning, load_run_config
+from ..train.config import SUPERNET_RUN, RunKind, TrainConfig, TrainingWarning, load_run_config
 from ..train.dist import TrainingInterrupted
 from ..train.loop import train_supernet
+from ..train.result import TrainResult
+from ..train.run_dir import STATE_NAME
 from ._app import app, console, stop
 
 ModelName = Enum("ModelName", {name: name for name in DIT_CONFIGS}, type=str)  # CLI choices from the registry
@@ -33,6 +36,22 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+# The options every training command has (train-supernet, finetune): each one's help once, each command's default.
+Steps = Annotated[int, typer.Option(help="Total optimiser steps (a resumed run continues to this step).")]
+BatchSize = Annotated[int, typer.Option(help="Global batch size (split over DDP processes).")]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.")]
+WarmupSteps = Annotated[int, typer.Option(help="Linear learning-rate warm-up steps.")]
+Schedule = Annotated[LrSchedule, typer.Option(help="Learning rate after warm-up.")]
+MinLrRatio = Annotated[float, typer.Option(help="Cosine schedule: final lr as a fraction of --lr.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+GradClip = Annotated[float, typer.Option(help="Max total gradient norm (0: no clipping).")]
+DeviceChoice = Annotated[Device, typer.Option(help="auto: CUDA when available (bf16 autocast), else CPU.")]
+CkptEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing --out.")]
+LogEvery = Annotated[int, typer.Option(help="Append metrics (and print a line when not on a terminal) every N steps.")]
+DistTimeout = Annotated[float, typer.Option(help="Seconds a DDP collective waits for a stuck rank.")]
+
 _DEF = TrainConfig()  # the library's defaults, shown in --help
 
 
@@ -42,34 +61,34 @@ def train_supernet_command(
     model: Optional[ModelName] = typer.Option(
         None, help="Registry model (default DiT-T/2, or the architecture of --init-from)."
     ),
-    data: str = typer.Option(_DEF.data, help="digits | folder:PATH (one sub-folder per class) | npz:PATH (x, y)."),
+    data: str = typer.Option(_DEF.data, help="digits | mnist | folder:PATH (one sub-folder per class) | npz:PATH (x, y)."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this side (default: the data's own size)."),
     space: str = typer.Option(DEFAULT_SPACE, help="Search space the supernet is trained on: a shipped name or a YAML file."),
-    steps: int = typer.Option(_DEF.steps, help="Total optimiser steps (a resumed run continues to this step)."),
-    batch_size: int = typer.Option(_DEF.batch_size, help="Global batch size (split over DDP processes)."),
-    lr: float = typer.Option(_DEF.lr, help="Peak AdamW learning rate."),
-    warmup_steps: int = typer.Option(_DEF.warmup_steps, help="Linear learning-rate warm-up steps."),
-    lr_schedule: LrSchedule = typer.Option(LrSchedule(_DEF.lr_schedule), help="Learning rate after warm-up."),
-    min_lr_ratio: float = typer.Option(_DEF.min_lr_ratio, help="Cosine schedule: final lr as a fraction of --lr."),
-    weight_decay: float = typer.Option(_DEF.weight_decay, help="AdamW weight decay."),
-    grad_clip: float = typer.Option(_DEF.grad_clip, help="Max total gradient norm (0: no clipping)."),
+    steps: Steps = _DEF.steps,
+    batch_size: BatchSize = _DEF.batch_size,
+    lr: Lr = _DEF.lr,
+    warmup_steps: WarmupSteps = _DEF.warmup_steps,
+    lr_schedule: Schedule = LrSchedule(_DEF.lr_schedule),
+    min_lr_ratio: MinLrRatio = _DEF.min_lr_ratio,
+    weight_decay: WeightDecay = _DEF.weight_decay,
+    grad_clip: GradClip = _DEF.grad_clip,
     sandwich: int = typer.Option(_DEF.sandwich, help="Random subnets per step besides the largest and smallest."),
     distill: float = typer.Option(_DEF.distill, help="In-place distillation weight (0 disables it)."),
     ema_decay: float = typer.Option(_DEF.ema_decay, help="EMA decay (with warm-up); 0.9999 for long runs."),
     seed: int = typer.Option(_DEF.seed, help="Seed of the initial weights and of every step's sampling."),
-    device: Device = typer.Option(Device(_DEF.device), help="auto: CUDA when available (bf16 autocast), else CPU."),
+    device: DeviceChoice = Device(_DEF.device),
     out: Path = typer.Option(Path(_DEF.out), help="Run directory."),
-    ckpt_every: int = typer.Option(_DEF.ckpt_every, help="Checkpoint every N steps (and at the end)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run files in an existing --out."),
+    ckpt_every: CkptEvery = _DEF.ckpt_every,
+    resume: Resume = False,
+    overwrite: Overwrite = False,
     init_from: Optional[Path] = typer.Option(
         None, help="Start from a dynasearch checkpoint directory or an original DiT .pt state dict."
     ),
     reorder: Optional[bool] = typer.Option(
         None, "--reorder/--no-reorder", help="Re-order heads and channels by importance first (default: with --init-from)."
     ),
-    log_every: int = typer.Option(_DEF.log_every, help="Append metrics (and print a line when not on a terminal) every N steps."),
-    dist_timeout: float = typer.Option(_DEF.dist_timeout, help="Seconds a DDP collective waits for a stuck rank."),
+    log_every: LogEvery = _DEF.log_every,
+    dist_timeout: DistTimeout = _DEF.dist_timeout,
 ) -> None:
     """Train a weight-sharing supernet with the sandwich rule (torchrun --nproc_per_node K -m dynasearch ... for DDP)."""
     given = {
@@ -99,15 +118,26 @@ def train_supernet_command(
         "log_every": log_every,
         "dist_timeout": dist_timeout,
     }
-    cfg = TrainConfig(**given)
-    if resume and (out / "config.json").is_file() and (out / "train_state.pt").is_file():
+    run_training_command(ctx, given, SUPERNET_RUN, train_supernet)
+
+
+def run_training_command(
+    ctx: typer.Context, given: dict[str, Any], kind: RunKind[Any], train: Callable[..., TrainResult]
+) -> None:
+    """Build the run's arguments from the options (enums and paths as plain values; a --resume takes the stored
+    run's for those left at their defaults), train, print warnings, then the summary -- or the resume hint and exit
+    130 after Ctrl-C."""
+    given = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v for k, v in given.items()}
+    cfg = kind.arguments(**given)
+    out = Path(given["out"])
+    if given["resume"] and (out / CONFIG_NAME).is_file() and (out / STATE_NAME).is_file():
         # Options left at their defaults take the stored run's values; explicitly given ones must agree with it.
         explicit = {k for k in given if _is_explicit(ctx, k)} | {"out", "resume"}
-        cfg = load_run_config(out).replace(**{k: v for k, v in given.items() if k in explicit}, overwrite=False)
+        cfg = load_run_config(out, kind).replace(**{k: v for k, v in given.items() if k in explicit}, overwrite=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainingWarning)
         try:
-            result = train_supernet(cfg, progress=True)
+            result = train(cfg, progress=True)
         except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM: a complete checkpoint was written
             result = exc
         finally:

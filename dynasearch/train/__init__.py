@@ -1,6 +1,7 @@
 """Supernet training: arguments (config), the sandwich-rule step (sandwich), the loop (loop), what it trains (build),
 the run directory (run_dir), several processes and signals (dist), step metrics (metrics), the live display
-(progress), the run's result (result) and the EMA (ema)."""
+(progress), the run's result (result) and the EMA (ema); fine-tuning an exported subnet in the same loop (finetune,
+its arguments finetune_config, what it trains finetune_source)."""
 
 from .config import (
     DATA_SPLIT_SEED,
@@ -12,6 +13,8 @@ from .config import (
 )
 from .dist import TrainingInterrupted
 from .ema import EMA
+from .finetune import FinetuneResult, finetune_step  # finetune() itself: dynasearch.train.finetune.finetune
+from .finetune_config import FinetuneConfig
 from .loop import train_supernet
 from .metrics import METRIC_COLUMNS, SubnetLoss, subnets_digest
 from .result import TrainResult
@@ -22,6 +25,8 @@ __all__ = [
     "DATA_SPLIT_SEED",
     "DEFAULT_MODEL",
     "EMA",
+    "FinetuneConfig",
+    "FinetuneResult",
     "METRIC_COLUMNS",
     "PENDING_DIR",
     "RUN_FILES",
@@ -32,6 +37,7 @@ __all__ = [
     "TrainingInterrupted",
     "TrainingWarning",
     "draw_batch",
+    "finetune_step",
     "learning_rate",
     "load_run_config",
     "recover_run_dir",

@@ -27,11 +27,12 @@ from ..model.dit import DiT
 from ..space import SearchSpace, load_space
 from ..slicing import reorder_by_importance
 from ..version import __version__
-from .config import DATA_SPLIT_SEED, DEFAULT_MODEL, TrainConfig, TrainingWarning
+from .config import DATA_SPLIT_SEED, DEFAULT_MODEL, RunArgs, TrainConfig, TrainingWarning
 from .dist import DistInfo
 from .ema import EMA
 
-__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "run_meta", "versions"]
+__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "make_setup", "run_meta", "run_record",
+           "versions"]
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TrainSetup:
     """What a run trains and with what, the same on every rank: data, search space, model, diffusion, optimiser, EMA."""
 
     split: DatasetSplit
-    space: SearchSpace
+    space: SearchSpace | None  # None: a fine-tuned subnet (no search space)
     model: DiT  # on the run's device, in training mode
     diffusion: GaussianDiffusion
     params: list[torch.nn.Parameter]  # the trained parameters
@@ -63,6 +64,20 @@ def build_setup(
     space = load_space(cfg.space)
     model, init = build_model(cfg, split, stored_model)
     space.validate_for(model.config)
+    return make_setup(cfg, ddp, device, split, model, init, space)
+
+
+def make_setup(
+    cfg: RunArgs,
+    ddp: DistInfo,
+    device: torch.device,
+    split: DatasetSplit,
+    model: DiT,
+    init: dict[str, Any],
+    space: SearchSpace | None = None,
+) -> TrainSetup:
+    """What trains `model` on `split`: its diffusion, AdamW over every trainable parameter, the EMA, the autocast
+    dtype (the model moves to `device`, in training mode)."""
     if cfg.batch_size % ddp.world:
         raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} DDP processes")
     diffusion = diffusion_for(model.config)
@@ -91,6 +106,13 @@ def run_meta(
             "data_split": DATA_SPLIT_SEED,
             "per_step": "sha256('dynasearch:{seed}:{step}:{stream}')[:8], streams: epoch, batch, subnets",
         },
+        **run_record(cfg, ddp, device),
+    }
+
+
+def run_record(cfg: RunArgs, ddp: DistInfo, device: torch.device) -> dict[str, Any]:
+    """What config.json records about any run's processes: DDP, device, package versions, total steps."""
+    return {
         "distributed": {"world_size": ddp.world, "backend": dist.get_backend() if ddp.enabled else None},
         "device": str(device),
         "versions": versions(),

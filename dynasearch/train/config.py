@@ -1,5 +1,5 @@
-"""Training arguments: :class:`TrainConfig` (validated, recorded in config.json), the stored run's arguments, the
-learning-rate schedule."""
+"""Training arguments: :class:`TrainConfig` (validated, recorded in config.json), what every kind of run shares
+(:class:`RunArgs`, the checks, :class:`RunKind`), the stored run's arguments, the learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
-from ..checkpoint.native import CONFIG_NAME, read_config
+from ..checkpoint.native import CONFIG_NAME, SUPERNET_NAME, read_config
 from ..errors import ConfigError, DynasearchError, TrainingError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
 
-__all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "RESUMABLE", "TrainConfig", "TrainingWarning", "flag", "learning_rate",
-           "load_run_config"]
+__all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "NUMBER_RULES", "RESUMABLE", "SUPERNET_RUN", "ArgsDataclass", "RunArgs",
+           "RunKind", "TrainConfig", "TrainingWarning", "check_ints", "check_numbers", "check_run_args", "flag",
+           "fspath_fields", "learning_rate", "load_run_config"]
 
 DEFAULT_MODEL = "DiT-T/2"
 """The model trained when neither --model nor --init-from is given."""
@@ -33,8 +34,106 @@ class TrainingWarning(UserWarning):
     """Something training worked around (e.g. a re-initialised label table)."""
 
 
+class RunArgs(Protocol):
+    """The arguments every kind of training run has (what the loop, the run directory and DDP read)."""
+
+    out: str
+    steps: int
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    lr_schedule: str
+    min_lr_ratio: float
+    weight_decay: float
+    grad_clip: float
+    ema_decay: float
+    seed: int
+    device: str
+    ckpt_every: int
+    log_every: int
+    resume: bool
+    overwrite: bool
+    dist_timeout: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (every field)."""
+        ...
+
+
+NUMBER_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "grad_clip": (lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+    "distill": (lambda v: v >= 0, ">= 0 (0 disables distillation)"),
+    "ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "dist_timeout": (lambda v: v > 0, "> 0"),
+}
+"""What each real-valued argument must be (check, wanted), by field name."""
+
+
+T = TypeVar("T", bound="ArgsDataclass")
+
+
+class ArgsDataclass:
+    """The JSON round trip and validated copies of a frozen arguments dataclass (TrainConfig, FinetuneConfig)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (every field)."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload,no-any-return]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs), missing ones default."""
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def replace(self: T, **changes: Any) -> T:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+
+def fspath_fields(args: object, keys: Sequence[str]) -> None:
+    """Store path-like values of these fields of a frozen dataclass as plain strings (JSON-ready)."""
+    for key in keys:
+        value = getattr(args, key)
+        if isinstance(value, os.PathLike):
+            object.__setattr__(args, key, os.fspath(value))
+
+
+def check_ints(args: object, lows: dict[str, int]) -> None:
+    """Raise TrainingError naming the flag unless each field of `lows` is an integer >= its lower bound."""
+    for key, low in lows.items():
+        value = getattr(args, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise TrainingError(f"{flag(key)} must be an integer >= {low}, got {value!r}")
+
+
+def check_numbers(
+    args: object, keys: Sequence[str], rules: dict[str, tuple[Callable[[float], bool], str]] = NUMBER_RULES
+) -> None:
+    """Raise TrainingError naming the flag unless each field in `keys` is a finite number its rule accepts."""
+    for key in keys:
+        ok, want = rules[key]
+        value = getattr(args, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise TrainingError(f"{flag(key)} must be {want}, got {value!r}")
+
+
+def check_run_args(args: RunArgs) -> None:
+    """The checks every run's arguments share: device, learning-rate schedule, --resume against --overwrite, seed."""
+    if args.device not in _DEVICES:
+        raise TrainingError(f"--device must be one of {', '.join(_DEVICES)}, got {args.device!r}")
+    if args.lr_schedule not in ("constant", "cosine"):
+        raise TrainingError(f"--lr-schedule must be constant or cosine, got {args.lr_schedule!r}")
+    if args.resume and args.overwrite:
+        raise TrainingError("--resume and --overwrite exclude each other")
+    if not isinstance(args.seed, int) or isinstance(args.seed, bool):
+        raise TrainingError(f"--seed must be an integer, got {args.seed!r}")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ArgsDataclass):
     """Every argument of a supernet training run (recorded in the run's config.json).
 
     The defaults train DiT-T/2 on the embedded 8x8 digits (600 steps of batch 64, about 0.33 s a step on two idle
@@ -71,58 +170,20 @@ class TrainConfig:
     dist_timeout: float = 600.0  # seconds a collective may wait for a dead or stuck rank
 
     def __post_init__(self) -> None:
-        for key in ("out", "init_from", "space"):
-            value = getattr(self, key)
-            if isinstance(value, os.PathLike):
-                object.__setattr__(self, key, os.fspath(value))
+        fspath_fields(self, ("out", "init_from", "space"))
         if self.model is not None and self.model not in DIT_CONFIGS:
             raise ConfigError(f"unknown model '{self.model}'; choose one of: {', '.join(DIT_CONFIGS)}")
         ints = {"steps": 1, "batch_size": 1, "ckpt_every": 1, "log_every": 1, "sandwich": 0, "warmup_steps": 0}
-        for key, low in ints.items():
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise TrainingError(f"{flag(key)} must be an integer >= {low}, got {value!r}")
+        check_ints(self, ints)
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise TrainingError(f"--image-size must be a positive integer, got {self.image_size!r}")
-        for key, ok, want in (
-            ("lr", lambda v: v > 0, "> 0"),
-            ("weight_decay", lambda v: v >= 0, ">= 0"),
-            ("grad_clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-            ("distill", lambda v: v >= 0, ">= 0 (0 disables distillation)"),
-            ("ema_decay", lambda v: 0 <= v < 1, "in [0, 1)"),
-            ("min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-            ("dist_timeout", lambda v: v > 0, "> 0"),
-        ):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
-                raise TrainingError(f"{flag(key)} must be {want}, got {value!r}")
-        if self.device not in _DEVICES:
-            raise TrainingError(f"--device must be one of {', '.join(_DEVICES)}, got {self.device!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise TrainingError(f"--lr-schedule must be constant or cosine, got {self.lr_schedule!r}")
-        if self.resume and self.overwrite:
-            raise TrainingError("--resume and --overwrite exclude each other")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TrainingError(f"--seed must be an integer, got {self.seed!r}")
+        check_numbers(self, ("lr", "weight_decay", "grad_clip", "distill", "ema_decay", "min_lr_ratio", "dist_timeout"))
+        check_run_args(self)
 
     @property
     def do_reorder(self) -> bool:
         """Whether heads and channels are re-ordered by importance before training."""
         return self.init_from is not None if self.reorder is None else bool(self.reorder)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form (every field)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are ignored (older or newer runs), missing ones default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
 
 def flag(key: str) -> str:
@@ -130,19 +191,44 @@ def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def load_run_config(out: str | Path) -> TrainConfig:
-    """The TrainConfig stored in a run directory's config.json (what ``--resume`` continues)."""
+A = TypeVar("A")
+
+
+@dataclass(frozen=True)
+class RunKind(Generic[A]):
+    """What tells one kind of training run directory from another: the command that writes it, the dataclass of its
+    arguments and the config.json section holding them, the file of its EMA weights, what a resume may change."""
+
+    command: str  # the CLI command (named in the resume hint)
+    section: str  # the config.json section holding the arguments
+    arguments: type[A]  # their dataclass (with from_dict)
+    weights: str  # the EMA weights' file name
+    resumable: tuple[str, ...]  # argument fields a resumed run may change
+    as_stored: tuple[str, ...] = ()  # fields whose None on a resume means "as stored"
+    what: str = "training run"  # what its directory is called in messages
+
+
+SUPERNET_RUN: RunKind[TrainConfig] = RunKind(
+    "train-supernet", "train", TrainConfig, SUPERNET_NAME, RESUMABLE, ("model", "reorder")
+)
+"""A `dynasearch train-supernet` run directory."""
+
+
+def load_run_config(out: str | Path, kind: RunKind[A] = SUPERNET_RUN) -> A:  # type: ignore[assignment]
+    """The arguments stored in a run directory's config.json (what ``--resume`` continues)."""
     doc = read_config(out)
-    train = doc.get("train")
-    if not isinstance(train, dict):
-        raise TrainingError(f"'{out}' is not a training run directory: its {CONFIG_NAME} has no \"train\" section")
+    args = doc.get(kind.section)
+    if not isinstance(args, dict):
+        raise TrainingError(
+            f"'{out}' is not a {kind.what} directory: its {CONFIG_NAME} has no \"{kind.section}\" section"
+        )
     try:
-        return TrainConfig.from_dict(train)
+        return kind.arguments.from_dict(args)  # type: ignore[attr-defined,no-any-return]
     except DynasearchError as exc:
         raise TrainingError(f"'{out}/{CONFIG_NAME}': stored training arguments are invalid: {exc}") from None
 
 
-def learning_rate(cfg: TrainConfig, step: int) -> float:
+def learning_rate(cfg: RunArgs, step: int) -> float:
     """Learning rate of optimiser step `step` (1-based): linear warm-up, then constant or cosine decay."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import TrainingError
-from .config import TrainConfig
+from .config import RunArgs
 from .metrics import SubnetLoss
 from .run_dir import kept_message
 
@@ -29,11 +29,13 @@ __all__ = ["DistInfo", "StopSignals", "StepSync", "TrainingInterrupted", "collec
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM at a safe point, after writing a complete checkpoint of `step`."""
 
-    def __init__(self, step: int, total: int, out: Path, signal_name: str, is_main: bool = True) -> None:
+    def __init__(
+        self, step: int, total: int, out: Path, signal_name: str, is_main: bool = True, command: str = "train-supernet"
+    ) -> None:
         self.step, self.total, self.out, self.signal_name, self.is_main = step, total, out, signal_name, is_main
         super().__init__(
             f"interrupted ({signal_name}) at step {step} of {total}; checkpoint saved; "
-            f"resume with: dynasearch train-supernet --resume --out {out}"
+            f"resume with: dynasearch {command} --resume --out {out}"
         )
 
     def __str__(self) -> str:
@@ -110,7 +112,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def resolve_train_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+def resolve_train_device(cfg: RunArgs, local_rank: int) -> torch.device:
     """The device of this rank: CUDA (one GPU per local rank) when asked or available, else the CPU."""
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -119,7 +121,7 @@ def resolve_train_device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup_distributed(cfg: TrainConfig) -> tuple[DistInfo, torch.device]:
+def setup_distributed(cfg: RunArgs) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes (WORLD_SIZE > 1): gloo on the CPU, nccl on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

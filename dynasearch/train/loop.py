@@ -1,6 +1,6 @@
 """The training loop of `dynasearch train-supernet`: open the run directory, build what is trained, resume, then one
 step after another -- the sandwich step, the ranks' agreed losses and stop requests, the optimiser step, logging and
-checkpoints.
+checkpoints. :func:`run_steps` drives any :class:`StepJob` (`dynasearch finetune` is another) through the same loop.
 
 The run directory holds ``supernet.safetensors`` (EMA weights, loadable with ``load_checkpoint(out)``),
 ``raw.safetensors`` (current weights), ``config.json``, ``train_state.pt`` (optimiser, RNG, step; tensors and
@@ -16,8 +16,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, ClassVar, NoReturn, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from ..checkpoint.native import read_config
 from ..model.subnet import Subnet
 from .build import TrainSetup, build_setup, run_meta
-from .config import TrainConfig, TrainingWarning, learning_rate, load_run_config
+from .config import SUPERNET_RUN, RunArgs, RunKind, TrainConfig, TrainingWarning, learning_rate, load_run_config
 from .dist import (
     DistInfo,
     StepSync,
@@ -37,8 +38,8 @@ from .dist import (
     collective,
     setup_distributed,
 )
-from .metrics import MetricsLog, SubnetLoss, check_finite, check_grad_norm, metrics_row
-from .progress import Progress
+from .metrics import METRIC_COLUMNS, MetricsLog, StepDone, SubnetLoss, check_finite, check_grad_norm, metrics_row
+from .progress import Progress, sandwich_info
 from .result import TrainResult
 from .run_dir import (
     METRICS_NAME,
@@ -51,7 +52,60 @@ from .run_dir import (
 )
 from .sandwich import EpochOrder, draw_batch, sandwich_step, sandwich_subnets
 
-__all__ = ["train_supernet", "open_run_dir", "resume_or_start"]
+__all__ = ["StepJob", "SandwichJob", "train_supernet", "open_run_dir", "resume_or_start", "run_distributed",
+           "run_steps"]
+
+C = TypeVar("C", bound=RunArgs)
+R = TypeVar("R")
+
+
+class StepJob:
+    """One kind of training run as :func:`run_steps` drives it: its arguments and what it trains, its run directory,
+    what a step does and what its metrics rows, display and result are (the loop around them is the same)."""
+
+    kind: ClassVar[RunKind[Any]] = SUPERNET_RUN
+    columns: ClassVar[Sequence[str]] = METRIC_COLUMNS
+    label: ClassVar[str] = "train"  # the progress bar's
+    result_type: ClassVar[type[TrainResult]] = TrainResult
+    cfg: RunArgs
+    setup: TrainSetup
+
+    def forward_backward(
+        self, order: EpochOrder, ddp: DistInfo, device: torch.device, step: int
+    ) -> tuple[list[tuple[str, Subnet]], list[SubnetLoss]]:
+        """The step's forward and backward passes on this rank's shard (gradients in `.grad`): its subnets, and
+        this rank's losses."""
+        raise NotImplementedError
+
+    def metrics_row(self, done: StepDone) -> dict[str, Any]:
+        """The finished step's metrics row (the ranks' agreed losses)."""
+        raise NotImplementedError
+
+    def describe(self, row: dict[str, Any]) -> str:
+        """What the live display shows of a metrics row."""
+        raise NotImplementedError
+
+
+@dataclass
+class SandwichJob(StepJob):
+    """Supernet training: the sandwich step over the space's largest, smallest and random subnets."""
+
+    cfg: TrainConfig
+    setup: TrainSetup
+
+    def forward_backward(
+        self, order: EpochOrder, ddp: DistInfo, device: torch.device, step: int
+    ) -> tuple[list[tuple[str, Subnet]], list[SubnetLoss]]:
+        """See :func:`forward_backward`."""
+        return forward_backward(self.cfg, self.setup, order, ddp, device, step)
+
+    def metrics_row(self, done: StepDone) -> dict[str, Any]:
+        """See :func:`~dynasearch.train.metrics.metrics_row`."""
+        return metrics_row(done, self.setup.config, self.cfg.batch_size)
+
+    def describe(self, row: dict[str, Any]) -> str:
+        """The largest, smallest and random subnets' losses."""
+        return sandwich_info(row)
 
 
 def train_supernet(cfg: TrainConfig, progress: bool = True) -> TrainResult:
@@ -61,9 +115,15 @@ def train_supernet(cfg: TrainConfig, progress: bool = True) -> TrainResult:
     CheckpointError (bad --init-from) or SearchSpaceError (bad --space) -- all before writing anything, except the
     non-finite loss, which keeps the last good checkpoint.
     """
+    return run_distributed(cfg, progress, _train)
+
+
+def run_distributed(cfg: C, progress: bool, body: Callable[[C, DistInfo, torch.device, bool], R]) -> R:
+    """Run `body(cfg, ddp, device, show)` inside the process group torchrun describes (none without torchrun);
+    `show` is `progress` on rank 0 only."""
     ddp, device = setup_distributed(cfg)
     try:
-        return _train(cfg, ddp, device, progress and ddp.is_main)
+        return body(cfg, ddp, device, progress and ddp.is_main)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -72,18 +132,33 @@ def train_supernet(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) -> TrainResult:
     """The body of :func:`train_supernet` on one rank (the process group is set up by the caller)."""
     # -- setup: the run directory decides fresh or resumed; data, space and model (user errors before any write)
-    out = Path(cfg.out)
     repaired, doc = open_run_dir(cfg, ddp)
     setup = build_setup(cfg, ddp, device, doc["model"] if doc is not None else None)
     meta = run_meta(cfg, setup, ddp, device, doc)
-    metrics = MetricsLog(out / METRICS_NAME, enabled=ddp.is_main)
+    return run_steps(SandwichJob(cfg, setup), ddp, device, show, meta, doc, repaired)
+
+
+def run_steps(
+    job: StepJob,
+    ddp: DistInfo,
+    device: torch.device,
+    show: bool,
+    meta: dict[str, Any],
+    doc: dict[str, Any] | None,
+    repaired: str | None,
+) -> TrainResult:
+    """Resume the run (`doc`: its config.json; None: start fresh), then train to `job.cfg.steps`: the job's step,
+    the ranks' agreement, the optimiser step, logging, checkpoints (config.json = `meta`), a stop when asked."""
+    cfg, setup, kind = job.cfg, job.setup, job.kind
+    out = Path(cfg.out)
+    metrics = MetricsLog(out / METRICS_NAME, enabled=ddp.is_main, columns=job.columns)
 
     # -- resume (every rank reads the checkpoint) or start fresh (rank 0 clears old run files)
-    start, elapsed = resume_or_start(out, ddp, setup, doc, metrics)
+    start, elapsed = resume_or_start(out, ddp, setup, doc, metrics, kind)
 
-    # -- the steps: sandwich, agree over the ranks, optimiser step, log, checkpoint, stop when asked
+    # -- the steps: the job's passes, agree over the ranks, optimiser step, log, checkpoint, stop when asked
     order = EpochOrder(int(setup.split.train_x.shape[0]), cfg.seed)
-    reporter = Progress(show, start, cfg.steps, cfg.log_every)
+    reporter = Progress(show, start, cfg.steps, cfg.log_every, job.describe, job.label)
     if repaired:
         reporter.note(f"'{out}': {repaired} left by a crash")
     if doc is not None:
@@ -97,7 +172,7 @@ def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) ->
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             lr = set_learning_rate(setup.optimizer, cfg, step)
-            subnets, losses = forward_backward(cfg, setup, order, ddp, device, step)
+            subnets, losses = job.forward_backward(order, ddp, device, step)
             with collective(ddp, f"step {step}: averaging gradients over the DDP processes", out, last_ckpt):
                 average_gradients(setup.params, ddp)
                 synced = StepSync.local(losses, stop.requested).all_reduce(ddp, device)  # all ranks stop together
@@ -106,14 +181,12 @@ def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) ->
 
             step_seconds = time.perf_counter() - t0
             elapsed += step_seconds
-            row = metrics_row(
-                step, synced.losses, lr, grad_norm, step_seconds, elapsed, setup.config, cfg.batch_size, subnets
-            )
+            row = job.metrics_row(StepDone(step, synced.losses, lr, grad_norm, step_seconds, elapsed, subnets))
             log_step(row, metrics, reporter, cfg.log_every)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or synced.stop_by:
-                last_ckpt = checkpoint(out, ddp, setup, step, meta, metrics)
+                last_ckpt = checkpoint(out, ddp, setup, step, meta, metrics, kind)
             if synced.stop_by and step < cfg.steps:
-                stop_every_rank(cfg, ddp, step, synced.stop_by[0])
+                stop_every_rank(cfg, ddp, step, synced.stop_by[0], kind)
     finally:
         stop.uninstall()
         reporter.close()
@@ -121,7 +194,7 @@ def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) ->
     if start >= cfg.steps:
         reporter.note(f"'{out}' is already at step {start} (--steps {cfg.steps}); nothing to do")
     barrier(ddp)
-    return TrainResult(
+    return job.result_type(
         out=out,
         step=max(step, start),
         start_step=start,
@@ -140,39 +213,46 @@ def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) ->
 # ---------------------------------------------------------------------------------------------------------------------
 # Setup and resume
 # ---------------------------------------------------------------------------------------------------------------------
-def open_run_dir(cfg: TrainConfig, ddp: DistInfo) -> tuple[str | None, dict[str, Any] | None]:
+def open_run_dir(
+    cfg: RunArgs, ddp: DistInfo, kind: RunKind[Any] = SUPERNET_RUN
+) -> tuple[str | None, dict[str, Any] | None]:
     """Repair a checkpoint a crash interrupted (--resume, rank 0), then decide on every rank whether the run resumes
     and refuse to clobber another run. Returns what the repair did and the resumed run's config.json (None: fresh)."""
     out = Path(cfg.out)
     repaired = recover_run_dir(out) if cfg.resume and ddp.is_main else None
     barrier(ddp)
-    if not check_run_dir(cfg):
+    if not check_run_dir(cfg, kind):
         return repaired, None
     doc = read_config(out)
-    stored = load_run_config(out)
-    check_resume_args(cfg, stored, out)
+    stored = load_run_config(out, kind)
+    check_resume_args(cfg, stored, out, kind)
     if stored.steps != cfg.steps and cfg.lr_schedule == "cosine":
         warnings.warn(
             f"--resume with --steps {cfg.steps} (the run was started for {stored.steps}): the cosine learning "
             "rate is stretched to the new length from here on",
             TrainingWarning,
-            stacklevel=4,  # the caller of train_supernet
+            stacklevel=5,  # the caller of train_supernet
         )
     return repaired, doc
 
 
 def resume_or_start(
-    out: Path, ddp: DistInfo, setup: TrainSetup, doc: dict[str, Any] | None, metrics: MetricsLog
+    out: Path,
+    ddp: DistInfo,
+    setup: TrainSetup,
+    doc: dict[str, Any] | None,
+    metrics: MetricsLog,
+    kind: RunKind[Any] = SUPERNET_RUN,
 ) -> tuple[int, float]:
     """Resume from the checkpoint in `out` (every rank reads it; `doc` is its config.json) or start fresh (rank 0
     clears old run files), then give every rank rank 0's weights. Returns the step and the elapsed step time reached."""
     barrier(ddp)
     start, elapsed = 0, 0.0
     if doc is not None:
-        start = restore_run(out, setup.model, setup.ema, setup.optimizer, doc)
+        start = restore_run(out, setup.model, setup.ema, setup.optimizer, doc, kind)
         elapsed = metrics.restore(start)
     elif ddp.is_main:
-        make_run_dir(out)
+        make_run_dir(out, kind)
     broadcast_weights(setup.model, ddp)
     barrier(ddp)
     return start, elapsed
@@ -181,7 +261,7 @@ def resume_or_start(
 # ---------------------------------------------------------------------------------------------------------------------
 # One step
 # ---------------------------------------------------------------------------------------------------------------------
-def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> float:
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: RunArgs, step: int) -> float:
     """Set and return the learning rate of `step`."""
     lr = learning_rate(cfg, step)
     for group in optimizer.param_groups:
@@ -205,7 +285,7 @@ def forward_backward(
 
 
 def optimizer_step(
-    cfg: TrainConfig, setup: TrainSetup, step: int, out: Path, last_ckpt: int | None, metrics: MetricsLog
+    cfg: RunArgs, setup: TrainSetup, step: int, out: Path, last_ckpt: int | None, metrics: MetricsLog
 ) -> float:
     """Clip the (averaged) gradients, check their norm, take the AdamW step and update the EMA; returns the norm
     before clipping."""
@@ -225,18 +305,26 @@ def log_step(row: dict[str, Any], metrics: MetricsLog, reporter: Progress, log_e
 
 
 def checkpoint(
-    out: Path, ddp: DistInfo, setup: TrainSetup, step: int, meta: dict[str, Any], metrics: MetricsLog
+    out: Path,
+    ddp: DistInfo,
+    setup: TrainSetup,
+    step: int,
+    meta: dict[str, Any],
+    metrics: MetricsLog,
+    kind: RunKind[Any] = SUPERNET_RUN,
 ) -> int:
     """Write the checkpoint of `step` (rank 0: metrics.csv up to the step, then the transaction); returns `step`."""
     if ddp.is_main:
         metrics.flush()
-        save_run(out, setup.model, setup.ema, setup.optimizer, step, meta)
+        save_run(out, setup.model, setup.ema, setup.optimizer, step, meta, kind)
     return step
 
 
-def stop_every_rank(cfg: TrainConfig, ddp: DistInfo, step: int, signal_name: str) -> NoReturn:
+def stop_every_rank(
+    cfg: RunArgs, ddp: DistInfo, step: int, signal_name: str, kind: RunKind[Any] = SUPERNET_RUN
+) -> NoReturn:
     """Stop after the checkpoint of `step`: wait until rank 0 has written it, then raise TrainingInterrupted."""
     out = Path(cfg.out)
     with collective(ddp, f"step {step}: stopping on {signal_name}", out, step):
         barrier(ddp)  # rank 0 has finished writing before any process exits
-    raise TrainingInterrupted(step, cfg.steps, out, signal_name, ddp.is_main)
+    raise TrainingInterrupted(step, cfg.steps, out, signal_name, ddp.is_main, kind.command)

@@ -20,7 +20,7 @@ from ..model.config import DiTConfig
 from ..model.subnet import Subnet
 from .run_dir import kept_message
 
-__all__ = ["METRIC_COLUMNS", "SubnetLoss", "MetricsLog", "metrics_row", "check_finite", "check_grad_norm",
+__all__ = ["METRIC_COLUMNS", "StepDone", "SubnetLoss", "MetricsLog", "metrics_row", "check_finite", "check_grad_norm",
            "subnets_digest"]
 
 METRIC_COLUMNS = (
@@ -61,34 +61,39 @@ def subnets_digest(subnets: Sequence[tuple[str, Subnet]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def metrics_row(
-    step: int,
-    losses: list[SubnetLoss],
-    lr: float,
-    grad_norm: float,
-    step_seconds: float,
-    elapsed: float,
-    config: DiTConfig,
-    batch_size: int,
-    subnets: list[tuple[str, Subnet]],
-) -> dict[str, Any]:
-    """One step's metrics row (metrics.csv columns plus per-role GFLOPs for the summary)."""
+@dataclass
+class StepDone:
+    """A finished step as its metrics row sees it: the ranks' agreed losses, the lr, the gradient norm, the times."""
+
+    step: int
+    losses: list[SubnetLoss]
+    lr: float
+    grad_norm: float  # before clipping
+    step_seconds: float
+    elapsed: float  # cumulated step time of the run (across resumes)
+    subnets: list[tuple[str, Subnet]]
+
+    def shared_row(self) -> dict[str, Any]:
+        """The columns every kind of run records: step, lr, gradient norm, step and elapsed time."""
+        return {"step": self.step, "lr": self.lr, "grad_norm": self.grad_norm, "step_seconds": self.step_seconds,
+                "elapsed_seconds": self.elapsed}
+
+
+def metrics_row(done: StepDone, config: DiTConfig, batch_size: int) -> dict[str, Any]:
+    """One supernet step's metrics row (metrics.csv columns plus per-role GFLOPs for the summary)."""
     nan = float("nan")
+    losses, subnets = done.losses, done.subnets
     by = {r.name: r for r in losses}
     rand = [r for r in losses if r.name.startswith("random")]
     gflops = {name: closed_form_flops(config, s, batch=batch_size) / 1e9 for name, s in subnets}
     rand_gf = [gflops[r.name] for r in rand]
     return {
-        "step": step,
+        **done.shared_row(),
         "loss_max": by["max"].gt,
         "loss_min": by["min"].gt if "min" in by else nan,
         "loss_random": statistics.fmean(r.gt for r in rand) if rand else nan,
         "distill_min": by["min"].distill if "min" in by else nan,
         "distill_random": statistics.fmean(r.distill for r in rand) if rand else nan,
-        "lr": lr,
-        "grad_norm": grad_norm,
-        "step_seconds": step_seconds,
-        "elapsed_seconds": elapsed,
         "sec_max": by["max"].seconds,
         "sec_min": by["min"].seconds if "min" in by else nan,
         "sec_random": sum(r.seconds for r in rand) if rand else nan,
@@ -104,8 +109,8 @@ def metrics_row(
 class MetricsLog:
     """metrics.csv: rows buffered in memory and appended (fsync'd) on flush; a resume truncates rows past its step."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, columns: Sequence[str] = METRIC_COLUMNS) -> None:
+        self.path, self.enabled, self.columns = path, enabled, tuple(columns)
         self.pending: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []  # this session's rows (for the summary)
 
@@ -117,13 +122,13 @@ class MetricsLog:
         with self.path.open(newline="") as handle:
             for r in csv.DictReader(handle):
                 # skip a line torn by a crash (missing fields) and anything past the checkpoint
-                if any(r.get(c) is None for c in METRIC_COLUMNS) or not r["step"].isdigit():
+                if any(r.get(c) is None for c in self.columns) or not r["step"].isdigit():
                     continue
                 if int(r["step"]) <= step and (not kept or int(r["step"]) > int(kept[-1]["step"])):
                     kept.append(r)
         if self.enabled:
             buf = io.StringIO()
-            writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
             writer.writeheader()
             writer.writerows(kept)
             atomic_write_text(self.path, buf.getvalue())
@@ -144,7 +149,7 @@ class MetricsLog:
             return
         new = not self.path.is_file() or self.path.stat().st_size == 0
         with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
             if new:
                 writer.writeheader()
             writer.writerows({k: _fmt_cell(v) for k, v in row.items()} for row in self.pending)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.progress import Progress as RichProgress
@@ -13,14 +13,31 @@ from rich.progress import TextColumn
 
 from ..progress_bar import progress_bar
 
-__all__ = ["Progress"]
+__all__ = ["Progress", "sandwich_info"]
+
+
+def sandwich_info(row: dict[str, Any]) -> str:
+    """What the display shows of a supernet step: the largest, smallest and random subnets' losses."""
+    info = f"max {row['loss_max']:.4f} min {row['loss_min']:.4f}"
+    if not math.isnan(row["loss_random"]):
+        info += f" rand {row['loss_random']:.4f}"
+    return info
 
 
 class Progress:
-    """A rich progress bar on a terminal; plain lines every `log_every` steps otherwise; nothing when disabled."""
+    """A rich progress bar on a terminal; plain lines every `log_every` steps otherwise; nothing when disabled.
+    `describe` says what a step's metrics row shows (the supernet's losses by default)."""
 
-    def __init__(self, enabled: bool, start: int, total: int, log_every: int) -> None:
-        self.enabled, self.total, self.log_every = enabled, total, log_every
+    def __init__(
+        self,
+        enabled: bool,
+        start: int,
+        total: int,
+        log_every: int,
+        describe: Callable[[dict[str, Any]], str] = sandwich_info,
+        label: str = "train",
+    ) -> None:
+        self.enabled, self.total, self.log_every, self.describe = enabled, total, log_every, describe
         self.start, self.t0 = start, time.perf_counter()
         self.bar: RichProgress | None = None
         if not enabled:
@@ -28,12 +45,12 @@ class Progress:
         self.console = Console()
         if self.console.is_terminal:
             self.bar = progress_bar(
-                "[bold]train[/bold]",
+                f"[bold]{label}[/bold]",
                 TextColumn("{task.fields[rate]}"),
                 after=(TextColumn("{task.fields[info]}"),),
                 console=self.console,
             )
-            self.task = self.bar.add_task("train", total=total, completed=start, rate="", info="")
+            self.task = self.bar.add_task(label, total=total, completed=start, rate="", info="")
             self.bar.start()
 
     def update(self, row: dict[str, Any]) -> None:
@@ -43,9 +60,7 @@ class Progress:
         step = row["step"]
         done = step - self.start
         rate = done / max(1e-9, time.perf_counter() - self.t0)
-        info = f"max {row['loss_max']:.4f} min {row['loss_min']:.4f}"
-        if not math.isnan(row["loss_random"]):
-            info += f" rand {row['loss_random']:.4f}"
+        info = self.describe(row)
         if self.bar is not None:
             self.bar.update(self.task, completed=step, rate=f"{rate:.2f} steps/s", info=info)
         elif step % self.log_every == 0 or step == self.total:

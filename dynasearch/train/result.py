@@ -7,7 +7,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.table import Table
 
@@ -20,6 +20,9 @@ __all__ = ["TrainResult"]
 @dataclass
 class TrainResult:
     """What a run did (the same on every rank; only rank 0 wrote files)."""
+
+    TITLE: ClassVar[str] = "supernet training"
+    LOSS_COLUMNS: ClassVar[tuple[str, ...]] = ("loss_max", "loss_min", "loss_random", "distill_min", "distill_random")
 
     out: Path
     step: int  # the step reached (and checkpointed)
@@ -48,7 +51,7 @@ class TrainResult:
         """Mean of the last `last` steps' losses (nan for columns without values)."""
         rows = self.rows[-last:]
         out = {}
-        for key in ("loss_max", "loss_min", "loss_random", "distill_min", "distill_random"):
+        for key in self.LOSS_COLUMNS:
             vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
             out[key] = sum(vals) / len(vals) if vals else float("nan")
         return out
@@ -72,7 +75,7 @@ class TrainResult:
 
     def summary_table(self) -> Table:
         """A rich Table: final losses, time, step rate, and the sandwich step's time against its FLOPs."""
-        table = Table(title=f"supernet training: {self.model} -> {self.out}", show_header=False)
+        table = Table(title=f"{self.TITLE}: {self.model} -> {self.out}", show_header=False)
         table.add_column("what")
         table.add_column("value", justify="right")
         table.add_row("steps", f"{self.step} (this session {self.start_step} -> {self.step})")
@@ -82,6 +85,12 @@ class TrainResult:
         for key, value in self.final_losses().items():
             if not math.isnan(value):
                 table.add_row(f"{key} (last 50 steps)", f"{value:.4f}")
+        self.add_cost_rows(table)
+        table.add_row("weights", self.weights_text())
+        return table
+
+    def add_cost_rows(self, table: Table) -> None:
+        """The rows on the cost of a step: the sandwich step's time against its FLOPs, and each subnet role's."""
         cost = self.step_cost()
         if cost:
             per_proc = cost["sandwich_gflops"] / self.world_size
@@ -98,5 +107,7 @@ class TrainResult:
                         f"  {role} subnet{'s' if role == 'random' else ''}",
                         f"{sec * 1e3:.1f} ms, {gf:.3f} fwd GFLOPs ({3 * gf / sec if sec else 0:.1f} GFLOP/s)",
                     )
-        table.add_row("weights", f"{self.out / SUPERNET_NAME} (EMA), {self.out / RAW_NAME}")
-        return table
+
+    def weights_text(self) -> str:
+        """Where the run's weights are."""
+        return f"{self.out / SUPERNET_NAME} (EMA), {self.out / RAW_NAME}"

@@ -15,27 +15,35 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..checkpoint.native import CONFIG_NAME, SUPERNET_NAME, load_weights, save_checkpoint, save_weights
+from ..checkpoint.native import CONFIG_NAME, load_weights, save_checkpoint, save_weights
 from ..errors import CheckpointError, TrainingError
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..model.dit import DiT
-from .config import RESUMABLE, TrainConfig, flag
+from .config import SUPERNET_RUN, RunArgs, RunKind, flag
 from .ema import EMA
 
 __all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR", "COMMIT_NAME", "check_run_dir",
-           "make_run_dir", "save_run", "restore_run", "recover_run_dir", "check_resume_args", "kept_message"]
+           "make_run_dir", "run_files", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
+           "kept_message"]
 
 RAW_NAME = "raw.safetensors"
 STATE_NAME = "train_state.pt"
 METRICS_NAME = "metrics.csv"
-RUN_FILES = (SUPERNET_NAME, RAW_NAME, CONFIG_NAME, STATE_NAME, METRICS_NAME)
-"""The files a run directory holds (config.json and supernet.safetensors as in any checkpoint)."""
+
+
+def run_files(kind: RunKind[Any]) -> tuple[str, ...]:
+    """The files a run directory of `kind` holds (config.json and the EMA weights as in any checkpoint)."""
+    return (kind.weights, RAW_NAME, CONFIG_NAME, STATE_NAME, METRICS_NAME)
+
+
+RUN_FILES = run_files(SUPERNET_RUN)
+"""The files a supernet run directory holds (config.json and supernet.safetensors as in any checkpoint)."""
 PENDING_DIR = ".checkpoint.tmp"
 """A checkpoint being written (its files, then COMMIT_NAME), renamed into place once complete."""
 COMMIT_NAME = "COMMIT"
 
 
-def check_run_dir(cfg: TrainConfig) -> bool:
+def check_run_dir(cfg: RunArgs, kind: RunKind[Any] = SUPERNET_RUN) -> bool:
     """Decide, before anything is written, whether this run resumes; refuse to clobber an existing run."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
@@ -45,7 +53,7 @@ def check_run_dir(cfg: TrainConfig) -> bool:
         if STATE_NAME in entries:
             check_writable(out)
             return True
-        foreign = [e for e in entries if e not in RUN_FILES and not is_temp(e)]
+        foreign = [e for e in entries if e not in run_files(kind) and not is_temp(e)]
         if foreign:
             raise TrainingError(
                 f"--resume: '{out}' holds no checkpoint ({STATE_NAME}) but other files (e.g. '{foreign[0]}'); "
@@ -67,14 +75,14 @@ def is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def clear_run_files(out: Path) -> None:
+def clear_run_files(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
     """Remove this package's run files (and stale temporary files); other files are left alone."""
     if not out.is_dir():
         return
     for entry in out.iterdir():
         if entry.is_dir() and entry.name == PENDING_DIR:
             shutil.rmtree(entry)
-        elif entry.is_file() and (entry.name in RUN_FILES or is_temp(entry.name)):
+        elif entry.is_file() and (entry.name in run_files(kind) or is_temp(entry.name)):
             entry.unlink()
 
 
@@ -89,11 +97,11 @@ def check_writable(out: Path) -> None:
         raise TrainingError(f"run directory '{out}' cannot be written: '{probe}' is read-only")
 
 
-def make_run_dir(out: Path) -> None:
+def make_run_dir(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
     """Create the run directory and clear old run files (rank 0 of a fresh run)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        clear_run_files(out)
+        clear_run_files(out, kind)
         probe = out / f".write-test-{os.getpid()}.tmp"
         probe.write_bytes(b"")
         probe.unlink()
@@ -102,7 +110,13 @@ def make_run_dir(out: Path) -> None:
 
 
 def save_run(
-    out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, step: int, meta: dict[str, Any]
+    out: Path,
+    model: DiT,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    meta: dict[str, Any],
+    kind: RunKind[Any] = SUPERNET_RUN,
 ) -> None:
     """Write a checkpoint of `step` as one transaction: every file goes to PENDING_DIR, then a COMMIT record, then the
     files are renamed into place; a crash before the record leaves the previous checkpoint whole, one after it is
@@ -117,13 +131,13 @@ def save_run(
         )
         extra = dict(meta)
         extra["step"] = step
-        extra["train"] = {**meta["train"], "step": step}
-        save_checkpoint(model, pending, extra=extra, weights_name=SUPERNET_NAME, state_dict=ema.state_dict())
+        extra[kind.section] = {**meta[kind.section], "step": step}
+        save_checkpoint(model, pending, extra=extra, weights_name=kind.weights, state_dict=ema.state_dict())
         state: dict[str, Any] = {
             "step": step,
             "optimizer": optimizer.state_dict(),
             "ema_updates": ema.num_updates,
-            "seed": meta["train"]["seed"],
+            "seed": meta[kind.section]["seed"],
             "rng": {"torch": torch.get_rng_state()},
         }
         if torch.cuda.is_available():
@@ -152,7 +166,9 @@ def _fsync_dir(path: Path) -> None:
 def apply_pending(out: Path) -> None:
     """Move a committed checkpoint's files into place (train_state.pt last) and remove the pending directory."""
     pending = out / PENDING_DIR
-    for name in (RAW_NAME, SUPERNET_NAME, CONFIG_NAME, STATE_NAME):
+    fixed = (RAW_NAME, CONFIG_NAME, STATE_NAME, COMMIT_NAME)
+    weights = sorted(p.name for p in pending.iterdir() if p.name not in fixed and not is_temp(p.name))  # the EMA's
+    for name in (RAW_NAME, *weights, CONFIG_NAME, STATE_NAME):
         if (pending / name).exists():
             os.replace(pending / name, out / name)
     _fsync_dir(out)
@@ -181,7 +197,14 @@ def recover_run_dir(out: str | Path) -> str | None:
     return done
 
 
-def restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimizer, doc: dict[str, Any]) -> int:
+def restore_run(
+    out: Path,
+    model: DiT,
+    ema: EMA,
+    optimizer: torch.optim.Optimizer,
+    doc: dict[str, Any],
+    kind: RunKind[Any] = SUPERNET_RUN,
+) -> int:
     """Load a checkpoint written by :func:`save_run`; every file must be from the same step."""
     try:
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
@@ -208,7 +231,7 @@ def restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimize
         )
     try:
         model.load_state_dict(load_weights(out / RAW_NAME))
-        ema.load_state_dict(load_weights(out / SUPERNET_NAME), state["ema_updates"])
+        ema.load_state_dict(load_weights(out / kind.weights), state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
     except (KeyError, RuntimeError, ValueError) as exc:
         raise TrainingError(f"--resume: the checkpoint in '{out}' does not fit the model: {exc}") from None
@@ -219,17 +242,19 @@ def restore_run(out: Path, model: DiT, ema: EMA, optimizer: torch.optim.Optimize
     return step
 
 
-def check_resume_args(cfg: TrainConfig, stored: TrainConfig, out: Path) -> None:
-    """A resumed run must be the same run: only steps, checkpoint/log cadence and device may change.
+def check_resume_args(cfg: RunArgs, stored: RunArgs, out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
+    """A resumed run must be the same run: only steps, checkpoint/log cadence and device (`kind.resumable`) may
+    change.
 
-    The stored arguments hold the resolved model name and reorder flag; None for those here means "as stored".
+    The stored arguments hold resolved values (the model name and reorder flag of a supernet run); None for those
+    (`kind.as_stored`) here means "as stored".
     """
     diffs = [
         f"{flag(f.name)} {getattr(stored, f.name)!r} -> {getattr(cfg, f.name)!r}"
-        for f in dataclasses.fields(TrainConfig)
-        if f.name not in RESUMABLE
+        for f in dataclasses.fields(kind.arguments)  # type: ignore[arg-type]
+        if f.name not in kind.resumable
         and getattr(cfg, f.name) != getattr(stored, f.name)
-        and not (f.name in ("model", "reorder") and getattr(cfg, f.name) is None)  # None: "as stored"
+        and not (f.name in kind.as_stored and getattr(cfg, f.name) is None)  # None: "as stored"
     ]
     if diffs:
         raise TrainingError(

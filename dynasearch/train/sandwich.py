@@ -38,7 +38,8 @@ from ..model.subnet import Subnet
 from ..space import SearchSpace
 from .metrics import SubnetLoss
 
-__all__ = ["step_seed", "sandwich_subnets", "EpochOrder", "TrainBatch", "draw_batch", "sandwich_step"]
+__all__ = ["step_seed", "sandwich_subnets", "EpochOrder", "TrainBatch", "draw_batch", "forward_output",
+           "sandwich_step"]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-step randomness: everything derives from (seed, step)
@@ -131,6 +132,26 @@ def draw_batch(
 # ---------------------------------------------------------------------------------------------------------------------
 # The sandwich step
 # ---------------------------------------------------------------------------------------------------------------------
+def forward_output(
+    model: DiT,
+    x_t: Tensor,
+    t: Tensor,
+    y: Tensor,
+    subnet: Subnet | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The model's float32 output (B, C_out, H, W) under `subnet` (None: its own), labels as given (no dropout), in
+    `autocast_dtype` when set."""
+    autocast = (
+        torch.autocast(device_type=x_t.device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        output = model(x_t, t, y, subnet=subnet, label_dropout=False)  # (B, C_out, H, W)
+    return output.float()
+
+
 def sandwich_step(
     model: DiT,
     diffusion: GaussianDiffusion,
@@ -147,19 +168,11 @@ def sandwich_step(
     step is taken.
     """
     c = batch.x0.shape[1]
-    device_type = batch.x_t.device.type
     teacher_eps: Tensor | None = None
     results: list[SubnetLoss] = []
     for name, subnet in subnets:
         start = time.perf_counter()
-        autocast = (
-            torch.autocast(device_type=device_type, dtype=autocast_dtype)
-            if autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            output = model(batch.x_t, batch.t, batch.y, subnet=subnet, label_dropout=False)  # (B, C_out, H, W)
-        output = output.float()
+        output = forward_output(model, batch.x_t, batch.t, batch.y, subnet, autocast_dtype)  # (B, C_out, H, W)
         gt = diffusion.loss_from_output(output, batch.x0, batch.x_t, batch.t, batch.noise)["loss"].mean()
         eps = output[:, :c]  # (B, C, H, W)
         if teacher_eps is None:
