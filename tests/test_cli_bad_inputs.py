@@ -21,7 +21,9 @@ import pytest
 import torch
 from conftest import fake_supernet_run
 
+from dynasearch.checkpoint.native import save_checkpoint
 from dynasearch.cli import main
+from dynasearch.model import create_supernet
 
 MARKER_ENV = "DYNASEARCH_TEST_PWNED"
 """The malicious pickle creates the file this variable names (if its code ever runs)."""
@@ -72,6 +74,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ws = tmp_path_factory.mktemp("template")
     run = fake_supernet_run(ws / "run")  # DiT-N/2 supernet, blockwise space, digits 8x8x1
     fake_supernet_run(ws / "other", name="DiT-N/4")
+    # checkpoints without a data record: a latent model, and one that is not digits-shaped
+    save_checkpoint(create_supernet("DiT-N/2", input_size=8, in_channels=4, num_classes=10), ws / "latent")
+    save_checkpoint(create_supernet("DiT-N/2", input_size=16, in_channels=1, num_classes=10), ws / "unrecorded16")
     # a checkpoint directory whose weights belong to another model than its config says
     (ws / "mixed").mkdir()
     (ws / "mixed" / "config.json").write_bytes((run / "config.json").read_bytes())
@@ -113,6 +118,9 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     code = main(["search", "--supernet", str(run), "--flops", "0.5x", "--trials", "2", "--proxy-samples", "8",
                  "--export-top", "0", "--out", str(ws / "search"), "--study-name", "s1"])
     assert code == 0
+    # a 2-step fine-tuning run of that search's best subnet (distilling the supernet the export names)
+    assert main(["finetune", "--checkpoint", str(ws / "search" / "subnets" / "best"), "--steps", "2", "--batch-size",
+                 "8", "--distill-weight", "0.5", "--device", "cpu", "--out", str(ws / "finetuned")]) == 0
     return ws
 
 
@@ -129,6 +137,8 @@ RUN = f"{W}/run"
 N2 = ("--model", "DiT-N/2", "--input-size", "8")
 TRAIN = ("train-supernet", "--model", "DiT-N/2", "--steps", "2", "--batch-size", "8", "--device", "cpu")
 SEARCH = ("search", "--supernet", RUN, "--trials", "2", "--proxy-samples", "8", "--out", f"{W}/new_search")
+BEST = f"{W}/search/subnets/best"
+FT = ("finetune", "--checkpoint", BEST, "--steps", "2", "--batch-size", "8", "--device", "cpu")
 
 CASES = [
     # models / flops
@@ -201,6 +211,34 @@ CASES = [
                                       "--space", "uniform"), ("s1", "space")),
     Case("search-out-read-only", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
                                   "--out", "{ro}/search"), ("{ro}/search",)),
+    Case("search-proxy-unknown", (*SEARCH, "--flops", "0.5x", "--proxy", "l1"), ("--proxy", "'l1'", "teacher-norm")),
+    Case("search-proxy-sample-timestep", (*SEARCH, "--flops", "0.5x", "--space", "timestep", "--proxy", "teacher-sample"),
+         ("--proxy teacher-sample", "timestep bucket")),
+    Case("search-study-other-proxy", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
+                                      "--proxy-samples", "8", "--out", f"{W}/search", "--study-name", "s1",
+                                      "--proxy", "teacher"), ("s1", "proxy")),
+    # finetune
+    Case("finetune-checkpoint-missing", ("finetune", "--checkpoint", f"{W}/nothing", "--out", f"{W}/ft"),
+         (f"{W}/nothing",)),
+    Case("finetune-checkpoint-is-supernet", ("finetune", "--checkpoint", RUN, "--out", f"{W}/ft"), (RUN, "supernet")),
+    Case("finetune-no-checkpoint", ("finetune", "--out", f"{W}/ft"), ("--checkpoint",)),
+    Case("finetune-steps-0", (*FT, "--steps", "0", "--out", f"{W}/ft"), ("--steps", "0")),
+    Case("finetune-steps-abc", ("finetune", "--checkpoint", BEST, "--steps", "abc", "--out", f"{W}/ft"),
+         ("--steps", "abc")),
+    Case("finetune-steps-given-twice", (*FT, "--steps", "abc", "--out", f"{W}/ft"), ("--steps", "abc")),
+    Case("finetune-distill-weight-1.5", (*FT, "--distill-weight", "1.5", "--out", f"{W}/ft"),
+         ("--distill-weight", "1.5")),
+    Case("finetune-out-exists", (*FT, "--out", f"{W}/existing_run"), (f"{W}/existing_run", "--resume")),
+    Case("finetune-out-read-only", (*FT, "--out", "{ro}/ft"), ("{ro}/ft",)),
+    Case("finetune-teacher-missing", (*FT, "--teacher", f"{W}/nothing", "--out", f"{W}/ft"), (f"{W}/nothing",)),
+    Case("finetune-teacher-sliced", (*FT, "--teacher", BEST, "--out", f"{W}/ft"), (BEST, "sliced")),
+    Case("finetune-teacher-other-model", (*FT, "--teacher", f"{W}/other", "--out", f"{W}/ft"),
+         (f"{W}/other", "DiT-N/4", "patch_size")),
+    Case("finetune-teacher-malicious-pt", (*FT, "--teacher", f"{W}/evil.pt", "--out", f"{W}/ft"),
+         (f"{W}/evil.pt", "refused")),
+    Case("finetune-resume-other-arguments", ("finetune", "--resume", "--lr", "0.5", "--out", f"{W}/finetuned"),
+         (f"{W}/finetuned", "--lr")),
+    Case("finetune-resume-foreign-dir", ("finetune", "--resume", "--out", f"{W}/existing_run"), (f"{W}/existing_run",)),
     # sample / eval
     Case("sample-checkpoint-missing", ("sample", "--checkpoint", f"{W}/nothing", "--out", f"{W}/g.png"),
          (f"{W}/nothing",)),
@@ -215,6 +253,12 @@ CASES = [
                                   "--out", "{ro}/g.png"), ("{ro}/g.png",)),
     Case("eval-checkpoint-pt-file", ("eval", "--checkpoint", f"{W}/evil.pt", "--num", "4"), (f"{W}/evil.pt",)),
     Case("eval-num-1", ("eval", "--checkpoint", RUN, "--num", "1"), ("--num", "1")),
+    Case("eval-data-unknown-kind", ("eval", "--checkpoint", RUN, "--data", "cifar"), ("--data", "cifar")),
+    Case("eval-data-missing-folder", ("eval", "--checkpoint", RUN, "--data", f"folder:{W}/nowhere"), (f"{W}/nowhere",)),
+    Case("eval-data-bad-npz", ("eval", "--checkpoint", RUN, "--data", f"npz:{W}/not_npz.npz"), (f"{W}/not_npz.npz",)),
+    Case("eval-latent-model", ("eval", "--checkpoint", f"{W}/latent"), ("latents", "decoder", "Inception")),
+    Case("eval-unrecorded-not-digits", ("eval", "--checkpoint", f"{W}/unrecorded16"),
+         (f"{W}/unrecorded16", "--data SPEC")),
     # report / demo
     Case("report-missing-dir", ("report", f"{W}/nothing"), (f"{W}/nothing",)),
     Case("report-not-search-dir", ("report", f"{W}/empty_results"), (f"{W}/empty_results",)),
@@ -230,6 +274,7 @@ CASES = [
          ("magic",)),
     Case("bench-ranking-flops-range", ("bench", "ranking", "--supernet", RUN, "--flops-range", "0.9,0.1"),
          ("0.9,0.1",)),
+    Case("bench-ranking-fd-samples-1", ("bench", "ranking", "--supernet", RUN, "--fd-samples", "1"), ("--fd-samples", "1")),
     Case("bench-train-unknown-data", ("bench", "train", "--model", "DiT-N/2", "--data", f"folder:{W}/nowhere"),
          (f"{W}/nowhere",)),
     Case("unknown-command", ("flopz",), ("flopz",)),
@@ -280,7 +325,7 @@ def test_there_are_enough_cases_over_every_command() -> None:
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
     commands = {c.argv[0] if c.argv[0] != "bench" else f"bench {c.argv[1]}" for c in CASES}
     assert {"models", "flops", "train-supernet", "search", "sample", "eval", "report", "demo", "bench latency",
-            "bench flops", "bench search", "bench ranking", "bench train"} <= commands
+            "bench flops", "bench search", "bench ranking", "bench train", "finetune"} <= commands
 
 
 def test_the_malicious_pickle_really_runs_code_when_unpickled_unsafely(workspace: Path, tmp_path: Path) -> None:

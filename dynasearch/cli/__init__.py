@@ -13,7 +13,7 @@ from ._app import app, click_exc, debug_enabled, err_console, state
 _EXITS = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORTS = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort)})
 
-from . import _bench, _demo, _inspect, _report, _sample, _search, _train  # noqa: F401, E402  (register commands)
+from . import _bench, _demo, _finetune, _inspect, _report, _sample, _search, _train  # noqa: F401, E402  (register commands)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +66,7 @@ def _offending_value(exc: Exception, args: list[str]) -> str | None:
     """The command-line text given for the option a BadParameter error is about (typer's message omits it)."""
     param = getattr(exc, "param", None)
     opts = list(getattr(param, "opts", []) or []) + list(getattr(param, "secondary_opts", []) or [])
-    for i, arg in enumerate(args):
+    for i, arg in reversed(list(enumerate(args))):  # click keeps the last value of an option given twice
         for opt in opts:
             if arg == opt and i + 1 < len(args):
                 return args[i + 1]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..data import DatasetSplit, load_dataset
+from ..data import DataRecord, DatasetSplit, load_dataset
 from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import SearchError
@@ -229,10 +229,5 @@ class ProxyEvaluator:
 
 def dataset_from_run_config(doc: dict[str, Any]) -> DatasetSplit:
     """Rebuild the data split a supernet was trained with, from its run's config.json (digits if unrecorded)."""
-    data = doc.get("data") or {}
-    train = doc.get("train") or doc.get("training") or {}
-    spec = data.get("spec") or train.get("data") or "digits"
-    image_size = data.get("image_size", train.get("image_size"))
-    val_fraction = data.get("val_fraction", train.get("val_fraction", 0.1))
-    seed = data.get("seed", train.get("seed", 0))
-    return load_dataset(spec, image_size=image_size, val_fraction=val_fraction, seed=seed)
+    record = DataRecord.from_config(doc)
+    return record.load() if record is not None else load_dataset("digits")
