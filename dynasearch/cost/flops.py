@@ -20,10 +20,12 @@ import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 from fvcore.nn.jit_handles import get_shape
 
+from ..diffusion.factory import diffusion_for
+from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import BudgetError
 from ..model.config import DiTConfig
-from ..model.schedule import SubnetSchedule
 from ..model.rates import tokens_kept
+from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 
 __all__ = [
@@ -224,3 +226,14 @@ def mean_flops(schedule: SubnetSchedule, config: DiTConfig, timesteps: Sequence[
     """Mean FLOPs per denoising step of a timestep schedule over the sampler's `timesteps` (batch 1)."""
     steps = step_flops(schedule, config, timesteps)
     return sum(steps) / len(steps)
+
+
+def flops_per_step(
+    config: DiTConfig, subnet: Subnet | SubnetSchedule | None, steps: int, diffusion: GaussianDiffusion | None = None
+) -> float:
+    """Closed-form FLOPs per denoising step (batch 1, without guidance) of a subnet (None: the full model), or of a
+    schedule averaged over a `steps` DDIM run of `diffusion` (default: the model's own)."""
+    if isinstance(subnet, SubnetSchedule):
+        diffusion = diffusion if diffusion is not None else diffusion_for(config)
+        return mean_flops(subnet, config, diffusion.timestep_schedule(steps))
+    return float(closed_form_flops(config, subnet))

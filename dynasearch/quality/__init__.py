@@ -28,7 +28,6 @@ from .evaluate import (
     QualityResult,
     evaluate_quality,
     evaluate_samples,
-    flops_per_step,
     run_eval,
 )
 from .features import FeatureExtractor, InceptionFeatureExtractor, frechet_distance
@@ -62,7 +61,6 @@ __all__ = [
     "resolve_data",
     "train_classifier",
     "train_digit_classifier",
-    "flops_per_step",
     "frechet_distance",
     "evaluate_quality",
     "evaluate_samples",

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint.native import load_checkpoint, read_config
-from ..cost.flops import closed_form_flops, mean_flops
+from ..cost.flops import flops_per_step
 from ..data import DataRecord, DataSpec, parse_data_spec
 from ..device import resolve_device
 from ..diffusion.factory import diffusion_for
@@ -37,7 +37,7 @@ from .classifier import StatusFn
 from .features import FeatureExtractor, frechet_distance
 from .reference import Reference, load_reference, resolve_data
 
-__all__ = ["QualityResult", "EvalConfig", "evaluate_samples", "evaluate_quality", "flops_per_step", "run_eval"]
+__all__ = ["QualityResult", "EvalConfig", "evaluate_samples", "evaluate_quality", "run_eval"]
 
 
 @dataclass
@@ -96,15 +96,6 @@ def evaluate_samples(
     )
 
 
-def flops_per_step(
-    config: DiTConfig, subnet: Subnet | SubnetSchedule | None, steps: int, diffusion: GaussianDiffusion | None = None
-) -> float:
-    """Closed-form FLOPs per denoising step (batch 1, without guidance) of a subnet (None: the full model), or of a
-    schedule averaged over a `steps` DDIM run of `diffusion` (default: the model's own)."""
-    if isinstance(subnet, SubnetSchedule):
-        diffusion = diffusion if diffusion is not None else diffusion_for(config)
-        return mean_flops(subnet, config, diffusion.timestep_schedule(steps))
-    return float(closed_form_flops(config, subnet))
 
 
 def evaluate_quality(

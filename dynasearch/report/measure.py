@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoint.native import load_checkpoint, read_config, read_schedule
-from ..cost.flops import closed_form_params
+from ..cost.flops import closed_form_params, flops_per_step
 from ..cost.latency import measure_latency
 from ..diffusion.factory import diffusion_for
 from ..errors import DataError, DynasearchError
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
-from ..quality import StatusFn, evaluate_quality, flops_per_step, load_reference, resolve_data
+from ..quality import StatusFn, evaluate_quality, load_reference, resolve_data
 from ..sampling import cycle_labels, grid_array, sample_images
 
 __all__ = ["FULL_MODEL", "Measurements", "ReportConfig", "exported_models", "measure_models"]
