@@ -402,7 +402,7 @@ def test_report_measures_a_finetuned_subnet_beside_the_exported_ones(supernet: P
     finetune(cfg(search / "subnets" / "best", tuned, steps=2), progress=False)
     assert main(["report", str(search), "--eval-num", "20", "--steps", "2", "--no-samples"]) == 0
     rows = {r["model"]: r for r in json.loads((search / "report.json").read_text())["models"]}
-    assert set(rows) == {"full model", "best", "best-finetuned"}
+    assert set(rows) == {"full model", "best", "uniform", "best-finetuned"}
     assert rows["best-finetuned"]["gflops"] == rows["best"]["gflops"] and rows["best-finetuned"]["FD"] > 0
 
 

@@ -59,6 +59,9 @@ def test_search_writes_every_output_within_budget(run_dir: Path, tmp_path: Path)
     # exported checkpoints: physically smaller, within budget, fvcore == closed form, same function
     supernet = load_checkpoint(run_dir)
     assert len(result.exported) >= 2
+    uniform = next(e for e in result.exported if e["name"] == "uniform")  # the best feasible uniform subnet, sliced
+    assert uniform["proxy_loss"] == best["best_uniform"]["proxy_loss"]
+    assert json.loads(best["best_uniform"]["subnet"]) == Subnet.load(Path(uniform["path"]) / "subnet.json").to_dict()
     for entry in result.exported:
         small = load_checkpoint(entry["path"])
         subnet = Subnet.load(Path(entry["path"]) / "subnet.json")

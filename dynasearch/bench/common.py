@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import platform
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +15,7 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
-from ..device import resolve_device
+from ..device import machine_info, resolve_device
 from ..errors import DynasearchError
 from ..fileio import atomic_write_text
 
@@ -53,40 +51,6 @@ class BenchResult:
     extra: dict[str, pd.DataFrame] = field(default_factory=dict)  # written as NAME_KEY.csv
     notes: list[str] = field(default_factory=list)
     date: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """CPU model, cores, torch version, intra-op threads and the device name, as recorded with every benchmark."""
-    device = torch.device(device)
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count() or 0
-    info: dict[str, Any] = {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "cores_usable": usable,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "device": device.type,
-        "device_name": _cpu_model(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
 
 
 def _flag_value(value: Any) -> str | None:

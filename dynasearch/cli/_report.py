@@ -1,12 +1,16 @@
-"""`dynasearch report`: figures, tables and an HTML page for a search directory."""
+"""`dynasearch report`: figures, tables and an HTML page for a search directory; `dynasearch compare`: models
+measured side by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import List, Optional
 
 import typer
 
-from ._app import app, console, print_frame
+from ..sampling import DEFAULT_CFG_SCALE, DEFAULT_STEPS
+from ._app import app, console, err_console, print_frame
+from ._sample import Device, Sampler, step_bar
 
 
 @app.command()
@@ -34,3 +38,34 @@ def report(
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     console.print(f"report: {results / 'report.html'}")
+
+
+@app.command()
+def compare(
+    model: List[str] = typer.Option(..., metavar="<NAME=PATH>", help="NAME=PATH of a checkpoint directory (supernet, exported subnet or schedule); repeat for each model."),
+    seeds: str = typer.Option("0,1", help="Sampling seeds, comma-separated: every model is measured once per seed."),
+    num: int = typer.Option(1000, min=2, help="Generated samples per model and seed."),
+    steps: int = typer.Option(DEFAULT_STEPS, min=1, help="Sampling steps."),
+    cfg_scale: float = typer.Option(DEFAULT_CFG_SCALE, min=0.0, help="Classifier-free guidance scale (1 = off)."),
+    sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
+    device: Device = typer.Option(Device.cpu, help="Device."),
+    data: Optional[str] = typer.Option(None, help="The data every model was trained on, overriding their records."),
+    out: Optional[Path] = typer.Option(None, help="Directory for compare.csv, compare-summary.csv and compare.json."),
+) -> None:
+    """FLOPs, FD and class accuracy of several models side by side, the same settings and seeds for each."""
+    from ..report.compare import CompareConfig, compare_models, parse_model_spec, parse_seeds, write_comparison
+
+    config = CompareConfig(
+        models=tuple(parse_model_spec(m) for m in model), seeds=parse_seeds(seeds), num=num, steps=steps,
+        cfg_scale=cfg_scale, sampler=sampler.value, device=device.value, data=data, out=out,
+    )
+
+    def status(message: str) -> None:
+        err_console.print(message, highlight=False)
+
+    with step_bar("sampling") as progress:
+        result = compare_models(config, progress=progress, status=status)
+    if out is not None:
+        for path in write_comparison(result, out):
+            console.print(f"wrote {path}", highlight=False)
+    print_frame(result.summary, f"{result.record['reference']}; {num} samples per seed, seeds {seeds}")

@@ -35,7 +35,7 @@ class Device(str, Enum):
 
 
 @contextmanager
-def _step_bar(description: str) -> Iterator:
+def step_bar(description: str) -> Iterator:
     """A rich progress bar on stderr over sampling steps; yields the progress(done, total) callback.
 
     The bar starts at the first step, so errors found before sampling print only their one line.
@@ -94,7 +94,7 @@ def sample(
         device=device.value,
         vae=vae,
     )
-    with _step_bar("sampling") as progress:
+    with step_bar("sampling") as progress:
         result = run_sample(config, progress=progress)
     shape = "x".join(str(v) for v in result.samples.shape[1:])
     kind = "latents" if result.latent else "images"
@@ -130,7 +130,7 @@ def eval_(
     def status(message: str) -> None:
         err_console.print(message, highlight=False)
 
-    with _step_bar("sampling") as progress:
+    with step_bar("sampling") as progress:
         result = run_eval(config, progress=progress, status=status)
     if as_json:
         print(json.dumps(result.to_dict()))

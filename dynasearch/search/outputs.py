@@ -221,6 +221,10 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
             continue  # already exported as "best"
         info = {"role": "pareto", "trial": int(row["number"]), "proxy_loss": float(row["proxy_loss"])}
         entries.append((f"pareto-{rank:02d}", subnet, info))
+    if best_uniform is not None:  # the baseline a searched subnet has to beat, sliced the same way
+        info = {"role": "best uniform within budget", "trial": None, "proxy_loss": float(best_uniform["proxy_loss"]),
+                "rates": {k: float(best_uniform[k]) for k in ("attn_rate", "mlp_rate", "token_ratio")}}
+        entries.append(("uniform", Subnet.from_dict(json.loads(best_uniform["subnet"])), info))
     exported = export_subnets(ctx, entries)
     _write_csv(trials, out / "trials.csv")
     _write_csv(pareto, out / "pareto.csv")
