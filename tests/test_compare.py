@@ -14,7 +14,13 @@ from dynasearch.cli import main
 from dynasearch.cost.flops import closed_form_flops
 from dynasearch.errors import ConfigError, DataError
 from dynasearch.quality import evaluate_quality, load_reference, resolve_data
-from dynasearch.report.compare import CompareConfig, CompareEntry, compare_models, parse_model_spec, parse_seeds
+from dynasearch.report.compare import (
+    CompareConfig,
+    CompareEntry,
+    compare_models,
+    parse_model_spec,
+    parse_seeds,
+)
 from dynasearch.slicing import slice_subnet
 from dynasearch.space.search_space import load_space
 
@@ -61,7 +67,7 @@ def test_cli_writes_the_tables_and_the_record(models: dict[str, Path], tmp_path:
     doc = json.loads((out / "compare.json").read_text())
     assert doc["command"].startswith("dynasearch") and doc["machine"]["cores"] >= 1
     assert [r["model"] for r in doc["summary"]] == ["full", "small"]
-    assert len(pd.read_csv(out / "compare-summary.csv")) == 2
+    assert len(pd.read_csv(out / "compare-summary.csv")) == 2 and (out / "compare.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -53,7 +53,13 @@ def compare(
     out: Optional[Path] = typer.Option(None, help="Directory for compare.csv, compare-summary.csv and compare.json."),
 ) -> None:
     """FLOPs, FD and class accuracy of several models side by side, the same settings and seeds for each."""
-    from ..report.compare import CompareConfig, compare_models, parse_model_spec, parse_seeds, write_comparison
+    from ..report.compare import (
+        CompareConfig,
+        compare_models,
+        parse_model_spec,
+        parse_seeds,
+        write_comparison,
+    )
 
     config = CompareConfig(
         models=tuple(parse_model_spec(m) for m in model), seeds=parse_seeds(seeds), num=num, steps=steps,

@@ -27,7 +27,14 @@ from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 from ..quality import StatusFn, evaluate_quality, load_reference, resolve_data
 from ..quality.reference import Reference
-from ..sampling import DEFAULT_CFG_SCALE, DEFAULT_STEPS, SAMPLERS, ProgressFn, checkpoint_subnet
+from ..sampling import (
+    DEFAULT_CFG_SCALE,
+    DEFAULT_STEPS,
+    SAMPLERS,
+    ProgressFn,
+    checkpoint_subnet,
+)
+from .plots import plot_comparison
 
 __all__ = ["CompareConfig", "CompareEntry", "Comparison", "compare_models", "parse_model_spec", "parse_seeds",
            "write_comparison"]
@@ -208,12 +215,17 @@ def compare_models(
 
 
 def write_comparison(result: Comparison, out: Path) -> list[Path]:
-    """compare.csv (one row per model and seed), compare-summary.csv and compare.json (the record and both tables)."""
+    """compare.csv (one row per model and seed), compare-summary.csv, compare.json (the record and both tables) and
+    compare.png (FD against FLOPs)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "compare.csv", out / "compare-summary.csv", out / "compare.json"]
+    paths = [out / "compare.csv", out / "compare-summary.csv", out / "compare.json", out / "compare.png"]
     atomic_write_text(paths[0], result.runs.to_csv(index=False))
     atomic_write_text(paths[1], result.summary.to_csv(index=False))
     doc = {**result.record, "summary": result.summary.to_dict(orient="records"),
            "runs": result.runs.to_dict(orient="records")}
     atomic_write_text(paths[2], json.dumps(doc, indent=2, default=float) + "\n")
+    settings = result.record["settings"]
+    title = (f"{result.record['reference']}: {settings['num']} samples x seeds {settings['seeds']}, "
+             f"{settings['sampler']} {settings['steps']} steps, cfg {settings['cfg_scale']:g}")
+    plot_comparison(result.summary, result.runs, paths[3], title)
     return paths

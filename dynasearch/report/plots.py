@@ -1,5 +1,5 @@
 """The report's figures (matplotlib, Agg): Pareto plot, width maps, history, sample rows and the timestep-aware
-search's bucket fronts and bucket width maps; what they show comes from :mod:`dynasearch.report.data`."""
+search's bucket fronts and bucket width maps, and `compare`'s FD against FLOPs; what they show comes from :mod:`dynasearch.report.data`."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from .data import BucketFronts, BucketWidthMap, History, ParetoPlotData, WidthMap  # noqa: E402
 
-__all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows", "plot_bucket_fronts", "plot_bucket_widths"]
+__all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows", "plot_bucket_fronts", "plot_bucket_widths",
+           "plot_comparison"]
 
 _METHOD_STYLE = {  # marker and colour of each schedule in the timestep figures
     "knapsack": ("o", "#c0392b"), "joint": ("s", "#2e8b57"), "static uniform": ("x", "#e08b3a"),
@@ -138,3 +140,19 @@ def plot_bucket_widths(w: BucketWidthMap, path: Path) -> Path:
         fig.colorbar(im, ax=axes, fraction=0.02, label="fraction of the full model")
     fig.suptitle("Where each schedule prunes, per timestep bucket (noisiest steps on top)", y=1.02)
     return _save(fig, path, tight_box=True)
+
+
+def plot_comparison(summary: pd.DataFrame, runs: pd.DataFrame, path: Path, title: str) -> Path:
+    """`dynasearch compare`'s models: mean FD against GFLOPs per step, the bar spanning the seeds, each point named."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, row in enumerate(summary.itertuples(index=False)):
+        fd = runs.loc[runs["model"] == row.model, "FD"]
+        colour = f"C{i % 10}"
+        ax.errorbar([row.gflops], [fd.mean()], yerr=[[fd.mean() - fd.min()], [fd.max() - fd.mean()]], fmt="o",
+                    c=colour, capsize=3, ms=6)
+        ax.annotate(row.model, (row.gflops, fd.mean()), textcoords="offset points", xytext=(5, 4), fontsize=7, c=colour)
+    ax.set_xlabel("GFLOPs per denoising step (fvcore convention, batch 1)")
+    ax.set_ylabel("FD (mean over seeds; bar: min to max)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
