@@ -93,6 +93,9 @@ def test_two_workers_one_consistent_study(run_dir: Path, tmp_path: Path) -> None
     study = optuna.load_study(study_name="dynasearch", storage=storage)
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 10
+    # what optuna-dashboard shows: named objectives, and the budget as the constraint 'flops' of every trial
+    assert study.metric_names == ["proxy_loss", "gflops"]
+    assert all("constraints:flops" in t.system_attrs for t in study.get_trials())
 
 
 def test_failed_trials_do_not_stop_the_study(run_dir: Path, tmp_path: Path) -> None:

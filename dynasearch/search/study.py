@@ -20,7 +20,10 @@ from .context import SearchContext, subnet_params
 from .storage import DEFAULT_JOURNAL, make_storage, mask_url
 from .trials import ATTR_SEED, retry_trial
 
-__all__ = ["check_study", "make_sampler", "open_study", "seed_study"]
+__all__ = ["METRIC_NAMES", "check_study", "make_sampler", "open_study", "seed_study"]
+
+
+METRIC_NAMES = ("proxy_loss", "gflops")  # the two objectives, both minimised
 
 
 def make_sampler(name: str, seed: int, trials: int = 200) -> optuna.samplers.BaseSampler:
@@ -96,6 +99,8 @@ def open_study(ctx: SearchContext, sampler: optuna.samplers.BaseSampler) -> optu
     stored = study.user_attrs.get("dynasearch")
     if stored is None:
         study.set_user_attr("dynasearch", ctx.settings)
+    if study.metric_names is None:  # optuna-dashboard's axis names (the budget is the constraint named 'flops')
+        study.set_metric_names(list(METRIC_NAMES))
     _check_settings(ctx, stored)
     return study
 
