@@ -3,13 +3,17 @@ per-bucket splits, the study settings that record the kind, and the timestep-awa
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+import typer
 from conftest import fake_supernet_run, make_model
 
+import dynasearch.cli  # noqa: F401  (registers the commands)
+from dynasearch.cli._app import app
 from dynasearch.diffusion.factory import diffusion_for
 from dynasearch.errors import SearchError
 from dynasearch.model.config import DiTConfig
@@ -19,6 +23,7 @@ from dynasearch.search.buckets import prepare_timestep_search
 from dynasearch.search.config import SearchConfig
 from dynasearch.search.context import prepare_search
 from dynasearch.search.proxy import (
+    DEFAULT_PROXY,
     NORM_BINS,
     PROXY_KINDS,
     SAMPLE_STEPS,
@@ -135,8 +140,10 @@ def test_proxy_kind_is_recorded_and_a_resume_with_another_is_refused(run_dir: Pa
             run_search(SearchConfig(out=tmp_path / "t", proxy=other, **base), progress=False)
     assert (tmp_path / "t" / "study.journal").read_bytes() == journal  # refused before anything was written
     # eps is the studies' proxy from before the kinds: recorded by the key's absence, so they still resume
-    run_search(SearchConfig(out=tmp_path / "e", **base), progress=False)
+    run_search(SearchConfig(out=tmp_path / "e", proxy="eps", **base), progress=False)
     assert "proxy" not in _stored_settings(tmp_path / "e")
+    with pytest.raises(SearchError, match=r"different settings \(proxy\)"):  # the default is the teacher now
+        run_search(SearchConfig(out=tmp_path / "e", **base), progress=False)
     with pytest.raises(SearchError, match=r"different settings \(proxy\)"):
         run_search(SearchConfig(out=tmp_path / "e", proxy="teacher", **base), progress=False)
 
@@ -154,3 +161,11 @@ def test_timestep_search_splits_teacher_kinds_and_refuses_teacher_sample(run_dir
     with pytest.raises(SearchError, match="--proxy teacher-sample scores whole sampling trajectories"):
         prepare_search(SearchConfig(proxy="teacher-sample", **base))
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_proxy_is_the_teacher_mse_everywhere() -> None:
+    """Chosen from results/mnist/bench (tau 0.857 against the fine-tuned loss; eps 0.571): CLI, config and evaluator."""
+    command = typer.main.get_command(app).commands["search"]
+    option = next(p for p in command.params if p.name == "proxy")
+    assert DEFAULT_PROXY == "teacher" == option.default
+    assert inspect.signature(SearchConfig).parameters["proxy"].default == DEFAULT_PROXY

@@ -8,6 +8,8 @@ same name with other settings is an error and leaves it untouched. The budget is
 
 from __future__ import annotations
 
+import warnings
+
 import json
 from pathlib import Path
 from typing import Any
@@ -100,7 +102,9 @@ def open_study(ctx: SearchContext, sampler: optuna.samplers.BaseSampler) -> optu
     if stored is None:
         study.set_user_attr("dynasearch", ctx.settings)
     if study.metric_names is None:  # optuna-dashboard's axis names (the budget is the constraint named 'flops')
-        study.set_metric_names(list(METRIC_NAMES))
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still so marked in 5.0
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(METRIC_NAMES))
     _check_settings(ctx, stored)
     return study
 
