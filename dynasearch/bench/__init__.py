@@ -1,4 +1,4 @@
-"""Benchmarks that back the claims with measurements: `dynasearch bench latency|flops|search|ranking|train`.
+"""Benchmarks that back the claims with measurements: `dynasearch bench latency|latency-table|flops|search|ranking|train`.
 
 Each benchmark is one library function taking a typed config and returning a :class:`BenchResult` (a DataFrame,
 extra tables, a summary, the settings, the machine and a command line that reproduces it); :func:`save_bench` writes
@@ -24,6 +24,8 @@ from .common import (
     torch_threads,
     write_bench,
 )
+from .gpu_check import GpuCheckConfig, bench_gpu
+from .latency_table import LatencyTableConfig, LatencyTableResult, bench_latency_table
 from .plots import plot_for
 from .proxy_ranking import RankingBenchConfig, bench_ranking, spread_subnets
 from .registry_flops import FlopsBenchConfig, bench_flops
@@ -41,12 +43,17 @@ __all__ = [
     "BenchError",
     "BenchResult",
     "FlopsBenchConfig",
+    "GpuCheckConfig",
     "LatencyBenchConfig",
+    "LatencyTableConfig",
+    "LatencyTableResult",
     "RankingBenchConfig",
     "SearchBenchConfig",
     "TrainBenchConfig",
     "bench_flops",
+    "bench_gpu",
     "bench_latency",
+    "bench_latency_table",
     "bench_ranking",
     "bench_search",
     "bench_train",

@@ -19,7 +19,12 @@ if TYPE_CHECKING:
 @app.command()
 def search(
     supernet: Path = typer.Option(..., help="Supernet: a training run directory (or a supernet checkpoint)."),
-    flops: str = typer.Option(..., help="FLOPs budget: 50G, 50GFLOPs, 5e10, 500M, 0.5x or 50%."),
+    flops: Optional[str] = typer.Option(None, help="FLOPs budget: 50G, 50GFLOPs, 5e10, 500M, 0.5x or 50% (this "
+                                                   "and/or --latency)."),
+    latency: Optional[str] = typer.Option(None, help="Latency budget: 40ms, 0.04s or 40 (ms), on --latency-table's "
+                                                     "prediction at the table's batch and device."),
+    latency_table: Optional[Path] = typer.Option(None, help="Latency table of 'dynasearch bench latency-table' "
+                                                            "for the supernet's model (needed by --latency)."),
     space: Optional[str] = typer.Option(None, help="Search space: shipped name or YAML file (default: the training space)."),
     trials: int = typer.Option(200, help="Finished trials the study should hold (a rerun resumes up to this)."),
     sampler: str = typer.Option("tpe", help="tpe, nsga2, gp or random."),
@@ -29,8 +34,8 @@ def search(
     seed: int = typer.Option(0, help="Sampler seed and proxy-set seed."),
     export_top: int = typer.Option(3, help="Pareto points to export as sliced checkpoints (besides the best)."),
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
-    proxy: str = typer.Option(
-        "eps", help="Quality proxy: eps (epsilon MSE), teacher (MSE to the full model's prediction), teacher-norm "
+    proxy: str = typer.Option(  # the default is search.proxy.DEFAULT_PROXY (tests/test_proxy.py checks they agree)
+        "teacher", help="Quality proxy: eps (epsilon MSE), teacher (MSE to the full model's prediction), teacher-norm "
         "(the same per timestep bin, in units of the full model's own error), teacher-sample (8-step DDIM samples "
         "against the full model's; static spaces only).",
     ),
@@ -54,7 +59,8 @@ def search(
     config = SearchConfig(
         supernet=supernet, flops=flops, out=out, space=space, trials=trials, sampler=sampler, storage=storage,
         study_name=study_name, workers=workers, seed=seed, export_top=export_top, proxy_samples=proxy_samples,
-        proxy=proxy, device=device, timestep=TimestepSettings(sample_steps=sample_steps, reference=reference),
+        proxy=proxy, device=device, latency=latency, latency_table=latency_table,
+        timestep=TimestepSettings(sample_steps=sample_steps, reference=reference),
     )
     try:
         result = run_search(config)
@@ -89,6 +95,11 @@ def _print_pareto(result: SearchResult) -> None:
     console.print(line)
     for e in result.exported:
         console.print(f"exported {e['name']}: {e['gflops']:.4f} GFLOPs, {e['params'] / 1e6:.3f}M params -> {e['path']}")
+        if "predicted_latency_ms" in e:
+            measured = e.get("measured_latency_ms")
+            console.print(f"  latency {e['predicted_latency_ms']:.2f} ms predicted, "
+                          + ("not measured" if measured is None else f"{measured:.2f} ms measured")
+                          + f" (budget {best['latency_budget_ms']:.2f} ms)", highlight=False)
     console.print(f"results in {result.out}")
 
 
@@ -122,7 +133,7 @@ def resume_command(config: SearchConfig) -> str:
     parts = ["dynasearch", "search"]
     for f in fields(SearchConfig):
         value = getattr(config, f.name)
-        if f.name == "timestep" or (f.name not in ("supernet", "flops", "out") and value == f.default):
+        if f.name == "timestep" or value is None or (f.name not in ("supernet", "flops", "out") and value == f.default):
             continue
         text = mask_url(str(value)) if f.name == "storage" else str(value)
         parts += [f"--{f.name.replace('_', '-')}", shlex.quote(text)]

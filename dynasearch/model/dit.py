@@ -140,9 +140,22 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         """Tokens (B, N, D) conditioned on c (B, D); `choice` picks heads, MLP width and token ratio."""
         choice = self.choice if choice is None else choice
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x, mlp_mod = self.attn_part(x, c, choice, attn_mask)
+        return self.mlp_part(x, mlp_mod, choice, mlp_mask)
+
+    def attn_part(
+        self, x: torch.Tensor, c: torch.Tensor, choice: BlockChoice, attn_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The block's first half: adaLN, attention with `choice.heads` and its residual; also the MLP's modulation."""
+        shift_msa, scale_msa, gate_msa, *mlp_mod = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, N, D)
-        x = x + gate_msa.unsqueeze(1) * self.attn(h, choice.heads, attn_mask)  # (B, N, D)
+        return x + gate_msa.unsqueeze(1) * self.attn(h, choice.heads, attn_mask), tuple(mlp_mod)  # (B, N, D)
+
+    def mlp_part(
+        self, x: torch.Tensor, mlp_mod: tuple[torch.Tensor, ...], choice: BlockChoice, mlp_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The block's second half: the MLP of `choice.mlp_hidden` channels on the routed tokens, and its residual."""
+        shift_mlp, scale_mlp, gate_mlp = mlp_mod
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, N, D)
         k = x.shape[1] if self.token_router is None else tokens_kept(choice.token_ratio, x.shape[1])
         if k >= x.shape[1]:  # every token kept: exactly the DiT block, no router
@@ -196,6 +209,7 @@ class DiT(nn.Module):
     """Diffusion Transformer whose blocks run any subnet of itself by slicing (a weight-sharing supernet)."""
 
     def __init__(self, config: DiTConfig, complete_model: bool = False) -> None:
+        config.check_memory()  # sizes that cannot fit are refused before the first tensor is allocated
         super().__init__()
         self.config = config
         self.complete_model = complete_model
@@ -299,13 +313,19 @@ class DiT(nn.Module):
             choices = subnet.blocks
         else:
             choices = self._subnet.blocks
-        train = self.training if label_dropout is None else label_dropout
-        h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, train)  # (B, D)
+        h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
         for block, choice in zip(self.blocks, choices):
             h = block(h, c, choice)  # (B, N, D)
-        h = self.final_layer(h, c)  # (B, N, p*p*C_out)
-        return self.unpatchify(h)  # (B, C_out, H, W)
+        return self.head(h, c)  # (B, C_out, H, W)
+
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patch tokens with positions (B, N, D) and the condition (B, D): timestep plus label embedding."""
+        h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        return h, self.t_embedder(t) + self.y_embedder(y, train)  # (B, D)
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The final layer and unpatchify: tokens (B, N, D) to the prediction (B, C_out, H, W)."""
+        return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, subnet: Subnet | None = None

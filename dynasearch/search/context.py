@@ -12,6 +12,7 @@ from typing import Any
 
 from ..checkpoint.native import load_checkpoint, read_config
 from ..cost.flops import closed_form_flops, format_flops, parse_budget
+from ..cost.latency_table import LatencyTable
 from ..device import resolve_device
 from ..diffusion.factory import diffusion_for
 from ..errors import BudgetError, SearchError
@@ -19,6 +20,7 @@ from ..model.dit import DiT
 from ..model.subnet import Subnet
 from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from .config import SearchConfig, training_space
+from .latency_budget import latency_settings, load_latency_budget
 from .proxy import (
     SPLITTABLE_PROXIES,
     ProxyEvaluator,
@@ -43,6 +45,8 @@ class SearchContext:
     full_flops: int
     min_flops: int
     settings: dict[str, Any] = field(default_factory=dict)
+    latency_table: LatencyTable | None = None  # with --latency: the table that predicts a subnet's latency
+    latency_budget: float | None = None  # seconds
 
     @property
     def groups(self) -> list[list[int]]:
@@ -96,7 +100,8 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
             f"(space '{space.label}' has timestep_buckets); use one of {', '.join(SPLITTABLE_PROXIES)}"
         )
     full = closed_form_flops(model.config, Subnet.full(model.config))
-    budget = parse_budget(config.flops, full)
+    budget = parse_budget(config.flops, full) if config.flops is not None else full  # None: no FLOPs budget
+    latency = load_latency_budget(config, model.config, space) if config.latency is not None else None
     smallest = closed_form_flops(model.config, space.smallest(model.config))
     if budget < smallest:
         raise BudgetError(
@@ -119,5 +124,9 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
     }
     if config.proxy != "eps":  # absent means eps (whatever the default), the proxy of studies made before kinds
         settings["proxy"] = config.proxy
+    if latency is not None:  # absent in FLOPs-only studies, as before latency budgets
+        settings.update(latency_settings(config, *latency))
     evaluator = ProxyEvaluator(model, proxy, kind=config.proxy)  # computes the teacher's cache once
-    return SearchContext(config, model, space, train_space, evaluator, budget, full, smallest, settings)
+    table, latency_budget = latency if latency is not None else (None, None)
+    return SearchContext(config, model, space, train_space, evaluator, budget, full, smallest, settings, table,
+                         latency_budget)

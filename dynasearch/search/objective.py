@@ -15,6 +15,7 @@ from typing import Callable
 import optuna
 
 from .context import SearchContext
+from .latency import set_latency_constraint
 from .storage import worker_identity
 from .study import make_sampler, open_study, seed_study
 from .trials import (
@@ -87,6 +88,8 @@ def _evaluate(ctx: SearchContext, trial: optuna.Trial) -> tuple[tuple[float, flo
     subnet = ctx.subnet_from_params(params)
     flops = ctx.flops(subnet)
     trial.set_constraint("flops", (flops - ctx.budget) / ctx.budget)
+    if ctx.latency_table is not None:  # --latency: a second constraint, on the table's prediction
+        set_latency_constraint(ctx, trial, subnet)
     trial.set_user_attr("flops", flops)
     trial.set_user_attr("subnet", subnet.to_dict())
     start = time.perf_counter()
