@@ -16,6 +16,7 @@ __all__ = [
     "SearchSpaceError",
     "TrainingError",
     "SearchError",
+    "DiskFullError",
 ]
 
 
@@ -53,3 +54,7 @@ class TrainingError(DynasearchError):
 
 class SearchError(DynasearchError):
     """A search that cannot start or cannot go on."""
+
+
+class DiskFullError(DynasearchError):
+    """A write that found the file system full (what was there before is left as it was)."""

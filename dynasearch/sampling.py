@@ -19,18 +19,27 @@ import torch
 from torch import Tensor
 
 from .checkpoint.native import load_checkpoint, read_config, read_schedule
+from .checks import check_memory, check_seed
 from .device import resolve_device
 from .diffusion.factory import diffusion_for
 from .diffusion.gaussian import GaussianDiffusion, ModelFn
 from .diffusion.samplers import SAMPLERS, check_sampler, make_sampler, sample
 from .errors import CheckpointError, ConfigError, DynasearchError
-from .images import check_writable, decode_latents, grid_array, load_vae, save_grid, save_latents
+from .images import (
+    check_writable,
+    decode_latents,
+    grid_array,
+    load_vae,
+    save_grid,
+    save_latents,
+)
 from .model.config import DiTConfig
 from .model.dit import DiT
 from .model.schedule import SubnetSchedule, load_subnet_or_schedule
 from .model.subnet import Subnet
 
 __all__ = [
+    "SAMPLE_BYTES",
     "SAMPLERS",
     "DEFAULT_CFG_SCALE",
     "DEFAULT_STEPS",
@@ -59,6 +68,12 @@ DEFAULT_CFG_SCALE = 4.0
 DEFAULT_STEPS = 50
 LATENT_CHANNELS = 4
 """Models with this many input channels are latent-space models (SD VAE latents): not clipped, saved as .npz."""
+
+SAMPLE_BYTES = 4 * 8 * 8
+"""A lower bound of the bytes one sample holds (float32 at the smallest input, 8x8x1): a sample count whose images
+alone cannot fit is refused before the checkpoint is loaded."""
+MAX_LABELS = 10**7
+"""The most labels a --labels text may expand to (a range like 0-99999999999 is refused before it is built)."""
 
 ProgressFn = Callable[[int, int], None]
 """progress(done, total): sampling steps done so far over every batch."""
@@ -91,6 +106,8 @@ def parse_labels(text: str) -> tuple[int, ...]:
         if single:
             out.append(int(tok))
         elif span and int(span.group(1)) <= int(span.group(2)):
+            if len(out) + int(span.group(2)) - int(span.group(1)) + 1 > MAX_LABELS:
+                raise ConfigError(f"--labels: {tok!r} names more than {MAX_LABELS} classes; give class ids of the model")
             out.extend(range(int(span.group(1)), int(span.group(2)) + 1))
         else:
             raise ConfigError(
@@ -289,6 +306,10 @@ class SampleConfig:
             raise ConfigError(f"--out must name a .png file, got '{self.out}'")
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        check_seed(self.seed, "--seed", ConfigError)
+        count = self.num if self.num is not None else len(self.labels or range(10)) * self.per_label
+        what = f"--num {self.num}" if self.num is not None else f"--per-label {self.per_label}"
+        check_memory(count * SAMPLE_BYTES, f"{what} ({count} samples)", ConfigError)
 
     def sample_labels(self, num_classes: int) -> tuple[list[int], int]:
         """Per-sample labels and images per grid row: one row per class for labels, classes across for --num."""

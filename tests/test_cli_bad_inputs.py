@@ -8,6 +8,7 @@ commands whose outputs default to relative paths (``results/bench``, ``samples.p
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -111,6 +112,15 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     (ws / "empty_results").mkdir()
     (ws / "empty_results" / "keep.txt").write_text("x\n")
+    # checkpoint configs with numbers outside their domain, or sizes no machine holds (weights of the real run)
+    for name, key, value in (("nan_mlp", "mlp_ratio", float("nan")), ("neg_mlp", "mlp_ratio", -4.0),
+                             ("nan_router", "router_ratio", float("nan")), ("huge_hidden", "hidden_size", 2**30),
+                             ("huge_input", "input_size", 2**20)):
+        doc = json.loads((run / "config.json").read_text())
+        doc["model"][key] = value
+        (ws / name).mkdir()
+        (ws / name / "config.json").write_text(json.dumps(doc))  # NaN as JSON's NaN token, as Python writes it
+        (ws / name / "supernet.safetensors").write_bytes((run / "supernet.safetensors").read_bytes())
     ro = ws / "readonly"
     ro.mkdir()
     ro.chmod(stat.S_IRUSR | stat.S_IXUSR | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
@@ -278,6 +288,127 @@ CASES = [
     Case("bench-train-unknown-data", ("bench", "train", "--model", "DiT-N/2", "--data", f"folder:{W}/nowhere"),
          (f"{W}/nowhere",)),
     Case("unknown-command", ("flopz",), ("flopz",)),
+    # -- round two: numbers outside their domain (seeds, NaN, negatives in a checkpoint's config)
+    Case("train-seed-negative", (*TRAIN, "--seed", "-1", "--out", f"{W}/t"), ("--seed", "-1")),
+    Case("train-seed-2pow32", (*TRAIN, "--seed", str(2**32), "--out", f"{W}/t"), ("--seed", str(2**32))),
+    Case("train-seed-2pow64", (*TRAIN, "--seed", str(2**64), "--out", f"{W}/t"), ("--seed", str(2**64))),
+    Case("train-lr-nan", (*TRAIN, "--lr", "nan", "--out", f"{W}/t"), ("--lr", "nan")),
+    Case("train-distill-nan", (*TRAIN, "--distill", "nan", "--out", f"{W}/t"), ("--distill", "nan")),
+    Case("search-seed-negative", (*SEARCH, "--flops", "0.5x", "--seed", "-1"), ("--seed", "-1")),
+    Case("search-seed-2pow32", (*SEARCH, "--flops", "0.5x", "--seed", str(2**32)), ("--seed", str(2**32))),
+    Case("search-budget-nan", (*SEARCH, "--flops", "nan"), ("nan",)),
+    Case("finetune-seed-negative", (*FT, "--seed", "-1", "--out", f"{W}/ft"), ("--seed", "-1")),
+    Case("finetune-distill-weight-nan", (*FT, "--distill-weight", "nan", "--out", f"{W}/ft"),
+         ("--distill-weight", "nan")),
+    Case("sample-seed-negative", ("sample", "--checkpoint", RUN, "--num", "2", "--steps", "2", "--seed", "-1",
+                                  "--out", f"{W}/g.png"), ("--seed", "-1")),
+    Case("sample-seed-2pow32", ("sample", "--checkpoint", RUN, "--num", "2", "--steps", "2", "--seed", str(2**32),
+                                "--out", f"{W}/g.png"), ("--seed", str(2**32))),
+    Case("sample-cfg-scale-nan", ("sample", "--checkpoint", RUN, "--num", "2", "--cfg-scale", "nan",
+                                  "--out", f"{W}/g.png"), ("--cfg-scale", "nan")),
+    Case("eval-seed-negative", ("eval", "--checkpoint", RUN, "--num", "4", "--steps", "2", "--seed", "-1"),
+         ("--seed", "-1")),
+    Case("report-seed-negative", ("report", f"{W}/search", "--eval-num", "2", "--steps", "2", "--seed", "-1"),
+         ("--seed", "-1")),
+    Case("demo-seed-negative", ("demo", "--quick", "--seed", "-1", "--out", f"{W}/d", "--run-dir", f"{W}/dr"),
+         ("--seed", "-1")),
+    Case("bench-latency-seed-negative", ("bench", "latency", "--model", "DiT-N/2", "--input-size", "8", "--seed", "-1",
+                                         "--out", f"{W}/b"), ("--seed", "-1")),
+    Case("bench-latency-ratios-nan", ("bench", "latency", "--model", "DiT-N/2", "--ratios", "nan", "--out", f"{W}/b"),
+         ("--ratios", "nan")),
+    Case("bench-search-seed-negative", ("bench", "search", "--supernet", RUN, "--seed", "-1", "--out", f"{W}/b"),
+         ("--seed", "-1")),
+    Case("bench-ranking-seed-negative", ("bench", "ranking", "--supernet", RUN, "--seed", "-1", "--out", f"{W}/b"),
+         ("--seed", "-1")),
+    Case("bench-ranking-flops-range-nan", ("bench", "ranking", "--supernet", RUN, "--flops-range", "nan,1"),
+         ("nan,1",)),
+    Case("bench-train-seed-negative", ("bench", "train", "--model", "DiT-N/2", "--seed", "-1", "--out", f"{W}/b"),
+         ("--seed", "-1")),
+    Case("bench-train-distill-nan", ("bench", "train", "--model", "DiT-N/2", "--distill", "nan", "--out", f"{W}/b"),
+         ("--distill", "nan")),
+    Case("flops-checkpoint-mlp-ratio-nan", ("flops", "--checkpoint", f"{W}/nan_mlp"), (f"{W}/nan_mlp", "mlp_ratio")),
+    Case("flops-checkpoint-mlp-ratio-negative", ("flops", "--checkpoint", f"{W}/neg_mlp"),
+         (f"{W}/neg_mlp", "mlp_ratio", "-4.0")),
+    Case("flops-checkpoint-router-ratio-nan", ("flops", "--checkpoint", f"{W}/nan_router"),
+         (f"{W}/nan_router", "router_ratio")),
+    # -- sizes that cannot fit: refused from the arithmetic, before anything is allocated
+    Case("flops-input-size-huge", ("flops", "--model", "DiT-N/2", "--input-size", "100000"),
+         ("input_size", "100000", "memory")),
+    Case("flops-num-classes-huge", ("flops", *N2, "--num-classes", str(10**12)), ("num_classes", str(10**12))),
+    Case("flops-in-channels-huge", ("flops", *N2, "--in-channels", str(10**9)), ("in_channels", str(10**9))),
+    Case("flops-batch-huge", ("flops", *N2, "--batch", str(10**12)), ("--batch", str(10**12), "memory")),
+    Case("flops-checkpoint-hidden-huge", ("flops", "--checkpoint", f"{W}/huge_hidden"),
+         (f"{W}/huge_hidden", "hidden_size")),
+    Case("sample-checkpoint-input-huge", ("sample", "--checkpoint", f"{W}/huge_input", "--num", "2", "--steps", "2",
+                                          "--out", f"{W}/g.png"), (f"{W}/huge_input", "input_size")),
+    Case("train-batch-size-huge", (*TRAIN, "--batch-size", str(10**12), "--out", f"{W}/t"),
+         ("--batch-size", str(10**12))),
+    Case("train-image-size-huge", (*TRAIN, "--image-size", str(10**7), "--out", f"{W}/t"),
+         ("--image-size", str(10**7))),
+    Case("finetune-batch-size-huge", (*FT, "--batch-size", str(10**12), "--out", f"{W}/ft"),
+         ("--batch-size", str(10**12))),
+    Case("search-proxy-samples-huge", (*SEARCH, "--flops", "0.5x", "--proxy-samples", str(10**12)),
+         ("--proxy-samples", str(10**12))),
+    Case("sample-num-huge", ("sample", "--checkpoint", RUN, "--num", str(10**12), "--out", f"{W}/g.png"),
+         ("--num", str(10**12))),
+    Case("sample-labels-huge-range", ("sample", "--checkpoint", RUN, "--labels", "0-99999999999",
+                                      "--out", f"{W}/g.png"), ("--labels", "0-99999999999")),
+    Case("sample-per-label-huge", ("sample", "--checkpoint", RUN, "--labels", "0", "--per-label", str(10**12),
+                                   "--out", f"{W}/g.png"), ("--per-label", str(10**12))),
+    Case("eval-num-huge", ("eval", "--checkpoint", RUN, "--num", str(10**12)), ("--num", str(10**12))),
+    Case("report-eval-num-huge", ("report", f"{W}/search", "--eval-num", str(10**12)), ("--eval-num", str(10**12))),
+    Case("report-latency-batch-huge", ("report", f"{W}/search", "--latency-batch", str(10**12)),
+         ("--latency-batch", str(10**12))),
+    Case("bench-latency-input-size-huge", ("bench", "latency", "--model", "DiT-N/2", "--input-size", "100000",
+                                           "--out", f"{W}/b"), ("input_size", "100000")),
+    Case("bench-latency-batch-huge", ("bench", "latency", "--model", "DiT-N/2", "--input-size", "8", "--batch",
+                                      str(10**12), "--out", f"{W}/b"), ("--batch", str(10**12))),
+    Case("bench-flops-num-classes-huge", ("bench", "flops", "--models", "DiT-N/2", "--num-classes", str(10**12),
+                                          "--out", f"{W}/b"), ("num_classes", str(10**12))),
+    Case("bench-search-proxy-samples-huge", ("bench", "search", "--supernet", RUN, "--proxy-samples", str(10**12),
+                                             "--out", f"{W}/b"), ("--proxy-samples", str(10**12))),
+    Case("bench-train-batch-size-huge", ("bench", "train", "--model", "DiT-N/2", "--batch-size", str(10**12),
+                                         "--out", f"{W}/b"), ("--batch-size", str(10**12))),
+    Case("bench-train-image-size-huge", ("bench", "train", "--model", "DiT-N/2", "--image-size", str(10**7),
+                                         "--out", f"{W}/b"), ("--image-size", str(10**7))),
+    Case("bench-ranking-batch-size-huge", ("bench", "ranking", "--supernet", RUN, "--k", "3", "--batch-size",
+                                           str(10**12), "--proxy-samples", "8", "--eval-samples", "8",
+                                           "--out", f"{W}/b"), ("--batch-size", str(10**12))),
+    Case("train-sandwich-huge", (*TRAIN, "--sandwich", str(10**12), "--out", f"{W}/t"), ("--sandwich", str(10**12))),
+    Case("search-workers-huge", (*SEARCH, "--flops", "0.5x", "--workers", str(10**6)), ("--workers", str(10**6))),
+    Case("bench-train-sandwich-huge", ("bench", "train", "--model", "DiT-N/2", "--sandwich", str(10**12),
+                                       "--out", f"{W}/b"), ("--sandwich", str(10**12))),
+    Case("bench-latency-mixed-huge", ("bench", "latency", "--model", "DiT-N/2", "--input-size", "8", "--mixed",
+                                      str(10**12), "--out", f"{W}/b"), ("--mixed", str(10**12))),
+    Case("bench-ranking-fd-samples-huge", ("bench", "ranking", "--supernet", RUN, "--fd-samples", str(10**12),
+                                           "--out", f"{W}/b"), ("--fd-samples", str(10**12))),
+    # -- side effects before validation: each of these once wrote (or deleted) files before its error
+    Case("report-cfg-scale-nan", ("report", f"{W}/search", "--eval-num", "2", "--steps", "2", "--cfg-scale", "nan"),
+         ("--cfg-scale", "nan")),
+    Case("report-eval-num-1", ("report", f"{W}/search", "--eval-num", "1", "--steps", "2"), ("--eval-num", "1")),
+    Case("report-steps-too-many", ("report", f"{W}/search", "--eval-num", "2", "--steps", "100000"),
+         ("--steps", "100000")),
+    Case("search-storage-is-directory", (*SEARCH, "--flops", "0.5x", "--storage", f"{W}/existing_run"),
+         ("--storage", f"{W}/existing_run", "directory")),
+    Case("demo-trials-0", ("demo", "--quick", "--trials", "0", "--out", f"{W}/d", "--run-dir", f"{W}/dr"),
+         ("--trials", "0")),
+    Case("demo-eval-num-1", ("demo", "--quick", "--eval-num", "1", "--out", f"{W}/d", "--run-dir", f"{W}/dr"),
+         ("--eval-num", "1")),
+    Case("demo-overwrite-budget-below-smallest", ("demo", "--quick", "--overwrite", "--flops", "0.01x",
+                                                  "--out", f"{W}/search", "--run-dir", f"{W}/trained"),
+         ("0.01x", "smallest")),
+    Case("demo-out-same-as-run-dir", ("demo", "--quick", "--out", f"{W}/d", "--run-dir", f"{W}/d"),
+         ("--out", "--run-dir")),
+    # -- messages that said something false: a file where a directory is expected is not "missing"
+    Case("demo-out-is-file", ("demo", "--quick", "--out", f"{W}/notes.txt", "--run-dir", f"{W}/dr"),
+         (f"{W}/notes.txt", "is a file")),
+    Case("demo-run-dir-is-file", ("demo", "--quick", "--out", f"{W}/d", "--run-dir", f"{W}/notes.txt"),
+         (f"{W}/notes.txt", "is a file")),
+    Case("search-out-is-file", (*SEARCH[:-2], "--out", f"{W}/notes.txt", "--flops", "0.5x"),
+         (f"{W}/notes.txt", "is a file")),
+    Case("report-results-is-file", ("report", f"{W}/notes.txt"), (f"{W}/notes.txt", "is a file")),
+    Case("search-supernet-is-file", ("search", "--supernet", f"{W}/notes.txt", "--flops", "0.5x", "--out", f"{W}/s"),
+         (f"{W}/notes.txt", "not a directory")),
 ]
 
 
@@ -322,7 +453,7 @@ def test_bad_input(case: Case, workspace: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_there_are_enough_cases_over_every_command() -> None:
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) >= 140 and len({c.id for c in CASES}) == len(CASES)
     commands = {c.argv[0] if c.argv[0] != "bench" else f"bench {c.argv[1]}" for c in CASES}
     assert {"models", "flops", "train-supernet", "search", "sample", "eval", "report", "demo", "bench latency",
             "bench flops", "bench search", "bench ranking", "bench train", "finetune"} <= commands
@@ -356,3 +487,56 @@ def test_a_storage_password_is_never_printed(url: str, workspace: Path, capsys: 
     assert code == 2 and err.startswith("error: ") and "***" in err, err
     assert SECRET not in out + err
     assert all(SECRET.encode() not in p.read_bytes() for p in workspace.rglob("*") if p.is_file())
+
+
+def test_warnings_never_precede_the_error_line(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library's deprecation lines and the command's own warnings are dropped when the command fails."""
+    import warnings
+
+    import dynasearch.cost.query as query
+    from dynasearch.errors import ConfigError
+
+    def warn_then_fail(_q: object) -> None:
+        warnings.warn("old API", DeprecationWarning)
+        warnings.warn("something odd", UserWarning)
+        raise ConfigError("--batch is wrong")
+
+    monkeypatch.setattr(query, "run_flops_query", warn_then_fail)
+    assert main(["flops", *N2]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --batch is wrong"]
+
+
+def test_a_finished_command_still_tells_its_warnings_but_not_deprecations(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import warnings
+
+    import dynasearch.cost.query as query
+
+    real = query.run_flops_query
+
+    def warn_then_run(q: object) -> object:
+        warnings.warn("old API", DeprecationWarning)
+        warnings.warn("something odd", UserWarning)
+        return real(q)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(query, "run_flops_query", warn_then_run)
+    assert main(["flops", *N2]) == 0
+    assert capsys.readouterr().err.splitlines() == ["warning: something odd"]
+
+
+def test_ctrl_c_while_importing_prints_one_line(tmp_path: Path) -> None:
+    """SIGINT during `python -m dynasearch`'s imports (torch takes seconds): 'interrupted', exit 130, no traceback."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "dynasearch", "models"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert "Traceback" not in out + err, err
+    if proc.returncode == 0:  # pragma: no cover - the imports finished within 0.5 s: nothing to interrupt
+        pytest.skip("the command finished before the signal")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "interrupted", (proc.returncode, err)

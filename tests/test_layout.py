@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dynasearch"
-LEAVES = {"dynasearch.errors", "dynasearch.fileio", "dynasearch.version"}  # anything may import these
+LEAVES = {"dynasearch.checks", "dynasearch.errors", "dynasearch.fileio", "dynasearch.version"}  # anything may import these
 OPTIONAL_EXTRAS = {"diffusers", "tensorboard", "torch_fidelity", "psycopg", "sqlalchemy"}
 
 

@@ -15,9 +15,12 @@ from typing import Any, Callable, Iterator
 import pandas as pd
 import torch
 
+from ..checks import check_memory, check_seed, disk_full, is_disk_full
 from ..device import machine_info, resolve_device
 from ..errors import DynasearchError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, kept_on_failure, removed_on_failure
+from ..model.config import DIT_CONFIGS, get_config
+from ..search.config import PROXY_BYTES_PER_SAMPLE
 
 __all__ = [
     "BenchConfig",
@@ -110,8 +113,31 @@ class BenchConfig:
     def check_non_negative(self, *names: str) -> None:
         """Raise BenchError naming the first of the fields `names` that is below 0."""
         for name in names:
-            if getattr(self, name) < 0:
-                raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BenchError(f"--{name.replace('_', '-')} must be a finite number of 0 or more, got {value!r}")
+            if value < 0:
+                raise BenchError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+
+    def check_seed(self) -> None:
+        """Raise BenchError unless the `seed` field is an integer in [0, 2**32 - 1]."""
+        check_seed(self.seed, "--seed", BenchError)  # type: ignore[attr-defined]  # the configs that take a --seed
+
+    def check_proxy_memory(self, *names: str) -> None:
+        """Raise BenchError naming the first field of `names` (proxy-set sizes) whose set alone cannot fit in memory."""
+        for name in names:
+            value = getattr(self, name)
+            check_memory(value * PROXY_BYTES_PER_SAMPLE, f"--{name.replace('_', '-')} {value}", BenchError)
+
+    def check_registry_model(self, name: str, batch: int, option: str = "--batch") -> None:
+        """Raise a ConfigError (naming the option) when registry model `name` at this config's input_size,
+        in_channels and num_classes, or one forward pass of `batch`, cannot fit in memory."""
+        if name not in DIT_CONFIGS:
+            return  # the unknown name is reported by the caller's own check
+        config = get_config(name, input_size=self.input_size, in_channels=self.in_channels,  # type: ignore[attr-defined]
+                            num_classes=self.num_classes)  # type: ignore[attr-defined]
+        config.check_memory()
+        config.check_batch(batch, option)
 
     def check_device(self) -> None:
         """Raise BenchError unless the `device` field is cpu or cuda."""
@@ -154,10 +180,19 @@ def _jsonable(value: Any) -> Any:
 def write_bench(result: BenchResult, out: str | Path, plot: Callable[[BenchResult, Path], Path] | None = None) -> list[Path]:
     """Write NAME.csv (+ NAME_KEY.csv per extra table), NAME.png (when a plotter is given) and the NAME.json sidecar."""
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BenchError(f"output directory '{out}' cannot be created: {exc.strerror}") from None
+    with removed_on_failure(out):  # a new output directory is not left behind empty or half-written
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(out) from None
+            raise BenchError(f"output directory '{out}' cannot be created: {exc.strerror}") from None
+        with kept_on_failure(out):  # a failed write leaves the previous results as they were
+            return _write_files(result, out, plot)
+
+
+def _write_files(result: BenchResult, out: Path, plot: Callable[[BenchResult, Path], Path] | None) -> list[Path]:
+    """The files of :func:`write_bench` into the existing directory `out`."""
     files = [out / f"{result.name}.csv"]
     atomic_write_text(files[0], result.table.to_csv(index=False))
     for key, df in result.extra.items():

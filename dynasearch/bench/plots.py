@@ -11,18 +11,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..fileio import atomic_output  # noqa: E402
 from .common import BenchResult  # noqa: E402
 
-__all__ = ["PLOTS", "plot_latency", "plot_flops", "plot_search", "plot_ranking", "plot_train", "plot_for"]
+__all__ = ["PLOTS", "plot_latency", "plot_flops", "plot_search", "plot_ranking", "plot_train", "plot_latency_table",
+           "plot_gpu", "plot_for"]
 
 
 def _save(fig: plt.Figure, path: Path, result: BenchResult) -> Path:
     m = result.machine
     fig.text(0.01, 0.005, f"{m.get('device_name', '?')} | torch {m.get('torch', '?')} | {m.get('threads', '?')} threads | "
              f"{result.date}", fontsize=6, color="#666666")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+        with atomic_output(path) as tmp:  # a reader (or a full disk) never sees half a PNG
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -190,9 +195,53 @@ def plot_train(result: BenchResult, path: Path) -> Path:
     return _save(fig, path, result)
 
 
-PLOTS = {"latency": plot_latency, "flops": plot_flops, "search": plot_search, "ranking": plot_ranking, "train": plot_train}
+def plot_latency_table(result: BenchResult, path: Path) -> Path:
+    """A latency table's predicted against measured latency of whole subnets, and each prediction's error."""
+    t, s = result.table, result.summary
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    if not t.empty:
+        top = 1.05 * float(max(t["predicted_ms"].max(), t["measured_ms"].max()))
+        x = np.linspace(0, top, 50)
+        a.plot(x, x, c="black", lw=1, label="predicted = measured")
+        a.fill_between(x, 0.95 * x, 1.05 * x, color="#cccccc", alpha=0.5, label="within 5%")
+        a.scatter(t["measured_ms"], t["predicted_ms"], c="#1f4e8c", zorder=5, label="subnets")
+        b.bar(range(len(t)), t["error_pct"], color="#1f4e8c")
+        b.set_xticks(range(len(t)))
+        b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(t["name"], t["flops_ratio"])], fontsize=6, rotation=30)
+    b.axhline(0.0, c="black", lw=1)
+    median = s.get("median_abs_error_pct")
+    _dress(a, "measured (ms)", "predicted by the table (ms)",
+           f"{s['model']}, batch {s['batch']}, {s['device']} ({s['dtype']})", legend=7)
+    _dress(b, None, "prediction error (%)",
+           "median |error| " + ("n/a" if median is None else f"{median:.1f}%") + " (target 5%)", grid="y")
+    return _save(fig, path, result)
+
+
+def plot_gpu(result: BenchResult, path: Path) -> Path:
+    """The GPU check: latency ratio / FLOPs ratio of every subnet per batch and compile mode (target band)."""
+    t, s = result.table, result.summary
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.axhline(1.0, c="black", lw=1)
+    ax.axhline(1.10, c="#c0392b", ls="--", lw=1, label="target 1.10")
+    ax.axvspan(0.3, 0.7, color="#7aa6d6", alpha=0.08, label="target range")
+    sub = t[t["kind"] != "full"]
+    for (batch, compiled), g in sub.groupby(["batch", "compiled"]):
+        ax.scatter(g["flops_ratio"], g["latency_per_flops"], label=f"batch {batch}{', compiled' if compiled else ''}",
+                   marker="s" if compiled else "o")
+    _dress(ax, "FLOPs ratio (subnet / full)", "latency ratio / FLOPs ratio (1.0 = ideal)",
+           f"{s['model']} on {s['device_name']} ({s['dtype']})", legend=7)
+    return _save(fig, path, result)
+
+
+PLOTS = {"latency": plot_latency, "flops": plot_flops, "search": plot_search, "ranking": plot_ranking, "train": plot_train,
+         "latency-table": plot_latency_table, "gpu": plot_gpu}
 
 
 def plot_for(result: BenchResult):
-    """The plotting function of a result (by its name's first part: latency-cpu -> latency)."""
-    return PLOTS[result.name.split("-")[0]]
+    """The plotting function of a result: the longest registered prefix of its name (latency-cpu -> latency,
+    latency-table-cpu -> latency-table)."""
+    parts = result.name.split("-")
+    for n in range(len(parts), 0, -1):
+        if "-".join(parts[:n]) in PLOTS:
+            return PLOTS["-".join(parts[:n])]
+    raise KeyError(f"no plot for benchmark '{result.name}'")

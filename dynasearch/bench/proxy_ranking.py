@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from ..checkpoint.native import load_checkpoint, read_config
+from ..checks import check_memory
 from ..cost.flops import closed_form_flops
 from ..data import DataRecord, DatasetSplit
 from ..diffusion.factory import diffusion_for
@@ -45,7 +46,7 @@ from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.subnet import Subnet
 from ..quality import evaluate_quality
-from ..sampling import DEFAULT_STEPS
+from ..sampling import DEFAULT_STEPS, SAMPLE_BYTES
 from ..search.proxy import (
     PROXY_KINDS,
     SAMPLE_STEPS,
@@ -54,11 +55,17 @@ from ..search.proxy import (
     build_proxy_set,
     dataset_from_run_config,
 )
-from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from ..slicing import slice_subnet
+from ..space import DEFAULT_SPACE, SearchSpace, load_space
 from ..train.sandwich import draw_batch, sandwich_step
 from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
-from .ranking_stats import kendall_bootstrap, loss_summary, proxy_column, proxy_summary, proxy_taus
+from .ranking_stats import (
+    kendall_bootstrap,
+    loss_summary,
+    proxy_column,
+    proxy_summary,
+    proxy_taus,
+)
 
 __all__ = [
     "RankingBenchConfig",
@@ -118,6 +125,9 @@ class RankingBenchConfig(BenchConfig):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 3:
             raise BenchError(f"--k must be an integer >= 3 (a rank correlation needs at least 3 subnets), got {self.k!r}")
         self.check_device()
+        self.check_seed()
+        self.check_proxy_memory("proxy_samples", "eval_samples")
+        check_memory(self.fd_samples * SAMPLE_BYTES, f"--fd-samples {self.fd_samples}", BenchError)
 
 
 def spread_subnets(
@@ -238,6 +248,7 @@ def _setup(cfg: RankingBenchConfig, device: torch.device, status: Callable[[str]
     supernet = load_checkpoint(cfg.supernet, device=device)
     if supernet.config.is_sliced:
         raise BenchError(f"'{cfg.supernet}' is a sliced model; ranking needs a supernet (a training run directory)")
+    supernet.config.check_batch(cfg.batch_size, "--batch-size")
     space = _space(cfg, doc)
     space.validate_for(supernet.config)
     split = dataset_from_run_config(doc)

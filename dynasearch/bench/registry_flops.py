@@ -43,6 +43,8 @@ class FlopsBenchConfig(BenchConfig):
         unknown = [m for m in self.models if m not in DIT_CONFIGS]
         if unknown:
             raise BenchError(f"--models: unknown model '{unknown[0]}'; choose from: {', '.join(DIT_CONFIGS)}")
+        for name in self.models:
+            self.check_registry_model(name, self.batch)
 
 
 def _count(name: str, cfg: FlopsBenchConfig) -> tuple[dict[str, Any], set[str]]:

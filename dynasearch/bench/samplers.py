@@ -69,6 +69,8 @@ class SearchBenchConfig(BenchConfig):
         self.check_device()
         if len(set(self.samplers)) != len(self.samplers):
             raise BenchError(f"--samplers names a sampler twice: {','.join(self.samplers)}")
+        self.check_seed()
+        self.check_proxy_memory("proxy_samples")
 
 
 class CachedEvaluator:

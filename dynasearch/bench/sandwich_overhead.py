@@ -17,6 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from ..checks import SUBNET_BYTES, check_memory
 from ..cost.flops import closed_form_flops
 from ..data import load_dataset, parse_data_spec
 from ..diffusion.factory import diffusion_for
@@ -27,7 +28,7 @@ from ..model.subnet import Subnet
 from ..space import DEFAULT_SPACE, load_space
 from ..train.config import DATA_SPLIT_SEED
 from ..train.sandwich import TrainBatch, draw_batch, sandwich_step, sandwich_subnets
-from .common import BenchConfig, BenchResult, bench_run, command_line
+from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
 __all__ = ["TrainBenchConfig", "bench_train"]
 
@@ -51,8 +52,12 @@ class TrainBenchConfig(BenchConfig):
 
     def __post_init__(self) -> None:
         self.check_positive("steps", "batch_size", "image_size", "threads")
+        if self.image_size is not None:
+            check_memory(4 * self.image_size**2, f"--image-size {self.image_size} (one image)", BenchError)
+        check_memory(self.sandwich * SUBNET_BYTES, f"--sandwich {self.sandwich} (subnets per step)", BenchError)
         self.check_non_negative("warmup", "sandwich", "distill")
         self.check_device()
+        self.check_seed()
 
 
 def _sync(device: torch.device) -> None:
@@ -123,6 +128,8 @@ def bench_train(cfg: TrainBenchConfig, status: Callable[[str], None] | None = No
         split = load_dataset(parse_data_spec(cfg.data), image_size=cfg.image_size, seed=DATA_SPLIT_SEED)
         config = get_config(cfg.model, input_size=split.image_size, in_channels=split.in_channels,
                             num_classes=split.num_classes)
+        config.check_memory()
+        config.check_batch(cfg.batch_size, "--batch-size")
         space = load_space(cfg.space)
         space.validate_for(config)
         torch.manual_seed(cfg.seed)

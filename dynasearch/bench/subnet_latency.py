@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from ..checkpoint.native import load_checkpoint
+from ..checks import SUBNET_BYTES, check_memory
 from ..cost.flops import closed_form_flops, closed_form_params
 from ..cost.latency import measure_latency
 from ..device import resolve_device
@@ -27,8 +28,8 @@ from ..errors import DynasearchError
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
 from ..model.subnet import Subnet
-from ..space import load_space
 from ..slicing import slice_subnet
+from ..space import load_space
 from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
 __all__ = ["LatencyBenchConfig", "bench_latency", "uniform_at_ratio", "mixed_at_ratio", "latency_models"]
@@ -69,6 +70,10 @@ class LatencyBenchConfig(BenchConfig):
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 raise BenchError(f"--ratios must be numbers in (0, 1], got {r!r}")
         self.check_device()
+        self.check_seed()
+        check_memory(self.mixed * len(self.ratios) * SUBNET_BYTES, f"--mixed {self.mixed} (subnets per ratio)", BenchError)
+        if self.supernet is None:
+            self.check_registry_model(self.model, self.batch)
 
 
 def uniform_at_ratio(config: DiTConfig, ratio: float) -> Subnet:
@@ -227,6 +232,7 @@ def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
     notes: list[str] = []
     supernet = _supernet(cfg, notes).eval()
     config = supernet.config
+    config.check_batch(cfg.batch, "--batch")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     entries = latency_models(cfg, supernet, notes)
     with bench_run(device, cfg.threads) as run:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,8 +11,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..checks import disk_full, is_disk_full
 from ..errors import CheckpointError, ConfigError, SubnetError
-from ..fileio import atomic_write_text, read_json, umask_mode
+from ..fileio import atomic_output, atomic_write_text, read_json, removed_on_failure
 from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
@@ -47,17 +47,10 @@ WEIGHT_NAMES = ("model.safetensors", SUPERNET_NAME)
 
 
 def save_weights(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write tensors to a safetensors file atomically (temporary file + rename)."""
+    """Write tensors to a safetensors file atomically (temporary file + rename); a full disk is DiskFullError."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata or {})
 
 
 def save_checkpoint(
@@ -72,12 +65,23 @@ def save_checkpoint(
     `state_dict` overrides the weights (e.g. EMA weights); `extra` adds JSON fields to the config file.
     """
     directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(f"checkpoint directory '{directory}' cannot be created: {exc.strerror}") from None
-    if not os.access(directory, os.W_OK):
-        raise CheckpointError(f"checkpoint directory '{directory}' is not writable")
+    with removed_on_failure(directory):  # a new directory whose files could not be written is not left behind
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full(directory) from None
+            raise CheckpointError(f"checkpoint directory '{directory}' cannot be created: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK):
+            raise CheckpointError(f"checkpoint directory '{directory}' is not writable")
+        _write_checkpoint(model, directory, extra, weights_name, state_dict)
+    return directory
+
+
+def _write_checkpoint(
+    model: DiT, directory: Path, extra: dict[str, Any] | None, weights_name: str, state_dict: dict[str, torch.Tensor] | None
+) -> None:
+    """The weights, then config.json, of :func:`save_checkpoint` into the existing `directory`."""
     config = model.config
     doc: dict[str, Any] = {
         "format": "dynasearch",
@@ -90,7 +94,6 @@ def save_checkpoint(
     tensors = model.state_dict() if state_dict is None else state_dict
     save_weights(tensors, directory / weights_name, {"format": "dynasearch", "model": config.name})
     atomic_write_text(directory / CONFIG_NAME, json.dumps(doc, indent=2) + "\n")
-    return directory
 
 
 INHERITED_SECTIONS = ("data",)
@@ -136,6 +139,7 @@ def load_checkpoint(
     doc = read_config(directory)
     try:
         config = DiTConfig.from_dict(doc["model"])
+        config.check_memory()
     except (ConfigError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint config '{directory / CONFIG_NAME}': {exc}") from None
     names = (weights_name,) if weights_name else WEIGHT_NAMES

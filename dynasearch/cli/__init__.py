@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 
 import typer
 
+from .. import restore_sigint
+from ..checks import disk_full, is_disk_full
 from ..errors import DynasearchError
 from ._app import app, click_exc, debug_enabled, err_console, state
 
@@ -18,12 +21,29 @@ from . import _bench, _demo, _finetune, _inspect, _report, _sample, _search, _tr
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the app, turning user errors into one line and exit code 2 (internal errors: 1)."""
+    restore_sigint()  # every import is done: Ctrl-C is the command's to handle from here
     command = typer.main.get_command(app)
     args = sys.argv[1:] if argv is None else list(argv)
     if not args:
         args = ["--help"]
     debug = "--debug" in args or debug_enabled()
     state.announced = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        code = _run(command, args, debug)
+    if code == 0:  # a failed command's one line stands alone; a finished one still tells the user's warnings
+        for w in caught:
+            if not issubclass(w.category, _LIBRARY_NOISE) and w.category.__name__ != "ExperimentalWarning":
+                print(f"warning: {w.message}", file=sys.stderr)
+    return code
+
+
+_LIBRARY_NOISE = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning)
+"""Warnings meant for the developers of a library (deprecations and the like), not for a user of the command."""
+
+
+def _run(command: typer.core.TyperGroup, args: list[str], debug: bool) -> int:
+    """Run the click command on `args`; the exit code, with every error turned into its one line."""
     try:
         rv = command.main(args=args, prog_name="dynasearch", standalone_mode=False)
         if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer turns Ctrl-C into a returned 130
@@ -55,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         print(str(exc) or "interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the one place internal errors become a message
+        if is_disk_full(exc):  # a writer without its own guard: still the user's full disk, one line
+            if debug:
+                traceback.print_exc()
+            print(f"error: {disk_full(None, exc)}", file=sys.stderr)
+            return 2
         if debug:
             traceback.print_exc()
         print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)

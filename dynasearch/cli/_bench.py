@@ -99,6 +99,95 @@ def latency(
     console.print(f"target ({s['target']}): {verdict}; mean quotient in range {quotient}", highlight=False)
 
 
+@bench_app.command("latency-table")
+def latency_table(
+    model: str = typer.Option("DiT-B/2", help="Registry model the table is for."),
+    input_size: int = _INPUT_SIZE,
+    in_channels: int = _IN_CHANNELS,
+    num_classes: int = _NUM_CLASSES,
+    batch: int = typer.Option(8, help="Batch size of every timed call (predictions hold at this batch)."),
+    device: str = _DEVICE,
+    dtype: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
+    space: str = typer.Option("blockwise", help="Search space: its token ratios are measured, its random subnets "
+                                                "validate the table."),
+    token_ratios: Optional[str] = typer.Option(None, help="Comma-separated token ratios to measure (default: the "
+                                                          "space's)."),
+    repeats: int = typer.Option(10, help="Timed calls per entry and per validation subnet (the median is kept)."),
+    warmup: int = typer.Option(3, help="Untimed calls before each entry's timed ones."),
+    rounds: int = typer.Option(1, help="Passes over every entry and validation subnet (median of the rounds)."),
+    copies: int = typer.Option(4, help="Block copies each entry rotates over (distinct weights, as in a forward pass)."),
+    validate: int = typer.Option(8, help="Random subnets of the space timed whole against the prediction (0: none)."),
+    threads: Optional[int] = _THREADS,
+    seed: int = typer.Option(0, help="Seed of the random weights and of the validation subnets."),
+    table: Optional[Path] = typer.Option(None, help="Where to write the table (default: OUT/latency-table-DEVICE"
+                                                    ".table.json)."),
+    out: Path = _OUT,
+) -> None:
+    """Latency of every block choice, the embedders and the final layer on this device; predicted against
+    measured latency of random subnets."""
+    from ..bench import LatencyTableConfig, bench_latency_table
+
+    ratios = None if token_ratios is None else _split(token_ratios, "--token-ratios", float)
+    cfg = LatencyTableConfig(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                             batch=batch, device=device, dtype=dtype, space=space, token_ratios=ratios,
+                             repeats=repeats, warmup=warmup, rounds=rounds, copies=copies, validate=validate,
+                             threads=threads,
+                             seed=seed)
+    result = _run(lambda status: bench_latency_table(cfg, status), out,
+                  lambda r: f"latency table: {r.summary['model']}, batch {batch}, {r.summary['device']} "
+                            f"({r.summary['dtype']})",
+                  ["name", "subnet", "flops_ratio", "predicted_ms", "measured_ms", "error_pct"])
+    path = table if table is not None else out / f"{result.name}.table.json"
+    result.latency_table.save(path)
+    s = result.summary
+    if s["median_abs_error_pct"] is not None:
+        verdict = "met" if s["target_met"] else "not met"
+        console.print(f"prediction error over {s['validated_subnets']} subnets: median {s['median_abs_error_pct']:.1f}%, "
+                      f"max {s['max_abs_error_pct']:.1f}% (target {s['target']}: {verdict})", highlight=False)
+    console.print(f"wrote the table {path} ({s['entries']} entries)", highlight=False)
+
+
+@bench_app.command("gpu")
+def gpu(
+    device: str = typer.Option("cuda", help="cuda (the check), or cpu (with --tiny: the code path only)."),
+    tiny: bool = typer.Option(False, help="DiT-N/2 at 8x8x1 instead of DiT-XL/2 at 32x32x4 (seconds; for tests)."),
+    batches: str = typer.Option("32,64", help="Batch sizes of the latency quotients."),
+    ratios: str = typer.Option("0.3,0.4,0.5,0.6,0.7", help="FLOPs ratios of the uniform and per-block subnets."),
+    compile: bool = typer.Option(True, help="Also time the full model and --compile-ratios under torch.compile."),
+    compile_ratios: str = typer.Option("0.5", help="FLOPs ratios timed under torch.compile too."),
+    repeats: int = typer.Option(20, help="Timed forward passes per model (the median is kept)."),
+    warmup: int = typer.Option(5, help="Untimed passes first (compilation happens here)."),
+    train_batch: int = typer.Option(32, help="Batch size of the sandwich training step."),
+    train_steps: int = typer.Option(5, help="Timed sandwich steps."),
+    proxy_samples: int = typer.Option(512, help="Quadruples of the proxy whose throughput is measured."),
+    proxy_trials: int = typer.Option(5, help="Timed proxy evaluations (random subnets)."),
+    seed: int = typer.Option(0, help="Seed of the weights and subnets."),
+    table: Optional[Path] = typer.Option(None, help="Where to write the latency table (default: OUT/gpu-DEVICE"
+                                                    ".table.json)."),
+    out: Path = _OUT,
+) -> None:
+    """The prepared GPU check: bf16 latency quotients (eager and compiled), the latency table's error, a
+    sandwich step and proxy throughput of DiT-XL/2, written as gpu-cuda.*."""
+    from ..bench import GpuCheckConfig, bench_gpu
+
+    cfg = GpuCheckConfig(device=device, tiny=tiny, batches=_split(batches, "--batches", int),
+                         ratios=_split(ratios, "--ratios", float), compile=compile,
+                         compile_ratios=_split(compile_ratios, "--compile-ratios", float), repeats=repeats,
+                         warmup=warmup, train_batch=train_batch, train_steps=train_steps, proxy_samples=proxy_samples,
+                         proxy_trials=proxy_trials, seed=seed)
+    result = _run(lambda status: bench_gpu(cfg, status), out,
+                  lambda r: f"GPU check: {r.summary['model']}, {r.summary['device_name']} ({r.summary['dtype']})",
+                  ["batch", "compiled", "name", "flops_ratio", "latency_ms", "latency_per_flops"])
+    path = table if table is not None else out / f"{result.name}.table.json"
+    result.latency_table.save(path)
+    s = result.summary
+    console.print(f"latency ({s['latency_target']}): {'met' if s['latency_target_met'] else 'not met'}; "
+                  f"table error median {s['table_median_abs_error_pct']:.1f}%; sandwich {s['sandwich_over_ideal']:.2f}x "
+                  f"ideal ({'met' if s['sandwich_target_met'] else 'not met'}); proxy "
+                  f"{s['proxy_trials_per_minute']:.1f} trials/min", highlight=False)
+    console.print(f"wrote the table {path}", highlight=False)
+
+
 @bench_app.command("flops")
 def flops(
     models: str = typer.Option("all", help="Comma-separated registry models, or 'all'."),

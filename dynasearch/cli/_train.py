@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import warnings
 from enum import Enum
@@ -11,9 +12,16 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ..checkpoint.native import CONFIG_NAME
+from ..errors import DiskFullError, DynasearchError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
-from ..train.config import SUPERNET_RUN, RunKind, TrainConfig, TrainingWarning, load_run_config
+from ..train.config import (
+    SUPERNET_RUN,
+    RunKind,
+    TrainConfig,
+    TrainingWarning,
+    load_run_config,
+)
 from ..train.dist import TrainingInterrupted
 from ..train.loop import train_supernet
 from ..train.result import TrainResult
@@ -134,14 +142,23 @@ def run_training_command(
         # Options left at their defaults take the stored run's values; explicitly given ones must agree with it.
         explicit = {k for k in given if _is_explicit(ctx, k)} | {"out", "resume"}
         cfg = load_run_config(out, kind).replace(**{k: v for k, v in given.items() if k in explicit}, overwrite=False)
+    existed, failed = out.exists(), False
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TrainingWarning)
         try:
             result = train(cfg, progress=True)
         except TrainingInterrupted as exc:  # Ctrl-C or SIGTERM: a complete checkpoint was written
             result = exc
+        except DiskFullError:  # a new run that never committed a checkpoint leaves nothing behind
+            failed = True
+            if not existed and not (out / STATE_NAME).exists():
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        except DynasearchError:
+            failed = True  # the error is the one line: no warnings before it
+            raise
         finally:
-            for w in caught:
+            for w in caught if not failed else ():
                 print(f"warning: {w.message}", file=sys.stderr)
     if isinstance(result, TrainingInterrupted):  # its line comes last, after any warnings
         raise stop(str(result) if result.is_main else None, 130)  # one line per run, from rank 0

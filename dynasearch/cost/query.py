@@ -138,6 +138,7 @@ def _subnet(query: FlopsQuery, model: DiT) -> Subnet | SubnetSchedule:
 def run_flops_query(query: FlopsQuery) -> FlopsReport:
     """Count FLOPs (fvcore and closed form) and parameters for a query; schedules per bucket and per step."""
     model = _build(query)
+    model.config.check_batch(query.batch, "--batch")
     subnet = _subnet(query, model)
     if isinstance(subnet, SubnetSchedule):
         return _schedule_report(query, model, subnet)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..checks import check_memory, format_bytes, memory_limit
 from ..errors import ConfigError
 from .rates import tokens_kept
 
@@ -45,6 +47,10 @@ class DiTConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"model config '{self.name}': {key} must be a positive integer, got {value!r}")
+        for key in ("mlp_ratio", "router_ratio"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"model config '{self.name}': {key} must be a finite number > 0, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"model config '{self.name}': hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
@@ -81,6 +87,37 @@ class DiTConfig:
         for i, r in enumerate(self.block_token_ratios or ()):
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 raise ConfigError(f"model config '{self.name}': block {i} token ratio must be in (0, 1], got {r!r}")
+
+    def parameter_terms(self) -> dict[str, int]:
+        """Parameters (upper-bound estimate, no allocation) by the field that drives them: what a size check names."""
+        h, depth, p2 = self.hidden_size, self.depth, self.patch_size**2
+        mlp = int(self.hidden_size * self.mlp_ratio)
+        return {
+            "num_classes": (self.num_classes + 1) * h,
+            "input_size": (self.input_size // self.patch_size) ** 2 * h,
+            "in_channels": p2 * self.in_channels * h * 3,
+            "hidden_size": depth * 10 * h * h + 256 * h + 3 * h * h,
+            "mlp_ratio": depth * 2 * h * mlp,
+            "router_ratio": depth * 2 * h * max(1, int(round(h * self.router_ratio))),
+        }
+
+    def check_memory(self) -> None:
+        """Raise ConfigError naming the field whose size makes the parameters alone exceed this machine's memory."""
+        terms = self.parameter_terms()
+        need = 4 * sum(terms.values())  # float32
+        if need > memory_limit():
+            key = max(terms, key=lambda k: terms[k])
+            raise ConfigError(
+                f"model config '{self.name}': {key} {getattr(self, key)!r} needs about {format_bytes(need)} of memory "
+                f"for the parameters alone; this machine has {format_bytes(memory_limit())}"
+            )
+
+    def check_batch(self, batch: int, option: str) -> None:
+        """Raise ConfigError naming `option` when one forward pass of `batch` inputs cannot fit in memory."""
+        tokens, h = (self.input_size // self.patch_size) ** 2, self.hidden_size
+        per_input = tokens * (12 * h + 2 * int(h * self.mlp_ratio)) + self.num_heads * tokens * tokens
+        check_memory(4 * batch * per_input, f"{option} {batch} (a forward pass of {self.name} at "
+                     f"{self.input_size}x{self.input_size}x{self.in_channels})", ConfigError)
 
     @property
     def head_dim(self) -> int:

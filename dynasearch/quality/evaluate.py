@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..checkpoint.native import load_checkpoint, read_config
+from ..checks import check_memory, check_seed
 from ..cost.flops import flops_per_step
 from ..data import DataRecord, DataSpec, parse_data_spec
 from ..device import resolve_device
@@ -27,6 +28,7 @@ from ..model.subnet import Subnet
 from ..sampling import (
     DEFAULT_CFG_SCALE,
     DEFAULT_STEPS,
+    SAMPLE_BYTES,
     SAMPLERS,
     ProgressFn,
     checkpoint_subnet,
@@ -181,6 +183,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.num < 2:
             raise ConfigError(f"--num must be at least 2 for a Frechet distance, got {self.num}")
+        check_seed(self.seed, "--seed", ConfigError)
+        check_memory(self.num * SAMPLE_BYTES, f"--num {self.num}", ConfigError)
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
         if not math.isfinite(self.cfg_scale) or self.cfg_scale < 0:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..fileio import kept_on_failure
 from ..quality import StatusFn
 from .data import (
     SearchTables,
@@ -51,21 +52,24 @@ class ReportResult:
 def build_report(cfg: ReportConfig, status: StatusFn | None = None) -> ReportResult:
     """Write the figures, report.html, report.md and report.json of a static or timestep-aware search directory."""
     status = status or (lambda _m: None)
-    if is_timestep_output(cfg.out):
-        return _timestep_report(cfg, status)
-    return _static_report(cfg, status)
+    with kept_on_failure(cfg.out):  # a report that fails (a full disk) leaves the previous one as it was
+        if is_timestep_output(cfg.out):
+            return _timestep_report(cfg, status)
+        return _static_report(cfg, status)
 
 
 def _static_report(cfg: ReportConfig, status: StatusFn) -> ReportResult:
     """The report of a static search: Pareto plot, width map, history, the exported subnets measured."""
     t = read_search(cfg.out)
     out, b = cfg.out, t.best
-    files = [
-        plot_pareto(pareto_plot_data(t), out / "pareto.png"),
-        plot_widths(width_map(t), out / "widths.png"),
-        plot_history(history(t), out / "history.png"),
-    ]
+    data = (pareto_plot_data(t), width_map(t), history(t))
+    # measured first: a model that cannot be measured fails the report before any file is written
     measured = measure_models(cfg, exported_models(out, b, "subnets"), b["full_gflops"], status)
+    files = [
+        plot_pareto(data[0], out / "pareto.png"),
+        plot_widths(data[1], out / "widths.png"),
+        plot_history(data[2], out / "history.png"),
+    ]
     head = {
         "budget_gflops": b["budget_gflops"],
         "full_gflops": b["full_gflops"],
@@ -80,10 +84,11 @@ def _timestep_report(cfg: ReportConfig, status: StatusFn) -> ReportResult:
     """The report of a timestep-aware search: bucket fronts, width maps with a bucket axis, the comparison."""
     t = read_timestep_search(cfg.out)
     out, b = cfg.out, t.best
-    files = [plot_bucket_fronts(bucket_fronts(t), out / "buckets.png"),
-             plot_bucket_widths(bucket_width_map(t), out / "widths.png")]
+    fronts, widths = bucket_fronts(t), bucket_width_map(t)
     steps = int(b.get("sample_steps") or cfg.steps)
+    # measured first: a model that cannot be measured fails the report before any file is written
     measured = measure_models(cfg, exported_models(out, b, "schedules"), b["full_gflops"], status, flops_steps=steps)
+    files = [plot_bucket_fronts(fronts, out / "buckets.png"), plot_bucket_widths(widths, out / "widths.png")]
     if steps != cfg.steps:
         measured.notes.append(f"FLOPs are means over the search's {steps} DDIM steps; samples and metrics used "
                               f"{cfg.steps} steps")

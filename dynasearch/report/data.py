@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..checks import check_dir
 from ..errors import DynasearchError
 
 __all__ = [
@@ -72,9 +73,7 @@ def _read_best(out: Path) -> dict[str, Any]:
 
 def read_search(out: str | Path) -> SearchTables:
     """Read trials.csv, pareto.csv, baseline.csv and best.json of a search directory."""
-    out = Path(out)
-    if not out.is_dir():
-        raise ReportError(f"results directory '{out}' does not exist")
+    out = check_dir(out, "results directory", ReportError)
     frames = {name: _read_csv(out / f"{name}.csv") for name in ("trials", "pareto", "baseline")}
     best = _read_best(out)
     return SearchTables(out, frames["trials"], frames["pareto"], frames["baseline"], best)
@@ -201,9 +200,7 @@ def is_timestep_output(out: str | Path) -> bool:
 
 def read_timestep_search(out: str | Path) -> TimestepTables:
     """Read bucket_trials.csv, joint_trials.csv, schedules.csv and best.json."""
-    out = Path(out)
-    if not out.is_dir():
-        raise ReportError(f"results directory '{out}' does not exist")
+    out = check_dir(out, "results directory", ReportError)
     return TimestepTables(
         out, _read_csv(out / "bucket_trials.csv"), _read_csv(out / "joint_trials.csv"), _read_csv(out / "schedules.csv"),
         _read_best(out),

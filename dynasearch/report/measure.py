@@ -11,19 +11,21 @@ import numpy as np
 import pandas as pd
 
 from ..checkpoint.native import load_checkpoint, read_config, read_schedule
+from ..checks import check_finite, check_int, check_memory, check_seed
 from ..cost.flops import closed_form_params, flops_per_step
 from ..cost.latency import measure_latency
 from ..diffusion.factory import diffusion_for
-from ..errors import DataError, DynasearchError
+from ..errors import ConfigError, DataError, DynasearchError
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 from ..quality import StatusFn, evaluate_quality, load_reference, resolve_data
-from ..sampling import cycle_labels, grid_array, sample_images
+from ..sampling import SAMPLE_BYTES, cycle_labels, grid_array, sample_images
 
 __all__ = ["FULL_MODEL", "Measurements", "ReportConfig", "exported_models", "measure_models"]
 
 FULL_MODEL = "full model"  # the name of the supernet's row
+NUM_TIMESTEPS = 1000  # the diffusion every model is sampled with (diffusion_for): the most steps a sampler takes
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,18 @@ class ReportConfig:
     seed: int = 0
     latency_batch: int = 8
     latency_repeats: int = 10
+
+    def __post_init__(self) -> None:
+        """Check every option before the report writes its first figure (ConfigError naming the option)."""
+        if isinstance(self.eval_num, bool) or not isinstance(self.eval_num, int) or self.eval_num == 1 or self.eval_num < 0:
+            raise ConfigError(f"--eval-num must be 0 (no metric) or at least 2, got {self.eval_num!r}")
+        check_int(self.steps, "--steps", 1, NUM_TIMESTEPS, ConfigError)
+        check_finite(self.cfg_scale, "--cfg-scale", ConfigError, low=0.0)
+        check_seed(self.seed, "--seed", ConfigError)
+        check_int(self.latency_batch, "--latency-batch", 1, None, ConfigError)
+        check_int(self.latency_repeats, "latency repeats", 1, None, ConfigError)
+        check_memory(self.eval_num * SAMPLE_BYTES, f"--eval-num {self.eval_num}", ConfigError)
+        check_memory(self.latency_batch * SAMPLE_BYTES, f"--latency-batch {self.latency_batch}", ConfigError)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from ..fileio import atomic_output  # noqa: E402
 from .data import BucketFronts, BucketWidthMap, History, ParetoPlotData, WidthMap  # noqa: E402
 
 __all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows", "plot_bucket_fronts", "plot_bucket_widths",
@@ -25,12 +26,13 @@ _METHOD_STYLE = {  # marker and colour of each schedule in the timestep figures
 
 def _save(fig: plt.Figure, path: Path, tight_box: bool = False) -> Path:
     """Write the figure (tight layout, or a tight bounding box for figures with a suptitle above) and close it."""
-    if tight_box:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    else:
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        if not tight_box:
+            fig.tight_layout()
+        with atomic_output(path) as tmp:  # a reader (or a full disk) never sees half a PNG
+            fig.savefig(tmp, dpi=120, format="png", **({"bbox_inches": "tight"} if tight_box else {}))
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint.native import read_config
+from ..checks import check_memory, check_seed, check_workers
+from ..cost.latency_table import parse_latency
 from ..errors import SearchError
 from ..space import SearchSpace, load_space
 from .proxy import DEFAULT_PROXY, SAMPLE_STEPS, check_proxy_kind
@@ -47,7 +49,7 @@ class SearchConfig:
     """Everything `dynasearch search` needs; one value per CLI option (the timestep-aware ones in `timestep`)."""
 
     supernet: Path
-    flops: str
+    flops: str | None  # None: no FLOPs budget (then --latency is required)
     out: Path
     space: str | None = None
     trials: int = 200
@@ -60,6 +62,8 @@ class SearchConfig:
     proxy_samples: int = 512
     proxy: str = DEFAULT_PROXY  # the quality proxy's kind (dynasearch.search.proxy.PROXY_KINDS)
     device: str = "cpu"
+    latency: str | None = None  # a latency budget (40ms, 0.04s, 40) on --latency-table's prediction
+    latency_table: Path | None = None
     timestep: TimestepSettings = field(default_factory=TimestepSettings)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,47 @@ class SearchConfig:
                               f"({SAMPLE_STEPS} forwards per trajectory), got {self.proxy_samples}")
         if self.export_top < 0:
             raise SearchError(f"--export-top must be 0 or more, got {self.export_top}")
+        check_latency_options(self)
+        check_seed(self.seed, "--seed", SearchError)
+        check_workers(self.workers, "--workers", SearchError)
+        check_storage(self.storage, self.out)
+        check_memory(self.proxy_samples * PROXY_BYTES_PER_SAMPLE, f"--proxy-samples {self.proxy_samples}", SearchError)
+
+
+def check_latency_options(config: SearchConfig) -> None:
+    """Raise SearchError (BudgetError for the budget itself) unless a budget is given and --latency comes with
+    --latency-table."""
+    if config.latency_table is not None:
+        object.__setattr__(config, "latency_table", Path(config.latency_table))
+    if config.flops is None and config.latency is None:
+        raise SearchError("give a budget: --flops, --latency (with --latency-table), or both")
+    if (config.latency is None) != (config.latency_table is None):
+        given, missing = ("--latency", "--latency-table") if config.latency is not None else ("--latency-table", "--latency")
+        raise SearchError(f"{given} needs {missing}")
+    if config.latency is not None:
+        parse_latency(config.latency)
+
+
+PROXY_BYTES_PER_SAMPLE = 8 + 3 * 4 * 8 * 8
+"""A lower bound of what one proxy quadruple holds (an int64 timestep; x0, noise and x_t in float32 at the smallest
+input, 8x8x1): a --proxy-samples whose set alone cannot fit is refused before anything is loaded."""
+
+
+def check_storage(storage: str | None, out: Path) -> None:
+    """Raise SearchError when a journal-file storage (a path, not an RDB URL) names a directory or a path under a
+    file, or --out is a file: checked before the output directory is created."""
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"--out '{out}' is a file, not a directory")
+    if storage is None or "://" in storage:
+        return
+    path = Path(storage)
+    if path.is_dir():
+        raise SearchError(f"--storage '{storage}' is a directory; a journal storage is a file path (or an RDB URL)")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SearchError(f"--storage '{storage}' cannot be created: '{parent}' is a file, not a directory")
 
 
 def training_space(supernet: Path, doc: dict[str, Any]) -> SearchSpace | None:

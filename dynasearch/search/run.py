@@ -13,12 +13,16 @@ import signal
 import sys
 import threading
 
+from ..checks import is_disk_full
 from ..errors import SearchError
+from ..fileio import kept_on_failure, removed_on_failure
 from ..progress_bar import progress_bar
 from .config import SearchConfig, is_timestep_space
 from .context import prepare_search
+from .latency import write_latency_outputs
 from .objective import run_trials
 from .outputs import SearchResult, write_outputs
+from .storage import DEFAULT_JOURNAL
 from .study import check_study, make_sampler, open_study, seed_study
 from .timestep import TimestepSearchResult, run_timestep_search
 from .trials import SearchInterrupted, finished_count
@@ -33,9 +37,14 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult | Ti
     Either resumes an earlier study of the same settings; Ctrl-C raises :class:`SearchInterrupted` with the
     outputs untouched, and a rerun of the same search resumes it.
     """
-    if is_timestep_space(config):
-        return run_timestep_search(config, progress=progress)
-    return run_static_search(config, progress=progress)
+    # a full disk leaves no half-written new output directory behind (an existing one keeps its study for a rerun)
+    with removed_on_failure(config.out, when=is_disk_full):
+        if is_timestep_space(config):
+            if config.latency is not None or config.flops is None:
+                raise SearchError("the timestep-aware search takes a --flops budget and no --latency yet (the "
+                                  "latency table's mean per step is LatencyTable.predict_schedule); use a static space")
+            return run_timestep_search(config, progress=progress)
+        return run_static_search(config, progress=progress)
 
 
 def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResult:
@@ -98,7 +107,8 @@ def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResu
             "rerun the same command to resume the study"
         )
     try:
-        return write_outputs(ctx, study)
+        with kept_on_failure(config.out, exclude=lambda name: name.startswith(DEFAULT_JOURNAL)):  # all or nothing
+            return (write_outputs if ctx.latency_table is None else write_latency_outputs)(ctx, study)
     except KeyboardInterrupt:
         raise SearchInterrupted(done, config.trials) from None
 

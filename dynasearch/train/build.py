@@ -17,17 +17,29 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..checkpoint.dit import infer_config_from_state_dict, load_dit_state_dict
-from ..checkpoint.native import CONFIG_NAME, WEIGHT_NAMES, check_state_dict, load_weights, read_config
+from ..checkpoint.native import (
+    CONFIG_NAME,
+    WEIGHT_NAMES,
+    check_state_dict,
+    load_weights,
+    read_config,
+)
 from ..data import DatasetSplit, load_dataset, parse_data_spec
 from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
-from ..space import SearchSpace, load_space
 from ..slicing import reorder_by_importance
+from ..space import SearchSpace, load_space
 from ..version import __version__
-from .config import DATA_SPLIT_SEED, DEFAULT_MODEL, RunArgs, TrainConfig, TrainingWarning
+from .config import (
+    DATA_SPLIT_SEED,
+    DEFAULT_MODEL,
+    RunArgs,
+    TrainConfig,
+    TrainingWarning,
+)
 from .dist import DistInfo
 from .ema import EMA
 
@@ -80,6 +92,7 @@ def make_setup(
     dtype (the model moves to `device`, in training mode)."""
     if cfg.batch_size % ddp.world:
         raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} DDP processes")
+    model.config.check_batch(cfg.batch_size // ddp.world, "--batch-size")
     diffusion = diffusion_for(model.config)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
 
 from ..checkpoint.native import CONFIG_NAME, SUPERNET_NAME, read_config
+from ..checks import SUBNET_BYTES, check_memory, check_seed
 from ..errors import ConfigError, DynasearchError, TrainingError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
@@ -128,8 +129,7 @@ def check_run_args(args: RunArgs) -> None:
         raise TrainingError(f"--lr-schedule must be constant or cosine, got {args.lr_schedule!r}")
     if args.resume and args.overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
-    if not isinstance(args.seed, int) or isinstance(args.seed, bool):
-        raise TrainingError(f"--seed must be an integer, got {args.seed!r}")
+    check_seed(args.seed, "--seed", TrainingError)
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,9 @@ class TrainConfig(ArgsDataclass):
         check_ints(self, ints)
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise TrainingError(f"--image-size must be a positive integer, got {self.image_size!r}")
+        if self.image_size is not None:
+            check_memory(4 * self.image_size**2, f"--image-size {self.image_size} (one image)", TrainingError)
+        check_memory(self.sandwich * SUBNET_BYTES, f"--sandwich {self.sandwich} (subnets per step)", TrainingError)
         check_numbers(self, ("lr", "weight_decay", "grad_clip", "distill", "ema_decay", "min_lr_ratio", "dist_timeout"))
         check_run_args(self)
 

@@ -26,7 +26,15 @@ import torch.distributed as dist
 from ..checkpoint.native import read_config
 from ..model.subnet import Subnet
 from .build import TrainSetup, build_setup, run_meta
-from .config import SUPERNET_RUN, RunArgs, RunKind, TrainConfig, TrainingWarning, learning_rate, load_run_config
+from .config import (
+    SUPERNET_RUN,
+    RunArgs,
+    RunKind,
+    TrainConfig,
+    TrainingWarning,
+    learning_rate,
+    load_run_config,
+)
 from .dist import (
     DistInfo,
     StepSync,
@@ -38,7 +46,15 @@ from .dist import (
     collective,
     setup_distributed,
 )
-from .metrics import METRIC_COLUMNS, MetricsLog, StepDone, SubnetLoss, check_finite, check_grad_norm, metrics_row
+from .metrics import (
+    METRIC_COLUMNS,
+    MetricsLog,
+    StepDone,
+    SubnetLoss,
+    check_finite,
+    check_grad_norm,
+    metrics_row,
+)
 from .progress import Progress, sandwich_info
 from .result import TrainResult
 from .run_dir import (
@@ -47,6 +63,7 @@ from .run_dir import (
     check_run_dir,
     make_run_dir,
     recover_run_dir,
+    restore_previous_run,
     restore_run,
     save_run,
 )
@@ -187,6 +204,10 @@ def run_steps(
                 last_ckpt = checkpoint(out, ddp, setup, step, meta, metrics, kind)
             if synced.stop_by and step < cfg.steps:
                 stop_every_rank(cfg, ddp, step, synced.stop_by[0], kind)
+    except BaseException:  # before the first checkpoint an --overwrite is undone: the replaced run comes back
+        if last_ckpt is None and ddp.is_main:
+            restore_previous_run(out, kind)
+        raise
     finally:
         stop.uninstall()
         reporter.close()

@@ -3,6 +3,7 @@ checks, and metrics.csv (:class:`MetricsLog`)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..checks import disk_full, is_disk_full
 from ..cost.flops import closed_form_flops
 from ..errors import TrainingError
 from ..fileio import atomic_write_text
@@ -147,14 +149,23 @@ class MetricsLog:
         if not self.enabled or not self.pending:
             self.pending = []
             return
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerows({k: _fmt_cell(v) for k, v in row.items()} for row in self.pending)
-            handle.flush()
-            os.fsync(handle.fileno())
+        size = self.path.stat().st_size if self.path.is_file() else 0
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        if size == 0:
+            writer.writeheader()
+        writer.writerows({k: _fmt_cell(v) for k, v in row.items()} for row in self.pending)
+        try:
+            with self.path.open("a", newline="") as handle:
+                handle.write(buf.getvalue())
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # cut a half-appended row off again: the file holds whole rows only
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            if is_disk_full(exc):
+                raise disk_full(self.path) from None
+            raise
         self.pending = []
 
 

@@ -16,14 +16,15 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint.native import CONFIG_NAME, load_weights, save_checkpoint, save_weights
-from ..errors import CheckpointError, TrainingError
+from ..checks import disk_full, is_disk_full
+from ..errors import CheckpointError, DiskFullError, TrainingError
 from ..fileio import atomic_write_bytes, atomic_write_text
 from ..model.dit import DiT
 from .config import SUPERNET_RUN, RunArgs, RunKind, flag
 from .ema import EMA
 
 __all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR", "COMMIT_NAME", "check_run_dir",
-           "make_run_dir", "run_files", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
+           "make_run_dir", "run_files", "restore_previous_run", "PREVIOUS_DIR", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
            "kept_message"]
 
 RAW_NAME = "raw.safetensors"
@@ -38,6 +39,9 @@ def run_files(kind: RunKind[Any]) -> tuple[str, ...]:
 
 RUN_FILES = run_files(SUPERNET_RUN)
 """The files a supernet run directory holds (config.json and supernet.safetensors as in any checkpoint)."""
+PREVIOUS_DIR = ".previous-run.tmp"
+"""The run files an --overwrite replaces, kept until the new run commits its first checkpoint (put back if it fails
+before that: an overwrite never deletes a run and then fails)."""
 PENDING_DIR = ".checkpoint.tmp"
 """A checkpoint being written (its files, then COMMIT_NAME), renamed into place once complete."""
 COMMIT_NAME = "COMMIT"
@@ -76,14 +80,39 @@ def is_temp(name: str) -> bool:
 
 
 def clear_run_files(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
-    """Remove this package's run files (and stale temporary files); other files are left alone."""
+    """Move this package's run files aside into PREVIOUS_DIR (remove them where it already holds an earlier run's)
+    and remove stale temporary files; other files are left alone."""
     if not out.is_dir():
         return
+    previous = out / PREVIOUS_DIR
+    keep = not previous.exists() and any((out / name).is_file() for name in run_files(kind))
+    if keep:
+        previous.mkdir()
     for entry in out.iterdir():
         if entry.is_dir() and entry.name == PENDING_DIR:
             shutil.rmtree(entry)
+        elif entry.is_file() and entry.name in run_files(kind) and keep:
+            os.replace(entry, previous / entry.name)
         elif entry.is_file() and (entry.name in run_files(kind) or is_temp(entry.name)):
             entry.unlink()
+
+
+def discard_previous_run(out: Path) -> None:
+    """The new run committed a checkpoint: the run files it replaced are deleted now."""
+    shutil.rmtree(out / PREVIOUS_DIR, ignore_errors=True)
+
+
+def restore_previous_run(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
+    """The new run failed before its first checkpoint: remove its files and put the replaced run's back."""
+    previous = out / PREVIOUS_DIR
+    if not previous.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        for name in run_files(kind):
+            (out / name).unlink(missing_ok=True)
+        for entry in previous.iterdir():
+            os.replace(entry, out / entry.name)
+        previous.rmdir()
 
 
 def check_writable(out: Path) -> None:
@@ -106,6 +135,8 @@ def make_run_dir(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(out) from None
         raise TrainingError(f"run directory '{out}' cannot be written: {exc.strerror or exc}") from None
 
 
@@ -148,7 +179,13 @@ def save_run(
         _fsync_dir(pending)
         atomic_write_text(pending / COMMIT_NAME, f"{step}\n")
         apply_pending(out)
-    except (OSError, CheckpointError) as exc:
+        discard_previous_run(out)
+    except (OSError, CheckpointError, DiskFullError) as exc:
+        if not (pending / COMMIT_NAME).is_file():  # uncommitted: the previous checkpoint stays whole, no leftovers
+            shutil.rmtree(pending, ignore_errors=True)
+        if isinstance(exc, DiskFullError) or is_disk_full(exc):
+            raise DiskFullError(f"cannot write the step-{step} checkpoint into '{out}': no space left on the device"
+                                ) from None
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TrainingError(f"cannot write the step-{step} checkpoint into '{out}': {detail}") from None
 
