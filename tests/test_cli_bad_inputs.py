@@ -226,7 +226,7 @@ CASES = [
          ("--proxy teacher-sample", "timestep bucket")),
     Case("search-study-other-proxy", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
                                       "--proxy-samples", "8", "--out", f"{W}/search", "--study-name", "s1",
-                                      "--proxy", "teacher"), ("s1", "proxy")),
+                                      "--proxy", "eps"), ("s1", "proxy")),
     # finetune
     Case("finetune-checkpoint-missing", ("finetune", "--checkpoint", f"{W}/nothing", "--out", f"{W}/ft"),
          (f"{W}/nothing",)),

@@ -176,7 +176,7 @@ class ProxyEvaluator:
     it, so other evaluators and worker processes can reuse it.
     """
 
-    def __init__(self, model: DiT, proxy: ProxySet, batch_size: int = 512, kind: str = DEFAULT_PROXY) -> None:
+    def __init__(self, model: DiT, proxy: ProxySet, batch_size: int = 512, kind: str = "eps") -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.kind = check_proxy_kind(kind)
