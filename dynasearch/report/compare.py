@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from ..checkpoint.native import load_checkpoint, read_config
+from ..checks import check_seed
 from ..cost.flops import closed_form_params, flops_per_step
 from ..device import machine_info, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
@@ -39,7 +40,6 @@ from .plots import plot_comparison
 __all__ = ["CompareConfig", "CompareEntry", "Comparison", "compare_models", "parse_model_spec", "parse_seeds",
            "write_comparison"]
 
-MAX_SEED = 2**32 - 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
@@ -88,8 +88,7 @@ class CompareConfig:
         if not self.seeds:
             raise ConfigError("--seeds: give at least one seed")
         for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-                raise ConfigError(f"--seeds: each seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
+            check_seed(seed, "--seeds", ConfigError)
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"--seeds: {list(self.seeds)} repeats a seed")
         if self.num < 2:
