@@ -259,3 +259,15 @@ def test_debug_flag_shows_the_traceback_for_user_errors(capsys, workspace, monke
     monkeypatch.setenv("DYNASEARCH_DEBUG", "0")  # --debug sets it; restored after the test
     code, _, err = run(capsys, "--debug", "flops", "--checkpoint", str(workspace / "corrupt"))
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_version(capsys) -> None:
+    import torch
+
+    from dynasearch import __version__
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and err == ""
+    assert out.startswith(f"dynasearch {__version__} (torch {torch.__version__}, Python ")
+    code, out, _ = run(capsys, "--version", "models", "--json")  # eager: prints the version, runs nothing else
+    assert code == 0 and out.startswith("dynasearch ") and "[" not in out

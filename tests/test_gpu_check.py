@@ -28,7 +28,8 @@ def test_tiny_check_runs_every_part() -> None:
     assert s["proxy_trials_per_minute"] == pytest.approx(result.extra["proxy"]["trials_per_minute"].iloc[0])
     assert s["sandwich_peak_memory_gib"] is None  # CPU: no CUDA memory statistics
     assert set(result.extra) == {"table", "train", "proxy"}
-    assert len(result.extra["table"]) == 3  # full + 2 random subnets
+    roles = list(result.extra["table"]["role"])
+    assert roles == ["calibration"] * 2 + ["validation"] * 2  # the full model and the smallest; 2 random subnets
     assert result.latency_table.model.name == "DiT-N/2" and result.latency_table.batch == 2
 
 

@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +16,13 @@ from conftest import fake_supernet_run
 
 from dynasearch.bench import LatencyTableConfig, bench_latency_table, save_bench
 from dynasearch.bench.common import BenchError
-from dynasearch.bench.latency_table import table_choices, time_call, validation_subnets
+from dynasearch.bench.latency_table import (
+    calibration_subnets,
+    fit_scale,
+    table_choices,
+    time_call,
+    validation_subnets,
+)
 from dynasearch.cli import main
 from dynasearch.cost.latency_table import (
     LatencyTable,
@@ -174,26 +181,56 @@ def test_config_checks() -> None:
         LatencyTableConfig(device="tpu")
 
 
-def test_validation_subnets_are_distinct_and_start_with_the_full_model() -> None:
-    subnets = validation_subnets(_config(), "blockwise", 5, seed=0)
-    assert subnets[0] == ("full", Subnet.full(_config()))
-    assert len(subnets) == 6 and len({s for _, s in subnets}) == 6
+def test_validation_subnets_are_distinct_and_apart_from_the_calibration_ones() -> None:
+    config = _config()
+    calibration = calibration_subnets(config, "blockwise", 4, seed=0)
+    assert [n for n, _ in calibration[:2]] == ["calib-full", "calib-smallest"]
+    assert calibration[0][1] == Subnet.full(config) and calibration[1][1] == load_space("blockwise").smallest(config)
+    subnets = validation_subnets(config, "blockwise", 5, seed=0, exclude={s for _, s in calibration})
+    assert [n for n, _ in subnets] == [f"random-{i}" for i in range(1, 6)]
+    everything = {s for _, s in calibration + subnets}
+    assert len(everything) == 9  # all distinct: no validation subnet is a calibration one
+
+
+def test_scale_is_fitted_on_whole_forwards() -> None:
+    config = _config()
+    table = synthetic_table(config)
+    subnets = calibration_subnets(config, "blockwise", 3, seed=0)
+    measured = [m * table.predict(s) for m, (_, s) in zip((1.05, 1.1, 1.2), subnets)]  # whole forwards slower
+    scale = fit_scale(table, subnets, measured)
+    assert scale == pytest.approx(1.1)  # the median
+    scaled = replace(table, scale=scale)
+    assert scaled.predict(subnets[1][1]) == pytest.approx(measured[1])
+    assert sum(scaled.breakdown(subnets[0][1]).values()) == pytest.approx(scaled.predict(subnets[0][1]))
+    assert LatencyTable.from_dict(scaled.to_dict()).scale == pytest.approx(1.1)
+    legacy = scaled.to_dict()
+    del legacy["scale"]  # a table written before the scale: the plain sum
+    assert LatencyTable.from_dict(legacy).scale == 1.0
+    with pytest.raises(LatencyTableError, match="scale must be a number in"):
+        LatencyTable.from_dict({**scaled.to_dict(), "scale": 7.0})
 
 
 def test_bench_measures_every_entry_and_validates(tmp_path: Path) -> None:
     cfg = LatencyTableConfig(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10, batch=2, repeats=2,
-                             warmup=1, validate=3, copies=2, threads=1)
+                             warmup=1, validate=3, calibrate=2, copies=2, threads=1)
     result = bench_latency_table(cfg)
     table = result.latency_table
     config = table.model
     assert sorted(table.attn) == [1, 2, 3, 4]
     assert sorted(table.mlp) == [(w, k) for w in (32, 64, 96, 128) for k in (8, 12, 16)]  # blockwise: 0.5, 0.75, 1
     frame = result.table
-    assert list(frame["name"]) == ["full", "random-1", "random-2", "random-3"]
-    subnets = [Subnet.full(config)] + [s for _, s in validation_subnets(config, "blockwise", 3, 0)[1:]]
+    assert list(frame["name"]) == ["calib-full", "calib-smallest", "random-1", "random-2", "random-3"]
+    assert list(frame["role"]) == ["calibration"] * 2 + ["validation"] * 3
+    calibration = calibration_subnets(config, "blockwise", 2, 0)
+    subnets = [s for _, s in calibration + validation_subnets(config, "blockwise", 3, 0, {s for _, s in calibration})]
+    unscaled = replace(table, scale=1.0)
     for row, subnet in zip(frame.itertuples(), subnets):
         assert row.predicted_ms == pytest.approx(1e3 * table.predict(subnet))
         assert row.error_pct == pytest.approx(100 * (row.predicted_ms - row.measured_ms) / row.measured_ms)
+        raw = 1e3 * unscaled.predict(subnet)
+        assert row.unscaled_error_pct == pytest.approx(100 * (raw - row.measured_ms) / row.measured_ms)
+    assert table.scale == pytest.approx(fit_scale(unscaled, calibration, list(frame["measured_ms"][:2] / 1e3)))
+    frame = frame[frame["role"] == "validation"]  # the summary is over the validation subnets only
     s = result.summary
     assert s["median_abs_error_pct"] == pytest.approx(frame["error_pct"].abs().median())
     assert s["target_met"] == (s["median_abs_error_pct"] <= 5.0)
@@ -217,13 +254,14 @@ def test_cli_writes_the_table(capsys, tmp_path: Path) -> None:
     assert table.settings["token_ratios"] == [0.5, 1.0]
     sidecar = json.loads((tmp_path / "latency-table-cpu.json").read_text())
     assert "dynasearch bench latency-table --model DiT-N/2" in sidecar["command"]
-    assert sidecar["summary"]["validated_subnets"] == 2
-    assert "prediction error over 2 subnets" in out
+    assert sidecar["summary"]["validated_subnets"] == 1 and sidecar["summary"]["calibration_subnets"] == 4
+    assert "prediction error over 1 validation subnets" in out
 
 
 def test_registry_table_dit_s2() -> None:
     """A registry model's table: DiT-S/2 at 32x32x4 (256 tokens), one repeat, no validation (about 3 s)."""
-    cfg = LatencyTableConfig(model="DiT-S/2", batch=1, repeats=1, warmup=0, validate=0, copies=1, threads=1)
+    cfg = LatencyTableConfig(model="DiT-S/2", batch=1, repeats=1, warmup=0, validate=0, calibrate=0, copies=1,
+                             threads=1)
     table = bench_latency_table(cfg).latency_table
     assert len(table.attn) == 6 and len(table.mlp) == 6 * 3
     assert {k for _, k in table.mlp} == {128, 192, 256}
@@ -313,3 +351,53 @@ def test_cli_search_with_a_latency_budget(capsys, run_dir: Path, table_path: Pat
     code = main(["search", "--supernet", str(run_dir), "--latency", "12", "--out", str(tmp_path / "t")])
     assert code == 2
     assert "--latency needs --latency-table" in capsys.readouterr().err
+
+
+def test_timestep_search_with_a_latency_budget(run_dir: Path, table_path: Path, tmp_path: Path) -> None:
+    """A timestep space under a budget on the mean predicted latency per sampler step (no FLOPs budget)."""
+    from dynasearch.diffusion.factory import diffusion_for
+    from dynasearch.search.config import TimestepSettings
+
+    table = LatencyTable.load(table_path)
+    budget_ms = 10.0  # full model 16.75 ms, smallest 3.75 ms
+    out = tmp_path / "ts"
+    result = run_search(_search(run_dir, out, latency=f"{budget_ms}ms", latency_table=table_path, space="timestep",
+                                trials=6, proxy_samples=64, timestep=TimestepSettings(sample_steps=10)), progress=False)
+    schedules = pd.read_csv(out / "schedules.csv")
+    steps = diffusion_for(table.model).timestep_schedule(10)  # the sampler's 10 steps
+    for row in schedules.itertuples():
+        schedule = SubnetSchedule.from_dict(json.loads(row.schedule))
+        assert row.mean_latency_ms == pytest.approx(1e3 * table.predict_schedule(schedule, steps), rel=1e-9)
+        assert row.within_budget == (row.mean_latency_ms <= budget_ms)
+        assert row.measured_latency_ms > 0
+    assert list(schedules["method"]) == ["knapsack", "joint", "static uniform"]
+    winner = schedules[schedules["winner"]].iloc[0]
+    assert winner["within_budget"] and winner["mean_latency_ms"] <= budget_ms
+    bucket_trials = pd.read_csv(out / "bucket_trials.csv")
+    assert "latency_s" in bucket_trials
+    joint = pd.read_csv(out / "joint_trials.csv")
+    assert (joint["feasible"] == (joint["mean_latency_ms"] <= budget_ms)).all() and joint["feasible"].any()
+    latency = pd.read_csv(out / "latency.csv")
+    assert list(latency["name"]) == [m.replace(" ", "-") for m in schedules["method"]]
+    assert result.best["latency_budget_ms"] == pytest.approx(budget_ms)
+
+
+def test_report_plots_the_front_against_latency(run_dir: Path, table_path: Path, tmp_path: Path) -> None:
+    from dynasearch.report import ReportConfig, build_report
+    from dynasearch.report.data import latency_plot_data, read_search
+
+    out = tmp_path / "s"
+    run_search(_search(run_dir, out, latency="12ms", latency_table=table_path, trials=8, export_top=1), progress=False)
+    t = read_search(out)
+    d = latency_plot_data(t)
+    assert d.unit == "ms" and d.budget_gflops == pytest.approx(12.0)
+    x, loss, feasible = d.trials
+    assert (x[feasible] <= 12.0).all() and (x[~feasible] > 12.0).all()
+    fx, fy = d.front  # the feasible front over latency: x ascending, loss strictly descending
+    assert (np.diff(fx) >= 0).all() and (np.diff(fy) < 0).all() and fy[-1] == pytest.approx(loss[feasible].min())
+    assert d.measured is not None and len(d.measured[0]) == len(t.best["exported_latency"])
+    result = build_report(ReportConfig(out, samples=False, eval_num=0, latency_repeats=1))
+    names = {p.name for p in result.files}
+    assert {"pareto.png", "pareto_latency.png"} <= names
+    html = (out / "report.html").read_text()
+    assert "pareto_latency" in html and "Latency of the exported subnets" in html

@@ -128,7 +128,8 @@ def _latency_table(cfg: GpuCheckConfig, status: Callable[[str], None]) -> Latenc
         model=config.name, input_size=config.input_size, in_channels=config.in_channels,
         num_classes=config.num_classes, batch=cfg.batches[0], device=cfg.device,
         dtype="bf16" if cfg.device == "cuda" else "fp32", repeats=cfg.repeats, warmup=cfg.warmup,
-        validate=8 if not cfg.tiny else 2, copies=4 if not cfg.tiny else 1, seed=cfg.seed)
+        validate=8 if not cfg.tiny else 2, calibrate=4 if not cfg.tiny else 2,
+        copies=4 if not cfg.tiny else 1, seed=cfg.seed)
     return bench_latency_table(table_cfg, status)
 
 

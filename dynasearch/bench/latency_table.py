@@ -27,7 +27,7 @@ import torch
 
 from ..cost.flops import closed_form_flops
 from ..cost.latency import measure_latency
-from ..cost.latency_table import LatencyTable
+from ..cost.latency_table import SCALE_RANGE, LatencyTable
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT, DiTBlock
 from ..model.subnet import BlockChoice, Subnet
@@ -41,12 +41,15 @@ __all__ = [
     "LatencyTableResult",
     "TARGET_MEDIAN_ERROR",
     "bench_latency_table",
+    "calibration_subnets",
+    "fit_scale",
     "measure_table",
     "time_call",
     "validate_table",
 ]
 
 TARGET_MEDIAN_ERROR = 0.05
+CALIBRATION_SEED_OFFSET = 7919  # the calibration subnets' random stream, apart from the validation one
 DTYPE_NAMES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -68,13 +71,14 @@ class LatencyTableConfig(BenchConfig):
     rounds: int = 1
     copies: int = 4  # block copies each entry rotates over (distinct weights, as in a whole forward pass)
     validate: int = 8
+    calibrate: int = 4  # whole forwards the scale is fitted on: the full model, the smallest, random ones
     threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.check_positive("input_size", "in_channels", "num_classes", "batch", "repeats", "rounds", "copies",
                             "threads")
-        self.check_non_negative("warmup", "validate")
+        self.check_non_negative("warmup", "validate", "calibrate")
         self.check_device()
         if self.dtype not in DTYPE_NAMES:
             raise BenchError(f"--dtype must be fp32 or bf16, got '{self.dtype}'")
@@ -171,19 +175,39 @@ class _Rotation:
         return self.blocks[self.i]
 
 
-def validation_subnets(config: DiTConfig, space: str, count: int, seed: int) -> list[tuple[str, Subnet]]:
-    """The full model and `count` random subnets of `space` (distinct), the ones a table is checked against."""
+def validation_subnets(config: DiTConfig, space: str, count: int, seed: int,
+                       exclude: set[Subnet] | None = None) -> list[tuple[str, Subnet]]:
+    """`count` distinct random subnets of `space` (none of `exclude`), the ones a table is checked against."""
     chosen, rng = load_space(space), random.Random(seed)
     chosen.validate_for(config)
-    out, seen = [("full", Subnet.full(config))], {Subnet.full(config)}
+    out: list[tuple[str, Subnet]] = []
+    seen = set(exclude or ())
     for _ in range(20 * count):
-        if len(out) > count:
+        if len(out) >= count:
             break
         subnet = chosen.sample(config, rng)
         if subnet not in seen:
             seen.add(subnet)
-            out.append((f"random-{len(out)}", subnet))
+            out.append((f"random-{len(out) + 1}", subnet))
     return out
+
+
+def calibration_subnets(config: DiTConfig, space: str, count: int, seed: int) -> list[tuple[str, Subnet]]:
+    """The full model, the space's smallest subnet and random ones (`count` in all, drawn apart from the
+    validation subnets' stream): the whole forwards the table's `scale` is fitted on."""
+    if count <= 0:
+        return []
+    chosen = load_space(space)
+    chosen.validate_for(config)
+    out = [("calib-full", Subnet.full(config)), ("calib-smallest", chosen.smallest(config))][:count]
+    extra = validation_subnets(config, space, count - len(out), seed + CALIBRATION_SEED_OFFSET, {s for _, s in out})
+    return out + [(f"calib-{name}", subnet) for name, subnet in extra]
+
+
+def fit_scale(table: LatencyTable, subnets: list[tuple[str, Subnet]], measured: list[float]) -> float:
+    """The median over calibration subnets of measured seconds / the plain sum of their parts."""
+    raw = dataclasses.replace(table, scale=1.0)
+    return float(statistics.median(seconds / raw.predict(subnet) for (_, subnet), seconds in zip(subnets, measured)))
 
 
 @torch.no_grad()
@@ -221,21 +245,27 @@ def measure_table(
     return table, [statistics.median(v) for v in whole]
 
 
-def validate_table(table: LatencyTable, subnets: list[tuple[str, Subnet]], measured: list[float]) -> pd.DataFrame:
-    """One row per subnet: FLOPs ratio, predicted and measured milliseconds, and the prediction's error (%)."""
+def validate_table(table: LatencyTable, subnets: list[tuple[str, Subnet]], measured: list[float],
+                   role: str = "validation") -> pd.DataFrame:
+    """One row per subnet: FLOPs ratio, predicted (with and without the scale) and measured milliseconds, and
+    the predictions' errors (%)."""
     config, full = table.model, closed_form_flops(table.model)
+    raw = dataclasses.replace(table, scale=1.0)
     rows = []
     for (name, subnet), seconds in zip(subnets, measured):
-        predicted = table.predict(subnet)
+        predicted, unscaled = table.predict(subnet), raw.predict(subnet)
         rows.append({
             "name": name,
+            "role": role,
             "subnet": subnet.describe(config),
             "flops_ratio": closed_form_flops(config, subnet) / full,
             "predicted_ms": predicted * 1e3,
             "measured_ms": seconds * 1e3,
             "error_pct": 100.0 * (predicted - seconds) / seconds,
+            "unscaled_error_pct": 100.0 * (unscaled - seconds) / seconds,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["name", "role", "subnet", "flops_ratio", "predicted_ms", "measured_ms",
+                                       "error_pct", "unscaled_error_pct"])
 
 
 def _entries_frame(table: LatencyTable) -> pd.DataFrame:
@@ -251,16 +281,21 @@ def _entries_frame(table: LatencyTable) -> pd.DataFrame:
 
 
 def error_summary(frame: pd.DataFrame) -> dict[str, Any]:
-    """Median and largest absolute error (%) of a validation frame, and whether the median meets the target."""
+    """Median and largest absolute error (%) of a frame's validation rows, and whether the median meets the target
+    (calibration rows are left out: the scale was fitted on them)."""
+    if "role" in frame:
+        frame = frame[frame["role"] == "validation"]
     if frame.empty:
         return {"validated_subnets": 0, "median_abs_error_pct": None, "max_abs_error_pct": None, "target_met": None}
     errors = frame["error_pct"].abs()
     median = float(errors.median())
+    unscaled = frame["unscaled_error_pct"].abs() if "unscaled_error_pct" in frame else errors
     return {
         "validated_subnets": int(len(frame)),
         "median_abs_error_pct": median,
         "max_abs_error_pct": float(errors.max()),
         "mean_error_pct": float(frame["error_pct"].mean()),
+        "unscaled_median_abs_error_pct": float(unscaled.median()),
         "target": f"median absolute error <= {TARGET_MEDIAN_ERROR:.0%}",
         "target_met": bool(median <= 100 * TARGET_MEDIAN_ERROR),
     }
@@ -270,13 +305,21 @@ def bench_latency_table(cfg: LatencyTableConfig, status: Callable[[str], None] |
     """Measure the table on `cfg.device`, validate it against whole sliced subnets, and return both."""
     notes = ["random weights: latency does not depend on the weight values"]
     config = get_config(cfg.model, input_size=cfg.input_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes)
-    subnets = validation_subnets(config, cfg.space, cfg.validate, cfg.seed) if cfg.validate else []
+    calibration = calibration_subnets(config, cfg.space, cfg.calibrate, cfg.seed)
+    subnets = validation_subnets(config, cfg.space, cfg.validate, cfg.seed, {s for _, s in calibration})
     with bench_run(cfg.device, cfg.threads) as run:
         torch.manual_seed(cfg.seed)
         with torch.no_grad():
             model = DiT(config)
-        table, measured = measure_table(cfg, model, run.device, subnets, status)
-    frame = validate_table(table, subnets, measured)
+        table, measured = measure_table(cfg, model, run.device, calibration + subnets, status)
+    if calibration:
+        scale = fit_scale(table, calibration, measured[:len(calibration)])
+        if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+            raise BenchError(f"the whole forwards of the calibration subnets take {scale:.2f}x the sum of their "
+                             "parts: the machine's load changed while timing; measure again on a quiet machine")
+        table = dataclasses.replace(table, scale=scale)
+    frame = pd.concat([validate_table(table, calibration, measured[:len(calibration)], "calibration"),
+                       validate_table(table, subnets, measured[len(calibration):])], ignore_index=True)
     summary = {
         "model": config.name,
         "batch": cfg.batch,
@@ -285,11 +328,18 @@ def bench_latency_table(cfg: LatencyTableConfig, status: Callable[[str], None] |
         "threads": run.threads,
         "entries": 2 + len(table.attn) + len(table.mlp),
         "full_predicted_ms": table.predict() * 1e3,
+        "scale": table.scale,
+        "calibration_subnets": len(calibration),
         **error_summary(frame),
     }
     table = dataclasses.replace(table, machine=run.machine, validation=summary)
     if not subnets:
         notes.append("--validate 0: the table's predictions were not checked")
+    if calibration:
+        notes.append(f"scale {table.scale:.4f}: fitted on {len(calibration)} calibration subnets (whole "
+                     "forwards); the errors are of the other, validation subnets")
+    else:
+        notes.append("--calibrate 0: the prediction is the plain sum of the parts (scale 1)")
     name = f"latency-table-{run.device.type}"
     settings = {**asdict(cfg), "token_ratios": table.settings["token_ratios"]}
     return LatencyTableResult(name, frame, summary, settings, command_line("latency-table", cfg), run.machine,

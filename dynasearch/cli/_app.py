@@ -44,8 +44,26 @@ def debug_enabled() -> bool:
     return os.environ.get("DYNASEARCH_DEBUG", "") not in ("", "0")
 
 
+def _print_version(value: bool) -> None:
+    """--version: print the package, torch and Python versions, then exit."""
+    if value:
+        import platform
+
+        import torch
+
+        from ..version import __version__
+
+        console.print(f"dynasearch {__version__} (torch {torch.__version__}, Python {platform.python_version()})",
+                      highlight=False)
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                 callback=_print_version),
+) -> None:
     """Weight-sharing architecture search for Diffusion Transformers."""
     if debug:
         os.environ["DYNASEARCH_DEBUG"] = "1"

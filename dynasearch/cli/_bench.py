@@ -117,6 +117,8 @@ def latency_table(
     rounds: int = typer.Option(1, help="Passes over every entry and validation subnet (median of the rounds)."),
     copies: int = typer.Option(4, help="Block copies each entry rotates over (distinct weights, as in a forward pass)."),
     validate: int = typer.Option(8, help="Random subnets of the space timed whole against the prediction (0: none)."),
+    calibrate: int = typer.Option(4, help="Whole forwards the prediction's scale is fitted on (the full model, the "
+                                          "smallest subnet, random others; never the validation ones; 0: none)."),
     threads: Optional[int] = _THREADS,
     seed: int = typer.Option(0, help="Seed of the random weights and of the validation subnets."),
     table: Optional[Path] = typer.Option(None, help="Where to write the table (default: OUT/latency-table-DEVICE"
@@ -131,19 +133,21 @@ def latency_table(
     cfg = LatencyTableConfig(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                              batch=batch, device=device, dtype=dtype, space=space, token_ratios=ratios,
                              repeats=repeats, warmup=warmup, rounds=rounds, copies=copies, validate=validate,
-                             threads=threads,
-                             seed=seed)
+                             calibrate=calibrate, threads=threads, seed=seed)
     result = _run(lambda status: bench_latency_table(cfg, status), out,
                   lambda r: f"latency table: {r.summary['model']}, batch {batch}, {r.summary['device']} "
                             f"({r.summary['dtype']})",
-                  ["name", "subnet", "flops_ratio", "predicted_ms", "measured_ms", "error_pct"])
+                  ["name", "role", "subnet", "flops_ratio", "predicted_ms", "measured_ms", "error_pct",
+                   "unscaled_error_pct"])
     path = table if table is not None else out / f"{result.name}.table.json"
     result.latency_table.save(path)
     s = result.summary
     if s["median_abs_error_pct"] is not None:
         verdict = "met" if s["target_met"] else "not met"
-        console.print(f"prediction error over {s['validated_subnets']} subnets: median {s['median_abs_error_pct']:.1f}%, "
-                      f"max {s['max_abs_error_pct']:.1f}% (target {s['target']}: {verdict})", highlight=False)
+        console.print(f"prediction error over {s['validated_subnets']} validation subnets: median "
+                      f"{s['median_abs_error_pct']:.1f}%, max {s['max_abs_error_pct']:.1f}% (target {s['target']}: "
+                      f"{verdict}); without the scale {s['scale']:.3f}: median "
+                      f"{s['unscaled_median_abs_error_pct']:.1f}%", highlight=False)
     console.print(f"wrote the table {path} ({s['entries']} entries)", highlight=False)
 
 

@@ -110,11 +110,20 @@ def _print_schedules(result: TimestepSearchResult) -> None:
     best = result.best
     title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {best['sample_steps']} DDIM steps, "
              f"{'/'.join(str(c) for c in best['steps_per_bucket'])} per bucket)")
+    timed = "mean_latency_ms" in result.comparison
+    if timed:
+        title += f", {best['latency_budget_ms']:.4g} ms per step predicted"
     table = Table(title=title)
-    for h in ("method", "mean GFLOPs", "% of full", "proxy loss", "within budget", ""):
+    heads = ("method", "mean GFLOPs", "% of full", *(("ms predicted", "ms measured") if timed else ()), "proxy loss",
+             "within budget", "")
+    for h in heads:
         table.add_column(h, justify="left" if h in ("method", "") else "right")
     for _, row in result.comparison.iterrows():
-        table.add_row(str(row["method"]), f"{row['mean_gflops']:.4g}", f"{100 * row['flops_ratio']:.1f}",
+        ms = ()
+        if timed:
+            measured = row.get("measured_latency_ms")
+            ms = (f"{row['mean_latency_ms']:.4g}", "-" if measured is None or measured != measured else f"{measured:.4g}")
+        table.add_row(str(row["method"]), f"{row['mean_gflops']:.4g}", f"{100 * row['flops_ratio']:.1f}", *ms,
                       f"{row['proxy_loss']:.5f}", "yes" if row["within_budget"] else "no", "winner" if row["winner"] else "")
     console.print(table)
     for e in result.exported:

@@ -7,8 +7,10 @@ position, timestep and label embedding), of each block choice in two halves, and
 * ``mlp[(mlp_hidden, tokens)]``: norm2, the token router when tokens are dropped, the MLP of that width on that
   many tokens, and its residual (scatter).
 
-A block's latency is ``attn[heads] + mlp[(mlp_hidden, tokens)]`` and a subnet's is the embedders, plus every
-block, plus the final layer. A token count between two measured ones of the same MLP width is interpolated
+A block's latency is ``attn[heads] + mlp[(mlp_hidden, tokens)]`` and a subnet's is ``scale`` times the sum of the
+embedders, every block and the final layer. ``scale`` (1.0 when absent) is fitted by the benchmark on whole forwards
+of calibration subnets (never the validation ones): parts timed alone in a loop find their inputs and freed buffers
+in cache, which a whole forward does not (on the 2-core CPU the plain sum under-predicted DiT-B/2 by ~6%). A token count between two measured ones of the same MLP width is interpolated
 linearly. A timestep schedule's latency is the mean over the sampler's steps, as
 :func:`dynasearch.cost.flops.mean_flops` is for FLOPs. Tables are measured by ``dynasearch bench latency-table``
 (:mod:`dynasearch.bench.latency_table`) and read back with :meth:`LatencyTable.load`, which checks every field.
@@ -32,6 +34,7 @@ from ..model.subnet import BlockChoice, Subnet
 
 __all__ = [
     "ARCH_FIELDS",
+    "SCALE_RANGE",
     "TABLE_FORMAT",
     "LatencyTable",
     "LatencyTableError",
@@ -46,6 +49,8 @@ ARCH_FIELDS = (
 )
 """The config fields latency depends on: a table fits a supernet when all of them match."""
 DTYPES = ("float32", "bfloat16")
+SCALE_RANGE = (0.25, 4.0)
+"""Whole-forward corrections outside this range mean the timing went wrong (a load change), not a fit."""
 
 
 class LatencyTableError(DynasearchError):
@@ -81,6 +86,7 @@ class LatencyTable:
     machine: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    scale: float = 1.0  # whole-forward correction of the parts' sum, fitted on calibration subnets
 
     def __post_init__(self) -> None:
         cfg = self.model
@@ -93,6 +99,9 @@ class LatencyTable:
             raise LatencyTableError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _seconds(self.embed, "embed")
         _seconds(self.final, "final")
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+                math.isfinite(self.scale) and SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]):
+            raise LatencyTableError(f"scale must be a number in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], got {self.scale!r}")
         if not self.attn or not self.mlp:
             raise LatencyTableError("a latency table needs at least one attention and one MLP entry")
         for heads, value in self.attn.items():
@@ -136,7 +145,7 @@ class LatencyTable:
         return tokens_kept(token_ratio, self.model.num_tokens)
 
     def breakdown(self, subnet: Subnet) -> dict[str, float]:
-        """Predicted seconds per part: embed, blocks.I, final."""
+        """Predicted seconds per part: embed, blocks.I, final (each times `scale`)."""
         try:
             subnet.validate(self.model)
         except SubnetError as exc:
@@ -144,7 +153,7 @@ class LatencyTable:
         parts = {"embed": self.embed}
         parts.update({f"blocks.{i}": self.block(b) for i, b in enumerate(subnet.blocks)})
         parts["final"] = self.final
-        return parts
+        return {k: self.scale * v for k, v in parts.items()}
 
     def predict(self, subnet: Subnet | None = None) -> float:
         """Predicted seconds of one forward pass of `subnet` (the full model when None) at the table's batch."""
@@ -187,6 +196,7 @@ class LatencyTable:
             "final_s": self.final,
             "attn_s": [{"heads": h, "seconds": self.attn[h]} for h in sorted(self.attn)],
             "mlp_s": [{"mlp_hidden": w, "tokens": k, "seconds": self.mlp[(w, k)]} for w, k in sorted(self.mlp)],
+            "scale": self.scale,
             "machine": self.machine,
             "settings": self.settings,
             "validation": self.validation,
@@ -227,7 +237,7 @@ class LatencyTable:
             if not isinstance(v, dict):
                 raise LatencyTableError(f"{k} must be an object, got {v!r}")
         return cls(model, data["batch"], data["device"], data["dtype"], data["embed_s"], data["final_s"], attn, mlp,
-                   **extras)
+                   **extras, scale=data.get("scale", 1.0))
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON form to `path` (atomically); returns the path."""

@@ -18,8 +18,10 @@ from .data import (
     bucket_fronts,
     bucket_width_map,
     comparison_table,
+    has_latency,
     history,
     is_timestep_output,
+    latency_plot_data,
     pareto_plot_data,
     pareto_table,
     read_search,
@@ -70,6 +72,9 @@ def _static_report(cfg: ReportConfig, status: StatusFn) -> ReportResult:
         plot_widths(data[1], out / "widths.png"),
         plot_history(data[2], out / "history.png"),
     ]
+    if has_latency(t):  # a latency budget: the front against predicted latency, the exports at measured latency
+        files.insert(1, plot_pareto(latency_plot_data(t), out / "pareto_latency.png",
+                                    title="Search: proxy loss against predicted latency"))
     head = {
         "budget_gflops": b["budget_gflops"],
         "full_gflops": b["full_gflops"],
@@ -77,6 +82,11 @@ def _static_report(cfg: ReportConfig, status: StatusFn) -> ReportResult:
         "best_uniform": b.get("best_uniform"),
     }
     tables = [("Exported subnets and the full model", measured.models), ("Pareto front", pareto_table(t))]
+    if has_latency(t):
+        head["latency_budget_ms"] = b["latency_budget_ms"]
+        head["exported_latency"] = b.get("exported_latency", [])
+        tables.insert(1, ("Latency of the exported subnets (predicted by the table, measured sliced)",
+                          pd.DataFrame(b.get("exported_latency", []))))
     return _finish(out, files, measured, b, head, _static_headline(t), tables)
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "read_search",
     "pareto_table",
     "pareto_plot_data",
+    "has_latency",
+    "latency_plot_data",
     "width_map",
     "history",
     "hypervolume_2d",
@@ -89,15 +91,17 @@ def pareto_table(t: SearchTables) -> pd.DataFrame:
 
 @dataclass
 class ParetoPlotData:
-    """Points and lines of the Pareto plot (GFLOPs on x, proxy loss on y)."""
+    """Points and lines of the Pareto plot (GFLOPs, or predicted latency, on x; proxy loss on y)."""
 
-    trials: tuple[np.ndarray, np.ndarray, np.ndarray]  # gflops, loss, feasible
+    trials: tuple[np.ndarray, np.ndarray, np.ndarray]  # x, loss, feasible
     front: tuple[np.ndarray, np.ndarray]
     baseline: tuple[np.ndarray, np.ndarray]
     baseline_front: tuple[np.ndarray, np.ndarray]
-    budget_gflops: float
+    budget_gflops: float  # the budget on the x axis (GFLOPs, or ms when unit is "ms")
     full: tuple[float, float | None]
     best: tuple[float, float]
+    unit: str = "GFLOPs"
+    measured: tuple[np.ndarray, np.ndarray] | None = None  # exported subnets' measured ms and proxy loss
 
 
 def pareto_plot_data(t: SearchTables) -> ParetoPlotData:
@@ -115,6 +119,46 @@ def pareto_plot_data(t: SearchTables) -> ParetoPlotData:
         budget_gflops=float(t.best["budget_gflops"]),
         full=(full_gflops, full_loss),
         best=(float(t.best["gflops"]), float(t.best["proxy_loss"])),
+    )
+
+
+def has_latency(t: SearchTables) -> bool:
+    """Whether the search had a latency budget (its tables carry predicted latency)."""
+    return "latency_ms" in t.trials.columns and "latency_budget_ms" in t.best
+
+
+def _front(x: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The (x, loss) Pareto front: points sorted by x that beat every cheaper one."""
+    order = np.lexsort((loss, x))
+    fx, fy, best = [], [], np.inf
+    for i in order:
+        if loss[i] < best:
+            fx.append(x[i])
+            fy.append(loss[i])
+            best = loss[i]
+    return np.asarray(fx, float), np.asarray(fy, float)
+
+
+def latency_plot_data(t: SearchTables) -> ParetoPlotData:
+    """The Pareto plot against predicted latency (ms): trials, the feasible front over latency, the uniform
+    subnets, the latency budget, and the exported subnets at their measured latency."""
+    done = t.trials[t.trials["state"] == "COMPLETE"].dropna(subset=["proxy_loss", "latency_ms"])
+    x, loss = done["latency_ms"].to_numpy(float), done["proxy_loss"].to_numpy(float)
+    feasible = done["feasible"].to_numpy(bool)
+    base = t.baseline.dropna(subset=["latency_ms"])
+    bx, by = base["latency_ms"].to_numpy(float), base["proxy_loss"].to_numpy(float)
+    full_gflops = float(t.best["full_gflops"])
+    full_rows = t.baseline[np.isclose(t.baseline["gflops"], full_gflops)]
+    full_loss = float(full_rows["proxy_loss"].min()) if not full_rows.empty else None
+    rows = [r for r in t.best.get("exported_latency", []) if r.get("measured_ms") is not None
+            and r.get("proxy_loss") is not None]
+    measured = (np.asarray([r["measured_ms"] for r in rows], float), np.asarray([r["proxy_loss"] for r in rows], float))
+    return ParetoPlotData(
+        trials=(x, loss, feasible), front=_front(x[feasible], loss[feasible]), baseline=(bx, by),
+        baseline_front=_front(bx, by), budget_gflops=float(t.best["latency_budget_ms"]),
+        full=(float(t.best["full_predicted_latency_ms"]), full_loss),
+        best=(float(t.best["predicted_latency_ms"]), float(t.best["proxy_loss"])), unit="ms",
+        measured=measured if rows else None,
     )
 
 

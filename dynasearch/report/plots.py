@@ -45,12 +45,15 @@ def plot_pareto(d: ParetoPlotData, path: Path, title: str = "Search: proxy loss 
     ax.scatter(*d.baseline, s=14, marker="x", c="#e08b3a", alpha=0.6, label="uniform subnets")
     ax.step(*d.baseline_front, where="post", c="#e08b3a", lw=1.2, label="uniform front")
     ax.step(*d.front, where="post", c="#1f4e8c", lw=2, label="searched Pareto front")
-    ax.axvline(d.budget_gflops, c="#c0392b", ls="--", lw=1, label=f"budget {d.budget_gflops:.3g} GFLOPs")
+    ax.axvline(d.budget_gflops, c="#c0392b", ls="--", lw=1, label=f"budget {d.budget_gflops:.3g} {d.unit}")
     if d.full[1] is not None:
         ax.scatter([d.full[0]], [d.full[1]], marker="*", s=140, c="black", label="full model", zorder=5)
     ax.scatter([d.best[0]], [d.best[1]], marker="o", s=90, facecolors="none", edgecolors="#c0392b", lw=2,
                label="best within budget", zorder=6)
-    ax.set_xlabel("GFLOPs (fvcore convention, batch 1)")
+    if d.measured is not None:
+        ax.scatter(*d.measured, marker="D", s=36, c="#2e8b57", label="exported, measured latency", zorder=7)
+    ax.set_xlabel("GFLOPs (fvcore convention, batch 1)" if d.unit == "GFLOPs" else
+                  f"latency ({d.unit}, predicted by the latency table)")
     ax.set_ylabel("proxy loss (epsilon MSE)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

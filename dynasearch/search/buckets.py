@@ -48,6 +48,17 @@ class TimestepContext:
         """Mean closed-form FLOPs per sampler step."""
         return mean_flops(schedule, self.ctx.model.config, self.timesteps)
 
+    def mean_latency(self, schedule: SubnetSchedule) -> float | None:
+        """Mean predicted seconds per sampler step (None without a latency table)."""
+        table = self.ctx.latency_table
+        return None if table is None else table.predict_schedule(schedule, self.timesteps)
+
+    def within_budget(self, schedule: SubnetSchedule) -> bool:
+        """Whether the schedule's mean FLOPs (and mean predicted latency) per step are within the budget(s)."""
+        latency = self.mean_latency(schedule)
+        return self.mean_flops(schedule) <= self.ctx.budget and (
+            latency is None or latency <= (self.ctx.latency_budget or 0.0))
+
     def schedule(self, subnets: list[Subnet]) -> SubnetSchedule:
         """A schedule of these buckets."""
         return SubnetSchedule(self.buckets, tuple(subnets))
@@ -87,12 +98,14 @@ def prepare_timestep_search(config: SearchConfig) -> TimestepContext:
 
 
 def bucket_context(tc: TimestepContext, k: int) -> SearchContext:
-    """The static search context of bucket k: its quadruples only, no FLOPs limit (the knapsack applies it)."""
+    """The static search context of bucket k: its quadruples only, no FLOPs or latency limit (the knapsack applies
+    them)."""
     ctx = tc.ctx
     lo, hi = tc.buckets.boundaries[k], tc.buckets.boundaries[k + 1]
     settings = {**ctx.settings, "bucket": k, "timestep_range": [lo, hi], "budget_flops": ctx.full_flops}
     config = replace(ctx.config, study_name=f"{ctx.config.study_name}-t{k}")
-    return replace(ctx, config=config, evaluator=tc.evaluators[k], budget=ctx.full_flops, settings=settings)
+    return replace(ctx, config=config, evaluator=tc.evaluators[k], budget=ctx.full_flops, settings=settings,
+                   latency_table=None, latency_budget=None)
 
 
 def uniform_candidates(tc: TimestepContext) -> pd.DataFrame:
@@ -108,11 +121,14 @@ def uniform_candidates(tc: TimestepContext) -> pd.DataFrame:
 
 
 def _row(tc: TimestepContext, k: int, source: str, trial: int | None, flops: int, loss: float, subnet: Subnet) -> dict[str, Any]:
-    """One candidate row of bucket_trials.csv."""
-    return {
+    """One candidate row of bucket_trials.csv (with its predicted latency when the search has a latency budget)."""
+    row: dict[str, Any] = {
         "bucket": k, "timesteps": tc.buckets.label(k), "source": source, "trial": trial, "gflops": flops / 1e9,
         "flops": flops, "proxy_loss": loss, "subnet": json.dumps(subnet.to_dict()),
     }
+    if tc.ctx.latency_table is not None:
+        row["latency_s"] = tc.ctx.latency_table.predict(subnet)
+    return row
 
 
 def bucket_candidates(tc: TimestepContext, k: int, study: optuna.Study) -> list[dict[str, Any]]:

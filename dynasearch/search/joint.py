@@ -59,6 +59,10 @@ def _joint_evaluate(tc: TimestepContext) -> Evaluate:
         mean = tc.mean_flops(schedule)
         trial.set_constraint("flops", (mean - ctx.budget) / ctx.budget)
         trial.set_user_attr("mean_flops", mean)
+        latency = tc.mean_latency(schedule)
+        if latency is not None and ctx.latency_budget is not None:  # a second constraint: mean predicted latency
+            trial.set_constraint("latency", (latency - ctx.latency_budget) / ctx.latency_budget)
+            trial.set_user_attr("mean_latency_s", latency)
         trial.set_user_attr("schedule", schedule.to_dict())
         loss = sum(w * ev(sub) for w, ev, sub in zip(tc.weights, tc.evaluators, subnets))
         return (loss, mean / 1e9), "" if math.isfinite(loss) else f"proxy loss is {loss}"
@@ -89,14 +93,23 @@ def run_joint(
     return run_trials(joint_context(tc), on_trial=on_trial, stop=stop, evaluate=_joint_evaluate(tc), seed=_seed_joint(tc))
 
 
-def joint_frame(study: optuna.Study, budget: int) -> pd.DataFrame:
-    """One row per finished joint trial."""
+def joint_frame(study: optuna.Study, budget: int, latency_budget: float | None = None) -> pd.DataFrame:
+    """One row per finished joint trial (with a latency budget: its mean predicted latency, and feasibility under
+    both budgets)."""
     rows = []
+    columns = ["trial", "state", "mean_gflops", "proxy_loss", "feasible", "schedule"]
+    if latency_budget is not None:
+        columns.insert(3, "mean_latency_ms")
     for t in study.get_trials(deepcopy=False, states=FINISHED):
         mean = t.user_attrs.get("mean_flops")
-        rows.append({
+        row = {
             "trial": t.number, "state": t.state.name, "mean_gflops": mean / 1e9 if mean is not None else None,
             "proxy_loss": t.values[0] if t.values else None, "feasible": mean is not None and mean <= budget,
             "schedule": json.dumps(t.user_attrs.get("schedule")),
-        })
-    return pd.DataFrame(rows, columns=["trial", "state", "mean_gflops", "proxy_loss", "feasible", "schedule"])
+        }
+        if latency_budget is not None:
+            latency = t.user_attrs.get("mean_latency_s")
+            row["mean_latency_ms"] = None if latency is None else 1e3 * latency
+            row["feasible"] = row["feasible"] and latency is not None and latency <= latency_budget
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns)

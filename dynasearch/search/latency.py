@@ -6,13 +6,14 @@ it was measured for the supernet's architecture and covers every choice of the s
 ``latency = (predicted - budget) / budget`` to every trial (feasible: <= 0). The outputs add ``latency_ms``
 (predicted, at the table's batch and device) to trials.csv, pareto.csv and baseline.csv, ``feasible`` requires
 both budgets, best.json records the latency budget and each exported subnet's predicted and measured latency,
-and ``latency.csv`` lists the exported subnets' predicted and measured latency against the budget.
+and ``latency.csv`` lists the exported subnets' predicted and measured latency against the budget. The tables
+themselves are assembled by :func:`dynasearch.search.outputs.write_outputs`; these are its latency pieces.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import pandas as pd
@@ -20,23 +21,21 @@ import torch
 
 from ..cost.latency import measure_latency
 from ..cost.latency_table import format_latency
-from ..errors import SearchError
-from ..fileio import atomic_write_text
 from ..model.subnet import Subnet
-from ..slicing import slice_subnet
+from ..model.schedule import SubnetSchedule
+from ..slicing import slice_schedule, slice_subnet
 from .context import SearchContext
-from .outputs import (
-    SearchResult,
-    _pick_exports,
-    baseline_frame,
-    export_subnets,
-    pareto_frame,
-    search_settings,
-    trials_frame,
-)
-from .trials import finished_count
 
-__all__ = ["ATTR_LATENCY", "measure_exported", "set_latency_constraint", "write_latency_outputs"]
+__all__ = [
+    "ATTR_LATENCY",
+    "latency_note",
+    "latency_rows",
+    "measure_exported",
+    "measure_schedules",
+    "predicted_ms",
+    "set_latency_constraint",
+    "with_latency",
+]
 
 ATTR_LATENCY = "latency_s"
 MEASURE_WARMUP, MEASURE_REPEATS = 2, 5
@@ -51,7 +50,7 @@ def set_latency_constraint(ctx: SearchContext, trial: optuna.Trial, subnet: Subn
     return predicted
 
 
-def _with_latency(ctx: SearchContext, frame: pd.DataFrame) -> pd.DataFrame:
+def with_latency(ctx: SearchContext, frame: pd.DataFrame) -> pd.DataFrame:
     """`frame` with latency_ms (predicted from its subnet column) and feasible requiring both budgets."""
     if frame.empty or "subnet" not in frame:
         return frame
@@ -70,114 +69,79 @@ def _with_latency(ctx: SearchContext, frame: pd.DataFrame) -> pd.DataFrame:
 def measure_exported(ctx: SearchContext, subnets: list[Subnet]) -> list[float | None]:
     """Measured seconds of each subnet sliced, on the table's device at its batch and (CPU) thread count (None
     where that device is not here)."""
+    return _measured(ctx, [lambda s=subnet: _time_subnet(ctx, s) for subnet in subnets])
+
+
+def measure_schedules(ctx: SearchContext, schedules: list[SubnetSchedule], timesteps: list[int]) -> list[float | None]:
+    """Measured mean seconds per sampler step of each schedule, sliced to its union and switching subnets per
+    bucket as sampling does (each bucket timed once, weighted by its steps); None where the device is not here."""
+    return _measured(ctx, [lambda s=schedule: _time_schedule(ctx, s, timesteps) for schedule in schedules])
+
+
+def _measured(ctx: SearchContext, calls: list[Callable[[], float]]) -> list[float | None]:
+    """Run each timing call at the table's (CPU) thread count; all None when the table's device is not here."""
     table = ctx.latency_table
     assert table is not None
     if table.device == "cuda" and not torch.cuda.is_available():
-        return [None] * len(subnets)
-    device = torch.device(table.device)
-    dtype = torch.bfloat16 if table.dtype == "bfloat16" else None
+        return [None] * len(calls)
     threads, before = table.machine.get("threads"), torch.get_num_threads()
-    out: list[float | None] = []
     try:
-        if device.type == "cpu" and isinstance(threads, int) and threads > 0:
+        if table.device == "cpu" and isinstance(threads, int) and threads > 0:
             torch.set_num_threads(threads)  # the thread count the table was measured with
-        for subnet in subnets:
-            small = slice_subnet(ctx.model, subnet).to(device)
-            out.append(measure_latency(small, batch=table.batch, warmup=MEASURE_WARMUP, repeats=MEASURE_REPEATS,
-                                       dtype=dtype))
-            del small
+        return [call() for call in calls]
     finally:
         torch.set_num_threads(before)
-    return out
 
 
-def _best(ctx: SearchContext, trials: pd.DataFrame) -> tuple[Subnet, dict[str, Any]]:
-    """The best feasible trial (both budgets); the full model when it fits both."""
-    full = Subnet.full(ctx.model.config)
-    assert ctx.latency_table is not None and ctx.latency_budget is not None
-    if ctx.budget >= ctx.full_flops and ctx.latency_table.predict(full) <= ctx.latency_budget:
-        return full, {"trial": None, "gflops": ctx.full_flops / 1e9, "proxy_loss": ctx.evaluator(full),
-                      "full_model": True}
-    ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"]].dropna(subset=["proxy_loss"]) if not trials.empty else trials
-    if ok.empty:
-        raise SearchError("no trial finished within the budgets; run more --trials or raise --latency / --flops")
-    row = ok.sort_values(["proxy_loss", "gflops", "number"]).iloc[0]
-    return Subnet.from_dict(json.loads(row["subnet"])), {
-        "trial": int(row["number"]), "gflops": float(row["gflops"]), "proxy_loss": float(row["proxy_loss"]),
-        "full_model": False}
+def _dtype(ctx: SearchContext) -> torch.dtype | None:
+    assert ctx.latency_table is not None
+    return torch.bfloat16 if ctx.latency_table.dtype == "bfloat16" else None
 
 
-def _entries(ctx: SearchContext, best_subnet: Subnet, best: dict[str, Any], pareto: pd.DataFrame,
-             best_uniform: dict[str, Any] | None) -> list[tuple[str, Subnet, dict[str, Any]]]:
-    """What to export, as the FLOPs-only search does: best, spread Pareto points, the best uniform subnet."""
+def _time_subnet(ctx: SearchContext, subnet: Subnet) -> float:
+    """Seconds of one forward of `subnet` sliced, at the table's batch on its device."""
+    assert ctx.latency_table is not None
+    small = slice_subnet(ctx.model, subnet).to(torch.device(ctx.latency_table.device))
+    return measure_latency(small, batch=ctx.latency_table.batch, warmup=MEASURE_WARMUP, repeats=MEASURE_REPEATS,
+                           dtype=_dtype(ctx))
+
+
+def _time_schedule(ctx: SearchContext, schedule: SubnetSchedule, timesteps: list[int]) -> float:
+    """Mean seconds per sampler step of `schedule` sliced to its union (each bucket's subnet timed once)."""
     table = ctx.latency_table
     assert table is not None
-
-    def latency_info(subnet: Subnet) -> dict[str, float]:
-        return {"predicted_latency_ms": 1e3 * table.predict(subnet)}
-
-    entries = [("best", best_subnet, {"role": "best within budget", **best, **latency_info(best_subnet)})]
-    for rank, idx in enumerate(_pick_exports(pareto, ctx.config.export_top), start=1):
-        row = pareto.iloc[idx]
-        subnet = Subnet.from_dict(json.loads(row["subnet"]))
-        if subnet != best_subnet:
-            entries.append((f"pareto-{rank:02d}", subnet, {"role": "pareto", "trial": int(row["number"]),
-                                                           "proxy_loss": float(row["proxy_loss"]), **latency_info(subnet)}))
-    if best_uniform is not None:
-        subnet = Subnet.from_dict(json.loads(best_uniform["subnet"]))
-        entries.append(("uniform", subnet, {
-            "role": "best uniform within budget", "trial": None, "proxy_loss": float(best_uniform["proxy_loss"]),
-            "rates": {k: float(best_uniform[k]) for k in ("attn_rate", "mlp_rate", "token_ratio")},
-            **latency_info(subnet)}))
-    return entries
+    small = slice_schedule(ctx.model, schedule).to(torch.device(table.device))
+    counts = schedule.buckets.step_counts(timesteps)
+    seconds = [measure_latency(small, batch=table.batch, subnet=s, warmup=MEASURE_WARMUP, repeats=MEASURE_REPEATS,
+                               dtype=_dtype(ctx)) if n else 0.0 for s, n in zip(schedule.subnets, counts)]
+    return sum(t * n for t, n in zip(seconds, counts)) / len(timesteps)
 
 
-def write_latency_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
-    """The outputs of a latency-budgeted static search (those of a FLOPs-only search, plus latency)."""
-    out, table, budget = ctx.config.out, ctx.latency_table, ctx.latency_budget
+def predicted_ms(ctx: SearchContext, subnet: Subnet | None = None) -> float:
+    """The table's predicted latency of `subnet` (the full model when None), in milliseconds."""
+    assert ctx.latency_table is not None
+    return 1e3 * ctx.latency_table.predict(subnet)
+
+
+def latency_note(ctx: SearchContext) -> str:
+    """The note naming the table, its batch, device and dtype, and the budget."""
+    table, budget = ctx.latency_table, ctx.latency_budget
     assert table is not None and budget is not None
-    trials = _with_latency(ctx, trials_frame(ctx, study))
-    pareto = pareto_frame(trials)
-    baseline = _with_latency(ctx, baseline_frame(ctx))
-    best_subnet, best = _best(ctx, trials)
-    notes = [(f"latency predicted by '{ctx.config.latency_table}' at batch {table.batch} on {table.device} "
-              f"({table.dtype}); budget {format_latency(budget)}")]
-    done = finished_count(study)
-    if done < ctx.config.trials:
-        notes.append(f"{done} of {ctx.config.trials} trials are finished (other workers are still running, or died): "
-                     "rerun the same command to finish")
-    uniform_ok = baseline[baseline["feasible"]]
-    best_uniform = uniform_ok.sort_values("proxy_loss").iloc[0].to_dict() if not uniform_ok.empty else None
-    entries = _entries(ctx, best_subnet, best, pareto, best_uniform)
-    exported = export_subnets(ctx, entries)
-    measured = measure_exported(ctx, [s for _, s, _ in entries])
-    if measured and measured[0] is None:
-        notes.append(f"the table's device ({table.device}) is not available here: exported subnets not measured")
+    return (f"latency predicted by '{ctx.config.latency_table}' at batch {table.batch} on {table.device} "
+            f"({table.dtype}); budget {format_latency(budget)}")
+
+
+def latency_rows(ctx: SearchContext, exported: list[dict[str, Any]], subnets: list[Subnet]) -> list[dict[str, Any]]:
+    """Measure the exported subnets on the table's device; set their measured_latency_ms and return latency.csv's
+    rows (predicted and measured against the budget)."""
+    budget = ctx.latency_budget
+    assert budget is not None
     rows = []
-    for e, seconds in zip(exported, measured):
+    for e, seconds in zip(exported, measure_exported(ctx, subnets)):
         e["measured_latency_ms"] = None if seconds is None else 1e3 * seconds
-        rows.append({"name": e["name"], "gflops": e["gflops"], "predicted_ms": e["predicted_latency_ms"],
+        rows.append({"name": e["name"], "gflops": e["gflops"], "proxy_loss": e.get("proxy_loss"),
+                     "predicted_ms": e["predicted_latency_ms"],
                      "measured_ms": e["measured_latency_ms"], "budget_ms": 1e3 * budget,
                      "measured_over_budget": None if seconds is None else seconds / budget,
                      "within_10pct_or_under": None if seconds is None else seconds <= 1.1 * budget})
-    latency = pd.DataFrame(rows)
-    for frame, name in ((trials, "trials"), (pareto, "pareto"), (baseline, "baseline"), (latency, "latency")):
-        atomic_write_text(out / f"{name}.csv", frame.to_csv(index=False))
-    best["predicted_latency_ms"] = 1e3 * table.predict(best_subnet)
-    best["measured_latency_ms"] = exported[0]["measured_latency_ms"]
-    summary = {
-        **best,
-        "subnet": best_subnet.to_dict(),
-        "budget_gflops": ctx.budget / 1e9,
-        "full_gflops": ctx.full_flops / 1e9,
-        "latency_budget_ms": 1e3 * budget,
-        "full_predicted_latency_ms": 1e3 * table.predict(),
-        "best_uniform": best_uniform,
-        "exported_latency": rows,
-        "settings": {**search_settings(ctx), "workers": ctx.config.workers},
-        "finished_trials": done,
-        "crashed_trials": int((~trials["counted"] & (trials["state"] == "FAIL")).sum()) if not trials.empty else 0,
-        "notes": notes,
-    }
-    atomic_write_text(out / "best.json", json.dumps(summary, indent=2, default=float) + "\n")
-    return SearchResult(out, trials, pareto, baseline, summary, exported, notes)
+    return rows

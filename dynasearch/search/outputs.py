@@ -17,6 +17,7 @@ from ..fileio import atomic_write_text
 from ..model.subnet import Subnet
 from ..slicing import slice_subnet
 from .context import SearchContext
+from .latency import latency_note, latency_rows, predicted_ms, with_latency
 from .storage import DEFAULT_JOURNAL, mask_url
 from .trials import ATTR_RETRY_OF, FINISHED, crashed_numbers, finished_count
 
@@ -183,36 +184,30 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     atomic_write_text(path, df.to_csv(index=False))
 
 
+def _full_fits(ctx: SearchContext) -> bool:
+    """Whether the full model is within every budget (then it is the answer)."""
+    if ctx.budget < ctx.full_flops:
+        return False
+    return ctx.latency_table is None or ctx.latency_table.predict() <= (ctx.latency_budget or 0.0)
+
+
 def _best(ctx: SearchContext, trials: pd.DataFrame) -> tuple[Subnet, dict[str, Any]]:
-    if ctx.budget >= ctx.full_flops:
+    """The best feasible trial (every budget); the full model when it fits them all."""
+    if _full_fits(ctx):
         subnet = Subnet.full(ctx.model.config)
         return subnet, {"trial": None, "gflops": ctx.full_flops / 1e9, "proxy_loss": ctx.evaluator(subnet), "full_model": True}
     ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"]].dropna(subset=["proxy_loss"]) if not trials.empty else trials
     if ok.empty:
-        raise SearchError("no trial finished within the budget; run more --trials or raise --flops")
+        raise SearchError("no trial finished within the budget; run more --trials or raise "
+                          + ("--flops" if ctx.latency_table is None else "--latency / --flops"))
     row = ok.sort_values(["proxy_loss", "gflops", "number"]).iloc[0]
     subnet = Subnet.from_dict(json.loads(row["subnet"]))
     return subnet, {"trial": int(row["number"]), "gflops": float(row["gflops"]), "proxy_loss": float(row["proxy_loss"]), "full_model": False}
 
 
-def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
-    """Gather the study into tables and files in the output directory; export the chosen subnets."""
-    out = ctx.config.out
-    trials = trials_frame(ctx, study)
-    pareto = pareto_frame(trials)
-    baseline = baseline_frame(ctx)
-    best_subnet, best = _best(ctx, trials)
-    notes = []
-    if ctx.budget >= ctx.full_flops:
-        notes.append(f"the budget is at or above the full model ({ctx.full_flops / 1e9:.4f} GFLOPs): the full model is returned")
-    done = finished_count(study)
-    if done < ctx.config.trials:
-        notes.append(
-            f"{done} of {ctx.config.trials} trials are finished (other workers are still running, or died): "
-            "rerun the same command to finish"
-        )
-    uniform_ok = baseline[baseline["feasible"]]
-    best_uniform = uniform_ok.sort_values("proxy_loss").iloc[0].to_dict() if not uniform_ok.empty else None
+def _entries(ctx: SearchContext, best_subnet: Subnet, best: dict[str, Any], pareto: pd.DataFrame,
+             best_uniform: dict[str, Any] | None) -> list[tuple[str, Subnet, dict[str, Any]]]:
+    """What to export: the best subnet, Pareto points spread over the front, the best uniform subnet."""
     entries = [("best", best_subnet, {"role": "best within budget", **best})]
     for rank, idx in enumerate(_pick_exports(pareto, ctx.config.export_top), start=1):
         row = pareto.iloc[idx]
@@ -225,18 +220,61 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
         info = {"role": "best uniform within budget", "trial": None, "proxy_loss": float(best_uniform["proxy_loss"]),
                 "rates": {k: float(best_uniform[k]) for k in ("attn_rate", "mlp_rate", "token_ratio")}}
         entries.append(("uniform", Subnet.from_dict(json.loads(best_uniform["subnet"])), info))
+    if ctx.latency_table is not None:
+        for _, subnet, info in entries:
+            info["predicted_latency_ms"] = predicted_ms(ctx, subnet)
+    return entries
+
+
+def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
+    """Gather the study into tables and files in the output directory; export the chosen subnets.
+
+    With a latency budget the tables gain latency_ms, `feasible` requires both budgets, the exported subnets are
+    measured on the table's device and latency.csv lists them against the budget.
+    """
+    out, timed = ctx.config.out, ctx.latency_table is not None
+    trials = trials_frame(ctx, study)
+    baseline = baseline_frame(ctx)
+    if timed:
+        trials, baseline = with_latency(ctx, trials), with_latency(ctx, baseline)
+    pareto = pareto_frame(trials)
+    best_subnet, best = _best(ctx, trials)
+    notes = [latency_note(ctx)] if timed else []
+    if best.get("full_model"):
+        notes.append(f"the budget is at or above the full model ({ctx.full_flops / 1e9:.4f} GFLOPs): the full model is returned")
+    done = finished_count(study)
+    if done < ctx.config.trials:
+        notes.append(
+            f"{done} of {ctx.config.trials} trials are finished (other workers are still running, or died): "
+            "rerun the same command to finish"
+        )
+    uniform_ok = baseline[baseline["feasible"]]
+    best_uniform = uniform_ok.sort_values("proxy_loss").iloc[0].to_dict() if not uniform_ok.empty else None
+    entries = _entries(ctx, best_subnet, best, pareto, best_uniform)
     exported = export_subnets(ctx, entries)
-    _write_csv(trials, out / "trials.csv")
-    _write_csv(pareto, out / "pareto.csv")
-    _write_csv(baseline, out / "baseline.csv")
+    tables = {"trials": trials, "pareto": pareto, "baseline": baseline}
+    latency: dict[str, Any] = {}
+    if timed:
+        rows = latency_rows(ctx, exported, [subnet for _, subnet, _ in entries])
+        if rows and rows[0]["measured_ms"] is None:
+            notes.append(f"the table's device ({ctx.latency_table.device}) is not available here: "
+                         "exported subnets not measured")
+        tables["latency"] = pd.DataFrame(rows)
+        best["predicted_latency_ms"] = exported[0]["predicted_latency_ms"]
+        best["measured_latency_ms"] = exported[0]["measured_latency_ms"]
+        latency = {"latency_budget_ms": 1e3 * ctx.latency_budget, "full_predicted_latency_ms": predicted_ms(ctx),
+                   "exported_latency": rows}
+    for name, frame in tables.items():
+        _write_csv(frame, out / f"{name}.csv")
     summary = {
         **best,
         "subnet": best_subnet.to_dict(),
         "budget_gflops": ctx.budget / 1e9,
         "full_gflops": ctx.full_flops / 1e9,
+        **latency,
         "best_uniform": best_uniform,
         "settings": {**search_settings(ctx), "workers": ctx.config.workers},
-        "finished_trials": finished_count(study),
+        "finished_trials": done,
         "crashed_trials": int((~trials["counted"] & (trials["state"] == "FAIL")).sum()) if not trials.empty else 0,
         "notes": notes,
     }

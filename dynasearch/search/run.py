@@ -19,7 +19,6 @@ from ..fileio import kept_on_failure, removed_on_failure
 from ..progress_bar import progress_bar
 from .config import SearchConfig, is_timestep_space
 from .context import prepare_search
-from .latency import write_latency_outputs
 from .objective import run_trials
 from .outputs import SearchResult, write_outputs
 from .storage import DEFAULT_JOURNAL
@@ -39,10 +38,7 @@ def run_search(config: SearchConfig, progress: bool = True) -> SearchResult | Ti
     """
     # a full disk leaves no half-written new output directory behind (an existing one keeps its study for a rerun)
     with removed_on_failure(config.out, when=is_disk_full):
-        if is_timestep_space(config):
-            if config.latency is not None or config.flops is None:
-                raise SearchError("the timestep-aware search takes a --flops budget and no --latency yet (the "
-                                  "latency table's mean per step is LatencyTable.predict_schedule); use a static space")
+        if is_timestep_space(config):  # budgets on the mean FLOPs and/or the mean latency per sampler step
             return run_timestep_search(config, progress=progress)
         return run_static_search(config, progress=progress)
 
@@ -108,7 +104,7 @@ def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResu
         )
     try:
         with kept_on_failure(config.out, exclude=lambda name: name.startswith(DEFAULT_JOURNAL)):  # all or nothing
-            return (write_outputs if ctx.latency_table is None else write_latency_outputs)(ctx, study)
+            return write_outputs(ctx, study)
     except KeyboardInterrupt:
         raise SearchInterrupted(done, config.trials) from None
 

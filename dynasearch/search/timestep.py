@@ -1,4 +1,5 @@
-"""Timestep-aware search: a subnet per timestep bucket, under a budget on the mean FLOPs per denoising step.
+"""Timestep-aware search: a subnet per timestep bucket, under a budget on the mean FLOPs (and/or the mean predicted
+latency, with ``--latency``) per denoising step.
 
 The quality proxy is a mean over (image, timestep) quadruples, so it splits over timestep buckets. Two searches
 run on the same supernet and proxy:
@@ -39,6 +40,7 @@ from ..slicing import slice_schedule
 from .buckets import TimestepContext, bucket_candidates, bucket_context, prepare_timestep_search, uniform_candidates
 from .config import SearchConfig
 from .joint import joint_context, joint_frame, run_joint
+from .latency import latency_note, measure_schedules, predicted_ms
 from .knapsack import knapsack_schedule, mark_fronts
 from .objective import run_trials
 from .outputs import search_settings
@@ -91,9 +93,12 @@ def _comparison_row(tc: TimestepContext, method: str, schedule: SubnetSchedule) 
     losses = tc.ctx.evaluator.schedule_losses(schedule)
     row: dict[str, Any] = {
         "method": method, "mean_gflops": mean / 1e9, "flops_ratio": mean / tc.ctx.full_flops,
-        "within_budget": mean <= tc.ctx.budget, "proxy_loss": sum(w * v for w, v in zip(tc.weights, losses)),
+        "within_budget": tc.within_budget(schedule), "proxy_loss": sum(w * v for w, v in zip(tc.weights, losses)),
         "static": schedule.is_static,
     }
+    latency = tc.mean_latency(schedule)
+    if latency is not None:  # predicted mean per sampler step; the measured one is added after export
+        row["mean_latency_ms"] = 1e3 * latency
     flops = bucket_flops(schedule, tc.ctx.model.config)
     for k in range(len(tc.buckets)):
         row[f"loss_t{k}"] = losses[k]
@@ -109,7 +114,10 @@ def _best_uniform(tc: TimestepContext, uniform: pd.DataFrame) -> Subnet | None:
     weights = pd.Series(tc.weights, index=range(len(tc.weights)))
     total = (uniform["proxy_loss"] * uniform["bucket"].map(weights)).groupby(uniform["subnet"]).sum()
     flops = uniform.groupby("subnet")["flops"].first()
-    ok = total[flops <= tc.ctx.budget]
+    fits = flops <= tc.ctx.budget
+    if tc.ctx.latency_budget is not None:
+        fits &= uniform.groupby("subnet")["latency_s"].first() <= tc.ctx.latency_budget
+    ok = total[fits]
     return Subnet.from_dict(json.loads(ok.idxmin())) if not ok.empty else None
 
 
@@ -158,6 +166,8 @@ def _compare(
     rows = [_comparison_row(tc, "knapsack", knapsack)]
     notes = []
     feasible = joint[(joint["state"] == "COMPLETE") & joint["feasible"]].dropna(subset=["proxy_loss"])
+    if tc.ctx.latency_table is not None:
+        notes.append(latency_note(tc.ctx) + " (mean per sampler step)")
     if feasible.empty:
         notes.append("no joint trial finished within the budget; run more --trials")
     else:
@@ -173,6 +183,26 @@ def _compare(
     winner = dynamic.sort_values(["proxy_loss", "mean_gflops"]).iloc[0]
     comparison["winner"] = comparison["method"] == winner["method"]
     return comparison, notes
+
+
+def _schedule_latency(tc: TimestepContext, comparison: pd.DataFrame, exported: list[dict[str, Any]]) -> dict[str, Any]:
+    """Measure every exported schedule's mean latency per step; add measured_latency_ms to the comparison and
+    the exports, write latency.csv, and return best.json's latency fields."""
+    ctx = tc.ctx
+    assert ctx.latency_budget is not None
+    schedules = [SubnetSchedule.from_dict(json.loads(s)) for s in comparison["schedule"]]
+    measured = measure_schedules(ctx, schedules, tc.timesteps)
+    comparison["measured_latency_ms"] = [None if m is None else 1e3 * m for m in measured]
+    rows = []
+    for e, (_, row), seconds in zip(exported, comparison.iterrows(), measured):
+        e["predicted_latency_ms"], e["measured_latency_ms"] = row["mean_latency_ms"], row["measured_latency_ms"]
+        rows.append({"name": e["name"], "mean_gflops": row["mean_gflops"], "predicted_ms": row["mean_latency_ms"],
+                     "measured_ms": row["measured_latency_ms"], "budget_ms": 1e3 * ctx.latency_budget,
+                     "measured_over_budget": None if seconds is None else seconds / ctx.latency_budget,
+                     "within_10pct_or_under": None if seconds is None else seconds <= 1.1 * ctx.latency_budget})
+    atomic_write_text(ctx.config.out / "latency.csv", pd.DataFrame(rows).to_csv(index=False))
+    return {"latency_budget_ms": 1e3 * ctx.latency_budget, "full_predicted_latency_ms": predicted_ms(ctx),
+            "exported_latency": rows}
 
 
 def run_timestep_search(config: SearchConfig, progress: bool = True) -> TimestepSearchResult:
@@ -200,7 +230,7 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
     uniform = uniform_candidates(tc)
     table = mark_fronts(pd.concat([pd.DataFrame(candidates), uniform], ignore_index=True))
     knapsack, predicted = knapsack_schedule(tc, table)
-    trials_of_joint = joint_frame(joint, ctx.budget)
+    trials_of_joint = joint_frame(joint, ctx.budget, ctx.latency_budget)
     comparison, notes = _compare(tc, knapsack, trials_of_joint, uniform, reference)
     rescored = float(comparison.iloc[0]["proxy_loss"])
     if abs(predicted - rescored) > 1e-4 * max(1.0, abs(predicted)):
@@ -214,6 +244,9 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
                 "source_supernet": str(config.supernet)}
         sched = SubnetSchedule.from_dict(json.loads(row["schedule"]))
         exported.append({"name": name, **export_schedule(ctx.model, sched, config.out / "schedules" / name, tc.timesteps, info, config.supernet)})
+    latency: dict[str, Any] = {}
+    if ctx.latency_table is not None:
+        latency = _schedule_latency(tc, comparison, exported)
     atomic_write_text(config.out / "bucket_trials.csv", table.to_csv(index=False))
     atomic_write_text(config.out / "joint_trials.csv", trials_of_joint.to_csv(index=False))
     atomic_write_text(config.out / "schedules.csv", comparison.to_csv(index=False))
@@ -221,7 +254,8 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
     best = {
         "method": winner["method"], "mean_gflops": float(winner["mean_gflops"]), "flops_ratio": float(winner["flops_ratio"]),
         "proxy_loss": float(winner["proxy_loss"]), "schedule": schedule.to_dict(),
-        "budget_gflops": ctx.budget / 1e9, "full_gflops": ctx.full_flops / 1e9, "knapsack_predicted_proxy": predicted,
+        "budget_gflops": ctx.budget / 1e9, "full_gflops": ctx.full_flops / 1e9, **latency,
+        "knapsack_predicted_proxy": predicted,
         "model_config": cfg.to_dict(),
         "sample_steps": settings.sample_steps, "steps_per_bucket": tc.counts, "proxy_share_per_bucket": tc.weights,
         "comparison": json.loads(comparison.drop(columns=["schedule"]).to_json(orient="records")),
