@@ -27,7 +27,7 @@ if _AS_COMMAND:  # only the command itself: a library user's Ctrl-C during `impo
     except ValueError:  # not the main thread
         _previous_sigint = None
 
-from .checkpoint import load_checkpoint, load_pretrained, save_checkpoint  # noqa: E402
+from .checkpoint import load_checkpoint, load_pretrained, save_checkpoint, save_diffusers  # noqa: E402
 from .cost.flops import closed_form_flops, count_flops, parse_budget  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,
@@ -77,5 +77,6 @@ __all__ = [
     "parse_budget",
     "reorder_by_importance",
     "save_checkpoint",
+    "save_diffusers",
     "slice_subnet",
 ]

@@ -1,6 +1,9 @@
-"""Checkpoints: our safetensors + JSON format, original DiT `.pt` state dicts, and `load_pretrained` for both."""
+"""Checkpoints: our safetensors + JSON format, original DiT / fast-DiT `.pt` files, diffusers DiTTransformer2DModel
+folders, and `load_pretrained` / `save_diffusers` / `export_checkpoint` over them."""
 
-from .dit import infer_config_from_state_dict, load_dit_state_dict, load_pretrained_dit
+from .diffusers import read_diffusers, save_diffusers
+from .dit import WEIGHT_CHOICES, infer_config_from_state_dict, load_dit_state_dict, load_pretrained_dit
+from .export import EXPORT_FORMATS, ExportConfig, ExportResult, export_checkpoint
 from .native import (
     CONFIG_NAME,
     FORMAT_VERSION,
@@ -13,13 +16,19 @@ from .native import (
     save_checkpoint,
     save_weights,
 )
-from .pretrained import PRETRAINED_FORMATS, load_pretrained
+from .pretrained import PRETRAINED_FORMATS, PretrainedWeights, load_pretrained, read_pretrained
 
 __all__ = [
     "CONFIG_NAME",
+    "EXPORT_FORMATS",
     "FORMAT_VERSION",
     "PRETRAINED_FORMATS",
+    "WEIGHT_CHOICES",
+    "ExportConfig",
+    "ExportResult",
+    "PretrainedWeights",
     "check_state_dict",
+    "export_checkpoint",
     "infer_config_from_state_dict",
     "load_checkpoint",
     "load_dit_state_dict",
@@ -28,7 +37,10 @@ __all__ = [
     "load_state",
     "load_weights",
     "read_config",
+    "read_diffusers",
+    "read_pretrained",
     "read_schedule",
     "save_checkpoint",
+    "save_diffusers",
     "save_weights",
 ]

@@ -1,9 +1,13 @@
-"""Original DiT checkpoints: `.pt` state dicts read with `weights_only=True`, their config inferred from the tensors."""
+"""Original DiT checkpoints: raw `.pt` state dicts and DiT / fast-DiT training checkpoints, read with
+`weights_only=True` (argparse.Namespace the one class allowed), their config inferred from the tensors."""
 
 from __future__ import annotations
 
+import argparse
 import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -16,33 +20,106 @@ _ZIP_MAGIC = b"PK\x03\x04"  # torch.save since 1.6
 _PICKLE_MAGIC = b"\x80"  # the legacy format: a pickle (protocol 2+)
 
 
-def load_dit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of an original DiT `.pt` checkpoint, unpickled with `weights_only=True` (no code ever runs)."""
-    path = Path(path)
+WEIGHT_CHOICES = ("ema", "model")
+"""The weights of a DiT / fast-DiT training checkpoint one may pick (`path.pt#ema`, `path.pt#model`)."""
+
+_ALLOWED_GLOBALS = (argparse.Namespace,)
+"""The one class a checkpoint may hold besides tensors and plain containers: the `args` of DiT's train.py."""
+
+_PREFIXES = ("module.", "_orig_mod.")  # DDP's and torch.compile's wrappers of the saved module
+
+
+def safe_torch_load(path: Path, what: str = "DiT checkpoint") -> Any:
+    """`torch.load(weights_only=True)` with argparse.Namespace (and nothing else) allowed: no code in it ever runs.
+
+    Any other object is refused with one line naming the file and the object.
+    """
     if not path.is_file():
-        raise CheckpointError(f"DiT checkpoint '{path}' does not exist")
+        raise CheckpointError(f"{what} '{path}' does not exist")
     with path.open("rb") as handle:
         magic = handle.read(4)
     if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
-        raise CheckpointError(f"DiT checkpoint '{path}' is corrupt or not a PyTorch file (neither a zip nor a pickle)")
+        raise CheckpointError(f"{what} '{path}' is corrupt or not a PyTorch file (neither a zip nor a pickle)")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(_ALLOWED_GLOBALS)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines() if "Unsupported" in ln), "")
-        detail = f" ({detail.rstrip('.')})" if detail else ""
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        refused = found is not None or "WeightsUnpickler error" in str(exc)
+        if not refused:  # not an object the safe unpickler turned away: a broken file
+            raise CheckpointError(f"{what} '{path}' is corrupt or not a PyTorch file ({_first_line(exc)})") from None
+        detail = f"the object '{found.group(1)}'" if found else "pickled objects other than tensors"
         raise CheckpointError(
-            f"DiT checkpoint '{path}' was refused: it holds pickled objects other than tensors{detail}; "
-            "only plain state dicts are loaded, and no code in them is ever run"
+            f"{what} '{path}' was refused: it holds {detail}; only tensors, plain containers and "
+            "argparse.Namespace are loaded, and no code in a checkpoint is ever run"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"DiT checkpoint '{path}' is corrupt or not a PyTorch file ({exc})") from None
-    if isinstance(obj, dict) and "ema" in obj and isinstance(obj["ema"], dict):
-        obj = obj["ema"]  # a DiT training checkpoint: prefer the EMA weights, as DiT's sampler does
-    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{what} '{path}' is corrupt or not a PyTorch file ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def split_weights_choice(path: str | Path) -> tuple[Path, str | None]:
+    """`path` without a trailing `#ema` / `#model` (which weights of a training checkpoint to use) and that choice.
+
+    A file whose own name holds the `#` is taken as it is; an unknown choice after an existing file is an error.
+    """
+    text = str(path)
+    if "#" not in text or Path(text).exists():
+        return Path(text), None
+    base, _, choice = text.rpartition("#")
+    if choice in WEIGHT_CHOICES:
+        return Path(base), choice
+    if Path(base).exists():
+        raise CheckpointError(
+            f"pretrained model '{text}': unknown weights '#{choice}'; use {' or '.join('#' + c for c in WEIGHT_CHOICES)}"
+        )
+    return Path(text), None
+
+
+def load_dit_state_dict(path: str | Path, weights: str | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of an original DiT `.pt`: a raw state dict or a DiT / fast-DiT training checkpoint.
+
+    Training checkpoints (`{"model", "ema", "opt", "args": argparse.Namespace}`) give their EMA weights, as DiT's
+    sampler uses, unless `weights` is "model" (or the path ends in `#model`). Unpickled with `weights_only=True`
+    and argparse.Namespace as the only class allowed: no code in the file ever runs.
+    """
+    path, suffix_choice = split_weights_choice(path)
+    if weights is not None and weights not in WEIGHT_CHOICES:
+        raise CheckpointError(f"DiT checkpoint '{path}': weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+    if weights is not None and suffix_choice is not None and weights != suffix_choice:
+        raise CheckpointError(f"DiT checkpoint '{path}': '#{suffix_choice}' and weights={weights!r} disagree")
+    choice = weights or suffix_choice
+    obj = safe_torch_load(path)
+    training = isinstance(obj, dict) and any(isinstance(obj.get(k), dict) for k in WEIGHT_CHOICES)
+    if training:
+        picked = choice or next(k for k in WEIGHT_CHOICES if isinstance(obj.get(k), dict))
+        if not isinstance(obj.get(picked), dict):
+            held = ", ".join(f"'{k}'" for k in obj if isinstance(k, str)) or "no named entries"
+            raise CheckpointError(f"DiT checkpoint '{path}' has no '{picked}' weights (it holds {held})")
+        obj = obj[picked]
+    elif choice is not None:
+        raise CheckpointError(
+            f"DiT checkpoint '{path}' is a plain state dict, not a training checkpoint: '#{choice}' picks nothing"
+        )
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"DiT checkpoint '{path}' is not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return {_unwrapped(str(k)): v for k, v in obj.items()}
+
+
+def _unwrapped(key: str) -> str:
+    """A state-dict key without DDP's `module.` or torch.compile's `_orig_mod.` prefixes."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
 
 
 def infer_config_from_state_dict(state: dict[str, torch.Tensor], source: str = "state dict") -> DiTConfig:

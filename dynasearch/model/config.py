@@ -15,7 +15,10 @@ from .rates import tokens_kept
 if TYPE_CHECKING:
     from .subnet import Subnet
 
-__all__ = ["DiTConfig", "DIT_CONFIGS", "get_config", "model_names"]
+__all__ = ["DiTConfig", "DIT_CONFIGS", "FREQUENCY_EMBEDDING_SIZE", "get_config", "model_names"]
+
+FREQUENCY_EMBEDDING_SIZE = 256
+"""Sinusoidal timestep features before the timestep MLP (DiT's and diffusers' value)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,9 @@ class DiTConfig:
     block_mlp_hidden: tuple[int, ...] | None = None
     # Token ratios a sliced model runs with by default; None means 1.0 everywhere.
     block_token_ratios: tuple[float, ...] | None = None
+    # Numerics that differ between DiT and diffusers' DiTTransformer2DModel (defaults: DiT's).
+    time_shift: float = 0.0  # frequency shift of the sinusoidal timestep features (diffusers: 1)
+    mlp_norm_eps: float = 1e-6  # eps of each block's LayerNorm before the MLP (diffusers: its norm_eps, 1e-5)
 
     def __post_init__(self) -> None:
         for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -63,6 +69,16 @@ class DiTConfig:
             raise ConfigError(
                 f"model config '{self.name}': MLP width {self.mlp_hidden} is not divisible into {self.num_heads} groups"
             )
+        if isinstance(self.time_shift, bool) or not isinstance(self.time_shift, (int, float)) or not (
+            0.0 <= self.time_shift < FREQUENCY_EMBEDDING_SIZE // 2
+        ):
+            raise ConfigError(
+                f"model config '{self.name}': time_shift must be a number in [0, {FREQUENCY_EMBEDDING_SIZE // 2}), "
+                f"got {self.time_shift!r}"
+            )
+        eps = self.mlp_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
+            raise ConfigError(f"model config '{self.name}': mlp_norm_eps must be a number in (0, 1), got {eps!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"model config '{self.name}': class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
         for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
@@ -201,11 +217,14 @@ class DiTConfig:
             raise ConfigError(f"model config '{self.name}': {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form."""
+        """JSON-serialisable form (the OPTIONAL_FIELDS only where they differ from their defaults)."""
         out = dataclasses.asdict(self)
         for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
             if out[key] is not None:
                 out[key] = list(out[key])
+        for key, default in OPTIONAL_FIELDS.items():
+            if out[key] == default:
+                del out[key]
         return out
 
     @classmethod
@@ -229,6 +248,9 @@ class DiTConfig:
         """Pretty JSON."""
         return json.dumps(self.to_dict(), indent=2)
 
+
+OPTIONAL_FIELDS: dict[str, Any] = {"time_shift": 0.0, "mlp_norm_eps": 1e-6}
+"""Fields added after format version 1: written only where not default, so older config.json files load as DiT."""
 
 # depth, hidden_size, num_heads per size; patch sizes 2, 4, 8.
 _SIZES: dict[str, tuple[int, int, int]] = {
