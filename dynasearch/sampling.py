@@ -62,6 +62,7 @@ __all__ = [
     "run_schedule",
     "diffusion_for",
     "run_sample",
+    "check_sampling_args",
 ]
 
 DEFAULT_CFG_SCALE = 4.0
@@ -153,6 +154,9 @@ def _check_sampling_args(
             f"model '{config.name}' was built without label dropout, so it has no null class for "
             f"classifier-free guidance; use cfg_scale 1 (got {cfg_scale})"
         )
+
+
+check_sampling_args = _check_sampling_args  # the public name (`dynasearch.sample_npz` and quality checks use it)
 
 
 def _check_subnet(config: DiTConfig, subnet: Subnet | SubnetSchedule | None, diffusion: GaussianDiffusion) -> None:

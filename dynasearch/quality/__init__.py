@@ -4,6 +4,8 @@
 :mod:`.classifier` the built-in extractor (a small CNN of one labelled image data set), :mod:`.cache` trains it
 once per data set and keeps it; :mod:`.reference` picks the data a model was trained on and its real images;
 :mod:`.evaluate` is the front end (:func:`evaluate_quality`, :func:`evaluate_samples`, `dynasearch eval`).
+The FID protocol of ADM and DiT: :mod:`.inception` (FID's Inception-v3 from a local weights file), :mod:`.fid_stats`
+(feature statistics, their Frechet distance, reference batches) and :mod:`.fid` (`eval --inception-weights`).
 """
 
 from .cache import (
@@ -31,6 +33,9 @@ from .evaluate import (
     run_eval,
 )
 from .features import FeatureExtractor, InceptionFeatureExtractor, frechet_distance
+from .fid import FidConfig, FidResult, run_fid
+from .fid_stats import FeatureStats, frechet_distance_from_stats, parse_reference
+from .inception import FIDInceptionV3, load_fid_inception
 from .reference import (
     Reference,
     default_extractor,
@@ -41,6 +46,14 @@ from .reference import (
 
 __all__ = [
     "ClassifierSettings",
+    "FIDInceptionV3",
+    "FeatureStats",
+    "FidConfig",
+    "FidResult",
+    "frechet_distance_from_stats",
+    "load_fid_inception",
+    "parse_reference",
+    "run_fid",
     "DataClassifier",
     "FeatureExtractor",
     "DigitCNN",

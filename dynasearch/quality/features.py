@@ -16,7 +16,8 @@ import torch.nn as nn
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from ..errors import CheckpointError, DataError, DynasearchError
+from ..errors import DataError
+from .inception import load_fid_inception
 
 __all__ = ["FeatureExtractor", "InceptionFeatureExtractor", "frechet_distance"]
 
@@ -42,38 +43,19 @@ class FeatureExtractor(Protocol):
 class InceptionFeatureExtractor:
     """FID's Inception-v3 features (2048-d pool) from a local weights file, for users with real image data.
 
-    Uses torch-fidelity's `FeatureExtractorInceptionV3` (the network torchmetrics' FID wraps; `pip install
-    torch-fidelity`) loaded from `weights_path` (`weights-inception-2015-12-05-6726825d.pth`); nothing is downloaded.
-    Class accuracy needs `label_map`: for each of the network's 1008 logits, the model's class id (or -1); without
-    it `predict` returns None and no class accuracy is reported.
+    The network is :class:`~dynasearch.quality.inception.FIDInceptionV3` (torch-fidelity's "inception-v3-compat",
+    defined in plain PyTorch) loaded from `weights_path` (`weights-inception-2015-12-05-6726825d.pth`, read with
+    `weights_only=True`); nothing is downloaded. Class accuracy needs `label_map`: for each of the network's 1008
+    logits, the model's class id (or -1); without it `predict` returns None and no class accuracy is reported.
     """
 
     name = "inception-v3"
     num_features = 2048
     accuracy = None
 
-    def __init__(self, weights_path: str | Path, label_map: Sequence[int] | None = None, batch_size: int = 64) -> None:
-        path = Path(weights_path).expanduser()
-        if not path.is_file():
-            raise CheckpointError(
-                f"Inception weights file '{path}' does not exist; fetch it yourself "
-                "(weights-inception-2015-12-05-6726825d.pth from torch-fidelity's releases) and pass its path"
-            )
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import (
-                FeatureExtractorInceptionV3,
-            )
-        except ImportError:
-            raise DynasearchError(
-                "Inception features need the optional 'torch-fidelity' package (pip install torch-fidelity)"
-            ) from None
-        try:
-            net = FeatureExtractorInceptionV3(
-                "inception-v3-compat", ["2048", "logits"], feature_extractor_weights_path=str(path)
-            )
-        except Exception as exc:  # noqa: BLE001 - a bad file surfaces as many error types
-            raise CheckpointError(f"Inception weights file '{path}' cannot be loaded: {exc}") from None
-        self.net = net.eval()
+    def __init__(self, weights_path: str | Path, label_map: Sequence[int] | None = None, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> None:
+        self.net = load_fid_inception(weights_path, device)
         self.label_map = None if label_map is None else torch.as_tensor(list(label_map), dtype=torch.long)
         self.batch_size = batch_size
 
@@ -81,7 +63,7 @@ class InceptionFeatureExtractor:
         """Pool features (N, 2048) and logits (N, 1008) of images in [-1, 1], batch by batch."""
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise DataError(f"Inception features need (N, 1 or 3, H, W) images, got shape {tuple(images.shape)}")
-        x = ((images.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
+        x = (127.5 * images.detach().float().cpu() + 128.0).clamp(0, 255).to(torch.uint8)  # (N, C, H, W), as DiT
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1).contiguous()  # (N, 3, H, W)
         device = next(self.net.parameters()).device
@@ -89,8 +71,8 @@ class InceptionFeatureExtractor:
         with torch.no_grad():
             for chunk in x.split(self.batch_size):
                 f, lg = self.net(chunk.to(device))
-                feats.append(f.reshape(len(chunk), -1).float().cpu())  # (B, 2048)
-                logits.append(lg.reshape(len(chunk), -1).float().cpu())  # (B, 1008)
+                feats.append(f.float().cpu())  # (B, 2048)
+                logits.append(lg.float().cpu())  # (B, 1008)
         return torch.cat(feats), torch.cat(logits)
 
     def features(self, images: Tensor) -> Tensor:

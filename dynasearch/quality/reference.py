@@ -70,8 +70,8 @@ def _latent_error(config: DiTConfig, data: str | None) -> DataError:
     trained = f" trained on '{data}'" if data else ""
     return DataError(
         f"model '{config.name}' ({_shape(config)}){trained} generates latents, not images: scoring it needs a VAE "
-        "decoder and Inception features, which are not built in (evaluate_quality() takes decode= and an "
-        "InceptionFeatureExtractor)"
+        "decoder and Inception features: pass --vae DIR --inception-weights FILE --ref REF.npz (in Python: "
+        "run_fid, or evaluate_quality with decode= and an InceptionFeatureExtractor)"
     )
 
 
