@@ -15,6 +15,7 @@ from ..checkpoint.native import CONFIG_NAME
 from ..errors import DiskFullError, DynasearchError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
+from ..train.compile import RECOMPILE_LIMIT
 from ..train.config import (
     SUPERNET_RUN,
     RunKind,
@@ -24,6 +25,7 @@ from ..train.config import (
 )
 from ..train.dist import TrainingInterrupted
 from ..train.loop import train_supernet
+from ..train.presets import PRESETS
 from ..train.result import TrainResult
 from ..train.run_dir import STATE_NAME
 from ._app import app, console, stop
@@ -44,6 +46,22 @@ class LrSchedule(str, Enum):
     cosine = "cosine"
 
 
+class Precision(str, Enum):
+    """--precision choices."""
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Logger(str, Enum):
+    """--log choices."""
+    csv = "csv"
+    tensorboard = "tensorboard"
+
+
+PresetName = Enum("PresetName", {name: name for name in PRESETS}, type=str)  # --preset choices
+
+
 # The options every training command has (train-supernet, finetune): each one's help once, each command's default.
 Steps = Annotated[int, typer.Option(help="Total optimiser steps (a resumed run continues to this step).")]
 BatchSize = Annotated[int, typer.Option(help="Global batch size (split over DDP processes).")]
@@ -53,12 +71,34 @@ Schedule = Annotated[LrSchedule, typer.Option(help="Learning rate after warm-up.
 MinLrRatio = Annotated[float, typer.Option(help="Cosine schedule: final lr as a fraction of --lr.")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
 GradClip = Annotated[float, typer.Option(help="Max total gradient norm (0: no clipping).")]
-DeviceChoice = Annotated[Device, typer.Option(help="auto: CUDA when available (bf16 autocast), else CPU.")]
+DeviceChoice = Annotated[Device, typer.Option(help="auto: CUDA when available, else CPU.")]
 CkptEvery = Annotated[int, typer.Option(help="Checkpoint every N steps (and at the end).")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing --out.")]
 LogEvery = Annotated[int, typer.Option(help="Append metrics (and print a line when not on a terminal) every N steps.")]
 DistTimeout = Annotated[float, typer.Option(help="Seconds a DDP collective waits for a stuck rank.")]
+PrecisionChoice = Annotated[Optional[Precision], typer.Option(
+    help="Autocast precision (default: bf16 on CUDA, fp32 on the CPU); weights, optimiser and EMA stay float32. "
+         "fp16 scales the loss (GradScaler): a step with inf/NaN gradients is skipped and counted in metrics.csv "
+         "(skipped_steps). Kept by --resume.")]
+Tf32 = Annotated[bool, typer.Option("--tf32/--no-tf32", help="TF32 float32 matmuls and convolutions on CUDA (no "
+                                                             "effect on the CPU).")]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile each DiT block's forward with automatic dynamic shapes (MLP width and token "
+                      "count become symbolic; a graph per head count and per full/routed token path, shared by "
+                      "every block; embedders, head, loss and optimiser stay eager; dynamo's recompile limit raised "
+                      f"to {RECOMPILE_LIMIT}). Where compilation is unavailable or fails: one warning, and the run "
+                      "trains without it.")]
+GradCheckpoint = Annotated[bool, typer.Option(
+    "--grad-checkpoint", help="Activation checkpointing per DiT block: keep only each block's input and recompute "
+                              "its activations in the backward (less memory, ~1/3 more compute, equal gradients).")]
+LogChoice = Annotated[Logger, typer.Option(
+    help="csv: metrics.csv; tensorboard: metrics.csv and the same scalars as TensorBoard events in OUT/tensorboard "
+         '(the optional extra: pip install -e ".[tensorboard]").')]
+Preset = Annotated[Optional[PresetName], typer.Option(  # type: ignore[valid-type]
+    help="DiT's fine-tuning recipe, dit-finetune: lr 1e-4 constant without warm-up, EMA 0.9999, weight decay 0, no "
+         "gradient clipping, AdamW betas (0.9, 0.999); options given explicitly override it. config.json records "
+         "it.")]
 
 _DEF = TrainConfig()  # the library's defaults, shown in --help
 
@@ -97,6 +137,12 @@ def train_supernet_command(
     ),
     log_every: LogEvery = _DEF.log_every,
     dist_timeout: DistTimeout = _DEF.dist_timeout,
+    precision: PrecisionChoice = None,
+    tf32: Tf32 = _DEF.tf32,
+    compile: Compile = _DEF.compile,
+    grad_checkpoint: GradCheckpoint = _DEF.grad_checkpoint,
+    log: LogChoice = Logger(_DEF.log),
+    preset: Preset = None,
 ) -> None:
     """Train a weight-sharing supernet with the sandwich rule (torchrun --nproc_per_node K -m dynasearch ... for DDP)."""
     given = {
@@ -125,6 +171,12 @@ def train_supernet_command(
         "reorder": reorder,
         "log_every": log_every,
         "dist_timeout": dist_timeout,
+        "precision": precision,
+        "tf32": tf32,
+        "compile": compile,
+        "grad_checkpoint": grad_checkpoint,
+        "log": log,
+        "preset": preset,
     }
     run_training_command(ctx, given, SUPERNET_RUN, train_supernet)
 
@@ -132,10 +184,12 @@ def train_supernet_command(
 def run_training_command(
     ctx: typer.Context, given: dict[str, Any], kind: RunKind[Any], train: Callable[..., TrainResult]
 ) -> None:
-    """Build the run's arguments from the options (enums and paths as plain values; a --resume takes the stored
-    run's for those left at their defaults), train, print warnings, then the summary -- or the resume hint and exit
-    130 after Ctrl-C."""
+    """Build the run's arguments from the options (enums and paths as plain values; a --preset's values for the
+    options left at their defaults; a --resume takes the stored run's for those), train, print warnings, then the
+    summary -- or the resume hint and exit 130 after Ctrl-C."""
     given = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v for k, v in given.items()}
+    if given.get("preset") is not None:  # explicitly given options override the preset
+        given.update({k: v for k, v in PRESETS[given["preset"]].items() if not _is_explicit(ctx, k)})
     cfg = kind.arguments(**given)
     out = Path(given["out"])
     if given["resume"] and (out / CONFIG_NAME).is_file() and (out / STATE_NAME).is_file():

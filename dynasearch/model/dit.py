@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from einops import rearrange
 
 from .config import DiTConfig
@@ -31,9 +32,10 @@ __all__ = [
 class TimestepEmbedder(nn.Module):
     """Embeds scalar timesteps: sinusoidal features followed by a two-layer MLP."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256) -> None:
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0) -> None:
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift  # 0 in DiT, 1 in diffusers (its downscale_freq_shift)
         self.mlp = nn.Sequential(
             nn.Linear(frequency_embedding_size, hidden_size),
             nn.SiLU(),
@@ -41,10 +43,11 @@ class TimestepEmbedder(nn.Module):
         )
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, shift: float = 0.0) -> torch.Tensor:
         """Sinusoidal features [cos | sin] of (possibly fractional) timesteps (B,) -> (B, dim)."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)  # (half,)
+        freqs = torch.exp(exponent / (half - shift))  # (half,)
         args = t.float()[:, None] * freqs[None]  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2*half)
         if dim % 2:
@@ -53,7 +56,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """Embeddings (B, D) of timesteps (B,)."""
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (B, 256)
+        freq = self.timestep_embedding(t, self.frequency_embedding_size, shift=self.freq_shift)  # (B, 256)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))  # (B, D)
 
 
@@ -107,13 +110,14 @@ class DiTBlock(nn.Module):
         qk_norm: bool = False,
         token_selection: bool = True,
         router_hidden: int = 16,
+        mlp_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         self.hidden_size = hidden_size
         self.router_hidden = router_hidden
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, head_dim=head_dim, qk_norm=qk_norm)
-        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, mlp_hidden, num_groups=max(1, mlp_hidden // mlp_group_size))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.token_selection = token_selection
@@ -167,7 +171,9 @@ class DiTBlock(nn.Module):
         straight_through = (1.0 + gate - gate.detach()).unsqueeze(-1)  # (B, k, 1): value 1, router gets gradients
         out = self.mlp(h.gather(1, idx_d), choice.mlp_hidden, mlp_mask)  # (B, k, D)
         out = out * (gate_mlp.unsqueeze(1) * straight_through)  # (B, k, D)
-        return x.scatter_add(1, idx_d, out)  # (B, N, D): unselected tokens keep their residual value
+        # (B, N, D): unselected tokens keep their residual value; `out` in x's dtype as CUDA autocast promotes
+        # scatter_add (CPU autocast does not: bf16 `out` into a float32 residual would fail there)
+        return x.scatter_add(1, idx_d, out.to(x.dtype))
 
     def to_static(self, choice: BlockChoice) -> DiTBlock:
         """A block of `choice.heads` heads and `choice.mlp_hidden` MLP channels holding a copy of that slice."""
@@ -181,6 +187,7 @@ class DiTBlock(nn.Module):
             qk_norm=self.attn.qk_norm,
             token_selection=self.token_selection,
             router_hidden=self.router_hidden,
+            mlp_norm_eps=self.norm2.eps,
         )
         block.attn = self.attn.to_static(choice.heads)
         block.mlp = self.mlp.to_static(choice.mlp_hidden)
@@ -213,9 +220,10 @@ class DiT(nn.Module):
         super().__init__()
         self.config = config
         self.complete_model = complete_model
+        self.grad_checkpoint = False  # per-block activation checkpointing in forward (training memory for compute)
         d = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, freq_shift=config.time_shift)
         self.y_embedder = LabelEmbedder(config.num_classes, d, config.class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, config.num_tokens, d), requires_grad=False)
         self.blocks = nn.ModuleList(
@@ -228,6 +236,7 @@ class DiT(nn.Module):
                 qk_norm=config.qk_norm,
                 token_selection=config.token_selection,
                 router_hidden=config.router_hidden,
+                mlp_norm_eps=config.mlp_norm_eps,
             )
             for i in range(config.depth)
         )
@@ -314,8 +323,12 @@ class DiT(nn.Module):
         else:
             choices = self._subnet.blocks
         h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
+        checkpointed = self.grad_checkpoint and torch.is_grad_enabled()
         for block, choice in zip(self.blocks, choices):
-            h = block(h, c, choice)  # (B, N, D)
+            if checkpointed:  # keep only the block's input; its activations are recomputed in the backward
+                h = torch.utils.checkpoint.checkpoint(block, h, c, choice, use_reentrant=False)  # (B, N, D)
+            else:
+                h = block(h, c, choice)  # (B, N, D)
         return self.head(h, c)  # (B, C_out, H, W)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """What a run trains, and with what: the supernet (from scratch, from a resumed run's config, or from --init-from -- a
 dynasearch checkpoint or an original DiT state dict -- re-ordered by importance when asked), its data, search space,
-diffusion, optimiser and EMA (:class:`TrainSetup`), and what config.json records about the run."""
+diffusion, optimiser, EMA, precision, loss scaler and compiled blocks (:class:`TrainSetup`), and what config.json
+records about the run."""
 
 from __future__ import annotations
 
@@ -16,23 +17,18 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..checkpoint.dit import infer_config_from_state_dict, load_dit_state_dict
-from ..checkpoint.native import (
-    CONFIG_NAME,
-    WEIGHT_NAMES,
-    check_state_dict,
-    load_weights,
-    read_config,
-)
+from ..checkpoint.native import CONFIG_NAME, check_state_dict
+from ..checkpoint.pretrained import read_pretrained
 from ..data import DatasetSplit, load_dataset, parse_data_spec
 from ..diffusion.factory import diffusion_for
 from ..diffusion.gaussian import GaussianDiffusion
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError
 from ..model.config import DiTConfig, get_config
 from ..model.dit import DiT
 from ..slicing import reorder_by_importance
 from ..space import SearchSpace, load_space
 from ..version import __version__
+from .compile import BlockCompiler
 from .config import (
     DATA_SPLIT_SEED,
     DEFAULT_MODEL,
@@ -42,9 +38,11 @@ from .config import (
 )
 from .dist import DistInfo
 from .ema import EMA
+from .precision import LossScaler, autocast_dtype, check_precision, make_scaler, resolve_precision
+from .presets import ADAMW_BETAS, ADAMW_EPS, preset_record
 
-__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "make_setup", "run_meta", "run_record",
-           "versions"]
+__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "make_setup", "run_arguments", "run_meta",
+           "run_record", "versions"]
 
 
 @dataclass
@@ -58,8 +56,11 @@ class TrainSetup:
     params: list[torch.nn.Parameter]  # the trained parameters
     optimizer: torch.optim.Optimizer
     ema: EMA
-    autocast_dtype: torch.dtype | None  # bf16 on CUDA, none on the CPU
+    autocast_dtype: torch.dtype | None  # the precision's (None: fp32, no autocast)
     init: dict[str, Any]  # how the weights were initialised (build_model's record)
+    precision: str = "fp32"  # fp32 | bf16 | fp16, resolved for the device
+    scaler: LossScaler | None = None  # fp16's loss scaling (None otherwise)
+    compiler: BlockCompiler | None = None  # the compiled blocks (None: --compile not asked for)
 
     @property
     def config(self) -> DiTConfig:
@@ -88,18 +89,32 @@ def make_setup(
     init: dict[str, Any],
     space: SearchSpace | None = None,
 ) -> TrainSetup:
-    """What trains `model` on `split`: its diffusion, AdamW over every trainable parameter, the EMA, the autocast
-    dtype (the model moves to `device`, in training mode)."""
+    """What trains `model` on `split`: its diffusion, AdamW over every trainable parameter, the EMA, the precision
+    (autocast dtype and fp16's loss scaler), activation checkpointing and compiled blocks when asked (the model moves
+    to `device`, in training mode)."""
     if cfg.batch_size % ddp.world:
         raise TrainingError(f"--batch-size {cfg.batch_size} is not divisible by the {ddp.world} DDP processes")
     model.config.check_batch(cfg.batch_size // ddp.world, "--batch-size")
+    precision = resolve_precision(cfg.precision, device)
+    check_precision(precision, device)
     diffusion = diffusion_for(model.config)
     model.to(device).train()
+    model.grad_checkpoint = cfg.grad_checkpoint
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999))
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=ADAMW_BETAS, eps=ADAMW_EPS)
     ema = EMA(model, cfg.ema_decay)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    return TrainSetup(split, space, model, diffusion, params, optimizer, ema, autocast_dtype, init)
+    compiler = BlockCompiler(model) if cfg.compile else None
+    if compiler is not None:
+        compiler.enable()
+    return TrainSetup(split, space, model, diffusion, params, optimizer, ema, autocast_dtype(precision), init,
+                      precision, make_scaler(precision, device), compiler)
+
+
+def run_arguments(cfg: RunArgs, setup: TrainSetup, section: dict[str, Any]) -> dict[str, Any]:
+    """A run's arguments section of config.json: `section` (the arguments, resolved) with the precision used and,
+    under a preset, what it set (:func:`~dynasearch.train.presets.preset_record`)."""
+    record = preset_record(cfg.preset, cfg.to_dict())
+    return {**section, "precision": setup.precision, **({"preset_values": record} if record else {})}
 
 
 def run_meta(
@@ -109,7 +124,7 @@ def run_meta(
     initialised (as the `resumed` run's config.json says, if any), seeds, DDP, device, package versions."""
     init = resumed.get("init", setup.init) if resumed is not None else setup.init
     return {
-        "train": {**cfg.to_dict(), "model": setup.config.name, "reorder": cfg.do_reorder},
+        "train": run_arguments(cfg, setup, {**cfg.to_dict(), "model": setup.config.name, "reorder": cfg.do_reorder}),
         "space": setup.space.to_dict(),
         "data": setup.split.describe(),
         "init": init,
@@ -170,26 +185,11 @@ def build_model(cfg: TrainConfig, split: DatasetSplit, stored_model: dict[str, A
         info: dict[str, Any] = {"kind": "scratch"}
         model = DiT(config)
     else:
-        src = Path(cfg.init_from)
-        if src.is_dir():
-            doc = read_config(src)
-            try:
-                base = DiTConfig.from_dict(doc["model"])
-            except ConfigError as exc:
-                raise CheckpointError(f"--init-from '{src}': {exc}") from None
-            if base.is_sliced:
-                raise TrainingError(f"--init-from '{src}' is a sliced model; a supernet needs full-width weights")
-            weights = next((src / n for n in WEIGHT_NAMES if (src / n).is_file()), None)
-            if weights is None:
-                raise CheckpointError(f"--init-from '{src}' has no weights file ({' or '.join(WEIGHT_NAMES)})")
-            state = load_weights(weights)
-            kind = "dynasearch"
-        elif src.exists():
-            state = load_dit_state_dict(src)
-            base = infer_config_from_state_dict(state, source=f"--init-from '{src}'")
-            kind = "dit"
-        else:
-            raise CheckpointError(f"--init-from '{src}' does not exist")
+        src = Path(cfg.init_from)  # any format of load_pretrained: dynasearch, DiT / fast-DiT .pt[#ema|#model], diffusers
+        loaded = read_pretrained(src, what="--init-from")
+        base, state, kind = loaded.config, loaded.state, loaded.kind
+        if base.is_sliced:
+            raise TrainingError(f"--init-from '{src}' is a sliced model; a supernet needs full-width weights")
         if cfg.model is not None and cfg.model != base.name:
             raise TrainingError(f"--init-from '{src}' holds a {base.name} but --model is {cfg.model}")
         try:

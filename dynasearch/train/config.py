@@ -15,10 +15,13 @@ from ..checks import SUBNET_BYTES, check_memory, check_seed
 from ..errors import ConfigError, DynasearchError, TrainingError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
+from .precision import PRECISIONS
+from .presets import PRESETS, check_preset
+from .tensorboard_log import require_logger
 
 __all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "NUMBER_RULES", "RESUMABLE", "SUPERNET_RUN", "ArgsDataclass", "RunArgs",
-           "RunKind", "TrainConfig", "TrainingWarning", "check_ints", "check_numbers", "check_run_args", "flag",
-           "fspath_fields", "learning_rate", "load_run_config"]
+           "RunKind", "TrainConfig", "TrainingWarning", "check_ints", "check_numbers", "check_run_args",
+           "check_scale_args", "flag", "fspath_fields", "learning_rate", "load_run_config"]
 
 DEFAULT_MODEL = "DiT-T/2"
 """The model trained when neither --model nor --init-from is given."""
@@ -27,8 +30,10 @@ DATA_SPLIT_SEED = 0
 """Seed of the train/val split (fixed, so every run and the quality metric share one validation set)."""
 
 _DEVICES = ("auto", "cpu", "cuda")
-RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "out", "resume", "overwrite", "dist_timeout")
-"""TrainConfig fields a resumed run may change; every other field must match the stored run."""
+RESUMABLE = ("steps", "ckpt_every", "log_every", "device", "out", "resume", "overwrite", "dist_timeout", "tf32",
+             "compile", "grad_checkpoint", "log")
+"""TrainConfig fields a resumed run may change (how long, how often, where and how fast it runs, what it logs to);
+every other field -- the precision included -- must match the stored run."""
 
 
 class TrainingWarning(UserWarning):
@@ -55,6 +60,12 @@ class RunArgs(Protocol):
     resume: bool
     overwrite: bool
     dist_timeout: float
+    precision: str | None
+    tf32: bool
+    compile: bool
+    grad_checkpoint: bool
+    log: str
+    preset: str | None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (every field)."""
@@ -93,6 +104,12 @@ class ArgsDataclass:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
+    @classmethod
+    def from_preset(cls: type[T], preset: str, **kwargs: Any) -> T:
+        """The arguments of preset `preset` (see :mod:`dynasearch.train.presets`), `kwargs` overriding its values."""
+        check_preset(preset)
+        return cls(**{**PRESETS[preset], **kwargs, "preset": preset})
+
 
 def fspath_fields(args: object, keys: Sequence[str]) -> None:
     """Store path-like values of these fields of a frozen dataclass as plain strings (JSON-ready)."""
@@ -130,6 +147,18 @@ def check_run_args(args: RunArgs) -> None:
     if args.resume and args.overwrite:
         raise TrainingError("--resume and --overwrite exclude each other")
     check_seed(args.seed, "--seed", TrainingError)
+    check_scale_args(args)
+
+
+def check_scale_args(args: RunArgs) -> None:
+    """The checks of the options for training at scale: precision, TF32, compile, checkpointing, logger, preset."""
+    if args.precision is not None and args.precision not in PRECISIONS:
+        raise TrainingError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
+    for key in ("tf32", "compile", "grad_checkpoint"):
+        if not isinstance(getattr(args, key), bool):
+            raise TrainingError(f"{flag(key)} must be true or false, got {getattr(args, key)!r}")
+    check_preset(args.preset)
+    require_logger(args.log)
 
 
 @dataclass(frozen=True)
@@ -141,6 +170,8 @@ class TrainConfig(ArgsDataclass):
     The learning rate is far above DiT's 1e-4 because the model is tiny and the run short (measured on digits:
     3e-3 with cosine decay reached in 600 steps what 1e-3 reached in ~1,000). ``ema_decay`` 0.999 with warm-up
     (see :class:`EMA`) suits such short runs; DiT's 0.9999 averages over ~10k steps and suits runs of 100k+ steps.
+    Fine-tuning a pretrained DiT (``init_from``) takes DiT's recipe: ``TrainConfig.from_preset("dit-finetune",
+    init_from=...)`` (``--preset dit-finetune``).
     """
 
     model: str | None = None  # registry name; None: DEFAULT_MODEL, or the architecture of `init_from`
@@ -168,6 +199,12 @@ class TrainConfig(ArgsDataclass):
     reorder: bool | None = None  # re-order heads/channels by importance first; None: on with init_from
     log_every: int = 25
     dist_timeout: float = 600.0  # seconds a collective may wait for a dead or stuck rank
+    precision: str | None = None  # fp32 | bf16 | fp16 (autocast; fp16 with loss scaling); None: bf16 on CUDA, else fp32
+    tf32: bool = True  # TF32 float32 matmuls and convolutions on CUDA
+    compile: bool = False  # torch.compile each block (see dynasearch.train.compile)
+    grad_checkpoint: bool = False  # per-block activation checkpointing
+    log: str = "csv"  # csv (metrics.csv) | tensorboard (metrics.csv and OUT/tensorboard events)
+    preset: str | None = None  # a named set of hyper-parameters (dynasearch.train.presets), recorded with the run
 
     def __post_init__(self) -> None:
         fspath_fields(self, ("out", "init_from", "space"))
@@ -182,6 +219,11 @@ class TrainConfig(ArgsDataclass):
         check_memory(self.sandwich * SUBNET_BYTES, f"--sandwich {self.sandwich} (subnets per step)", TrainingError)
         check_numbers(self, ("lr", "weight_decay", "grad_clip", "distill", "ema_decay", "min_lr_ratio", "dist_timeout"))
         check_run_args(self)
+        if self.preset is not None and self.init_from is None:
+            raise TrainingError(
+                f"--preset {self.preset} is the recipe for fine-tuning a pretrained model: pass --init-from (a DiT "
+                "checkpoint), or give --lr, --ema-decay, ... yourself to train from scratch"
+            )
 
     @property
     def do_reorder(self) -> bool:
@@ -212,7 +254,7 @@ class RunKind(Generic[A]):
 
 
 SUPERNET_RUN: RunKind[TrainConfig] = RunKind(
-    "train-supernet", "train", TrainConfig, SUPERNET_NAME, RESUMABLE, ("model", "reorder")
+    "train-supernet", "train", TrainConfig, SUPERNET_NAME, RESUMABLE, ("model", "reorder", "precision")
 )
 """A `dynasearch train-supernet` run directory."""
 

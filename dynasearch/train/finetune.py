@@ -32,13 +32,14 @@ from ..diffusion.gaussian import GaussianDiffusion
 from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
-from .build import TrainSetup, make_setup, run_record
+from .build import TrainSetup, make_setup, run_arguments, run_record
 from .config import RunKind
 from .dist import DistInfo
 from .finetune_config import FINETUNE_RUN, FinetuneConfig
 from .finetune_source import FinetuneSource, load_source, stored_arguments
 from .loop import StepJob, open_run_dir, run_distributed, run_steps
 from .metrics import StepDone, SubnetLoss
+from .precision import LossScaler
 from .result import TrainResult
 from .run_dir import RAW_NAME
 from .sandwich import EpochOrder, TrainBatch, draw_batch, forward_output
@@ -82,13 +83,15 @@ def finetune_step(
     teacher: DiT | None = None,
     schedule: SubnetSchedule | None = None,
     autocast_dtype: torch.dtype | None = None,
+    scaler: LossScaler | None = None,
 ) -> SubnetLoss:
     """Forward and backward the subnet on `batch` (gradients accumulate in `.grad`, no optimiser step) on
     ``(1 - weight) * diffusion loss + weight * MSE(epsilon, teacher's full-width epsilon)``.
 
     With a `schedule` each sample runs its timestep bucket's subnet (one pass per bucket, weighted by its share of
     the batch). Without a `teacher` the objective is the diffusion loss alone (`weight` must be 0); with one and
-    ``weight == 0`` the distillation term is measured but not trained on. Labels are used as given.
+    ``weight == 0`` the distillation term is measured but not trained on. Labels are used as given; a `scaler`
+    (fp16) multiplies the back-propagated objective by its loss scale.
     """
     if teacher is None and weight:
         raise ValueError(f"distillation weight {weight} needs a teacher")
@@ -107,7 +110,8 @@ def finetune_step(
                 target = forward_output(teacher, part.x_t, part.t, part.y, full, autocast_dtype)[:, :c]
             kd = ((output[:, :c] - target) ** 2).flatten(1).mean(dim=1)  # (b,)
         objective = (1.0 - weight) * gt + weight * kd if weight else gt
-        (objective.sum() / n).backward()
+        part_loss = objective.sum() / n
+        (scaler.scale(part_loss) if scaler is not None else part_loss).backward()
         totals += torch.stack([objective.sum(), gt.sum(), kd.sum()]).detach() / n
     values = totals.tolist()  # one sync per step
     trained = schedule.union() if schedule is not None else model.subnet
@@ -167,7 +171,7 @@ class FinetuneJob(StepJob):
         shard = batch.shard(ddp.rank, ddp.world).to(device)
         setup.optimizer.zero_grad(set_to_none=True)
         loss = finetune_step(setup.model, setup.diffusion, shard, self.source.distill_weight, self.teacher, schedule,
-                             setup.autocast_dtype)
+                             setup.autocast_dtype, setup.scaler)
         return [("subnet", loss.subnet)], [loss]
 
     def step_gflops(self, t: Tensor) -> tuple[float, float]:
@@ -219,7 +223,7 @@ def _finetune(cfg: FinetuneConfig, ddp: DistInfo, device: torch.device, show: bo
     teacher = source.teacher.to(device) if source.teacher is not None else None
     meta = {
         **source.record,
-        FINETUNE_RUN.section: source.resolved(cfg),
+        FINETUNE_RUN.section: run_arguments(cfg, setup, source.resolved(cfg)),
         "init": init,
         "seeds": {
             "seed": cfg.seed,

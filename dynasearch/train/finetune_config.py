@@ -28,7 +28,8 @@ class FinetuneConfig(ArgsDataclass):
     warm-up). Measured on the digits (the demo's 600-step DiT-T/2 supernet, its searched 0.5x subnet, 300 steps,
     FD of 1,000 samples, seeds 0/1): inherited 35.3/35.6; lr 3e-3 27.1/27.6 without distillation, 28.9/29.4 with
     w = 0.5; lr 1e-3 27.2/28.0 and 29.2/30.4. So distillation is off unless asked for (--teacher or
-    --distill-weight).
+    --distill-weight). A pretrained DiT's subnet takes DiT's recipe instead: ``--preset dit-finetune``
+    (:meth:`from_preset`: lr 1e-4 constant, EMA 0.9999, no weight decay, no clipping).
     """
 
     checkpoint: str | None = None  # the exported (sliced) checkpoint; None with --resume: as stored
@@ -51,6 +52,12 @@ class FinetuneConfig(ArgsDataclass):
     overwrite: bool = False
     log_every: int = 25
     dist_timeout: float = 600.0
+    precision: str | None = None  # fp32 | bf16 | fp16; None: bf16 on CUDA, else fp32 (a resume: as stored)
+    tf32: bool = True  # TF32 float32 matmuls and convolutions on CUDA
+    compile: bool = False  # torch.compile each block (see dynasearch.train.compile)
+    grad_checkpoint: bool = False  # per-block activation checkpointing
+    log: str = "csv"  # csv | tensorboard (metrics.csv and OUT/tensorboard events)
+    preset: str | None = None  # a named set of hyper-parameters (dynasearch.train.presets)
 
     def __post_init__(self) -> None:
         fspath_fields(self, ("checkpoint", "teacher", "out"))
@@ -71,7 +78,7 @@ FINETUNE_RUN: RunKind[FinetuneConfig] = RunKind(
     arguments=FinetuneConfig,
     weights=WEIGHT_NAMES[0],  # model.safetensors: the output is a sliced checkpoint like any export
     resumable=RESUMABLE,  # as a supernet run's: steps, cadence, device
-    as_stored=("checkpoint", "teacher", "distill_weight"),
+    as_stored=("checkpoint", "teacher", "distill_weight", "precision"),
     what="fine-tuning run",
 )
 """A `dynasearch finetune` output directory: a sliced checkpoint (EMA weights) plus the run's files."""

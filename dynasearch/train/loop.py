@@ -3,16 +3,18 @@ step after another -- the sandwich step, the ranks' agreed losses and stop reque
 checkpoints. :func:`run_steps` drives any :class:`StepJob` (`dynasearch finetune` is another) through the same loop.
 
 The run directory holds ``supernet.safetensors`` (EMA weights, loadable with ``load_checkpoint(out)``),
-``raw.safetensors`` (current weights), ``config.json``, ``train_state.pt`` (optimiser, RNG, step; tensors and
-plain Python only) and ``metrics.csv``. A checkpoint is one transaction (all files, then a commit record, then
-renames; :func:`~dynasearch.train.run_dir.save_run`): a process killed at any moment leaves the previous or the new
-checkpoint whole, never a mix, and ``--resume`` repairs the directory first. Ctrl-C or SIGTERM stop at the end of
-the step with a checkpoint (:class:`TrainingInterrupted`); under DDP a signal on any rank stops every rank after the
+``raw.safetensors`` (current weights), ``config.json``, ``train_state.pt`` (optimiser, RNG, step, fp16's loss scale;
+tensors and plain Python only), ``metrics.csv`` and, with ``--log tensorboard``, ``tensorboard/`` (the same
+scalars). A checkpoint is one transaction (all files, then a commit record, then renames;
+:func:`~dynasearch.train.run_dir.save_run`): a process killed at any moment leaves the previous or the new checkpoint
+whole, never a mix, and ``--resume`` repairs the directory first. Ctrl-C or SIGTERM stop at the end of the step
+with a checkpoint (:class:`TrainingInterrupted`); under DDP a signal on any rank stops every rank after the
 same step, and a dead or stuck rank fails the others after at most ``--dist-timeout`` seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -49,12 +51,14 @@ from .dist import (
 from .metrics import (
     METRIC_COLUMNS,
     MetricsLog,
+    RowSink,
     StepDone,
     SubnetLoss,
     check_finite,
     check_grad_norm,
     metrics_row,
 )
+from .precision import SCALER_COLUMNS, tf32_mode
 from .progress import Progress, sandwich_info
 from .result import TrainResult
 from .run_dir import (
@@ -68,6 +72,7 @@ from .run_dir import (
     save_run,
 )
 from .sandwich import EpochOrder, draw_batch, sandwich_step, sandwich_subnets
+from .tensorboard_log import TENSORBOARD_DIR, TensorBoardSink
 
 __all__ = ["StepJob", "SandwichJob", "train_supernet", "open_run_dir", "resume_or_start", "run_distributed",
            "run_steps"]
@@ -136,11 +141,12 @@ def train_supernet(cfg: TrainConfig, progress: bool = True) -> TrainResult:
 
 
 def run_distributed(cfg: C, progress: bool, body: Callable[[C, DistInfo, torch.device, bool], R]) -> R:
-    """Run `body(cfg, ddp, device, show)` inside the process group torchrun describes (none without torchrun);
-    `show` is `progress` on rank 0 only."""
+    """Run `body(cfg, ddp, device, show)` inside the process group torchrun describes (none without torchrun), with
+    TF32 on CUDA as `cfg.tf32` says; `show` is `progress` on rank 0 only."""
     ddp, device = setup_distributed(cfg)
     try:
-        return body(cfg, ddp, device, progress and ddp.is_main)
+        with tf32_mode(cfg.tf32, device):
+            return body(cfg, ddp, device, progress and ddp.is_main)
     finally:
         if ddp.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -150,6 +156,8 @@ def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) ->
     """The body of :func:`train_supernet` on one rank (the process group is set up by the caller)."""
     # -- setup: the run directory decides fresh or resumed; data, space and model (user errors before any write)
     repaired, doc = open_run_dir(cfg, ddp)
+    if doc is not None and cfg.precision is None:  # a resume keeps the run's precision
+        cfg = cfg.replace(precision=doc[SUPERNET_RUN.section].get("precision"))
     setup = build_setup(cfg, ddp, device, doc["model"] if doc is not None else None)
     meta = run_meta(cfg, setup, ddp, device, doc)
     return run_steps(SandwichJob(cfg, setup), ddp, device, show, meta, doc, repaired)
@@ -168,10 +176,12 @@ def run_steps(
     the ranks' agreement, the optimiser step, logging, checkpoints (config.json = `meta`), a stop when asked."""
     cfg, setup, kind = job.cfg, job.setup, job.kind
     out = Path(cfg.out)
-    metrics = MetricsLog(out / METRICS_NAME, enabled=ddp.is_main, columns=job.columns)
+    columns = (*job.columns, *(SCALER_COLUMNS if setup.scaler is not None else ()))
+    metrics = MetricsLog(out / METRICS_NAME, enabled=ddp.is_main, columns=columns)
 
     # -- resume (every rank reads the checkpoint) or start fresh (rank 0 clears old run files)
     start, elapsed = resume_or_start(out, ddp, setup, doc, metrics, kind)
+    metrics.sink = make_sink(cfg, out, columns, start, ddp)
 
     # -- the steps: the job's passes, agree over the ranks, optimiser step, log, checkpoint, stop when asked
     order = EpochOrder(int(setup.split.train_x.shape[0]), cfg.seed)
@@ -189,7 +199,8 @@ def run_steps(
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             lr = set_learning_rate(setup.optimizer, cfg, step)
-            subnets, losses = job.forward_backward(order, ddp, device, step)
+            passes = functools.partial(job.forward_backward, order, ddp, device, step)
+            subnets, losses = setup.compiler.run(passes) if setup.compiler is not None else passes()
             with collective(ddp, f"step {step}: averaging gradients over the DDP processes", out, last_ckpt):
                 average_gradients(setup.params, ddp)
                 synced = StepSync.local(losses, stop.requested).all_reduce(ddp, device)  # all ranks stop together
@@ -199,6 +210,7 @@ def run_steps(
             step_seconds = time.perf_counter() - t0
             elapsed += step_seconds
             row = job.metrics_row(StepDone(step, synced.losses, lr, grad_norm, step_seconds, elapsed, subnets))
+            row.update(setup.scaler.row() if setup.scaler is not None else {})
             log_step(row, metrics, reporter, cfg.log_every)
             if step % cfg.ckpt_every == 0 or step == cfg.steps or synced.stop_by:
                 last_ckpt = checkpoint(out, ddp, setup, step, meta, metrics, kind)
@@ -206,11 +218,15 @@ def run_steps(
                 stop_every_rank(cfg, ddp, step, synced.stop_by[0], kind)
     except BaseException:  # before the first checkpoint an --overwrite is undone: the replaced run comes back
         if last_ckpt is None and ddp.is_main:
+            if metrics.sink is not None:
+                metrics.sink.close()  # its event file goes with the new run's files
             restore_previous_run(out, kind)
         raise
     finally:
         stop.uninstall()
         reporter.close()
+        if metrics.sink is not None:
+            metrics.sink.close()
     seconds = time.perf_counter() - t_session
     if start >= cfg.steps:
         reporter.note(f"'{out}' is already at step {start} (--steps {cfg.steps}); nothing to do")
@@ -228,6 +244,8 @@ def run_steps(
         seconds=seconds,
         rows=metrics.rows,
         init=meta["init"],
+        precision=setup.precision,
+        skipped_steps=setup.scaler.skipped if setup.scaler is not None else 0,
     )
 
 
@@ -270,13 +288,21 @@ def resume_or_start(
     barrier(ddp)
     start, elapsed = 0, 0.0
     if doc is not None:
-        start = restore_run(out, setup.model, setup.ema, setup.optimizer, doc, kind)
+        start = restore_run(out, setup.model, setup.ema, setup.optimizer, doc, kind, setup.scaler)
         elapsed = metrics.restore(start)
     elif ddp.is_main:
         make_run_dir(out, kind)
     broadcast_weights(setup.model, ddp)
     barrier(ddp)
     return start, elapsed
+
+
+def make_sink(cfg: RunArgs, out: Path, columns: Sequence[str], start: int, ddp: DistInfo) -> RowSink | None:
+    """Where metrics rows go besides metrics.csv: TensorBoard events under ``--log tensorboard`` (rank 0 only; a
+    resumed run drops the events written past its checkpoint)."""
+    if cfg.log != "tensorboard" or not ddp.is_main:
+        return None
+    return TensorBoardSink(out / TENSORBOARD_DIR, columns, purge_step=start + 1 if start else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -301,7 +327,7 @@ def forward_backward(
     batch = batch.shard(ddp.rank, ddp.world).to(device)
     subnets = sandwich_subnets(setup.space, setup.config, cfg.seed, step, cfg.sandwich)
     setup.optimizer.zero_grad(set_to_none=True)
-    losses = sandwich_step(setup.model, setup.diffusion, batch, subnets, cfg.distill, setup.autocast_dtype)
+    losses = sandwich_step(setup.model, setup.diffusion, batch, subnets, cfg.distill, setup.autocast_dtype, setup.scaler)
     return subnets, losses
 
 
@@ -309,10 +335,18 @@ def optimizer_step(
     cfg: RunArgs, setup: TrainSetup, step: int, out: Path, last_ckpt: int | None, metrics: MetricsLog
 ) -> float:
     """Clip the (averaged) gradients, check their norm, take the AdamW step and update the EMA; returns the norm
-    before clipping."""
+    before clipping. Under fp16 the gradients are unscaled first, and a step whose gradients hold an inf or NaN is
+    skipped (no AdamW step, no EMA update; the loss scale shrinks and the skip is counted) instead of stopping."""
+    scaler = setup.scaler
+    if scaler is not None:
+        scaler.unscale_(setup.optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(setup.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf))
-    check_grad_norm(grad_norm, step, out, last_ckpt, metrics)
-    setup.optimizer.step()
+    if scaler is not None:
+        if not scaler.step(setup.optimizer):
+            return grad_norm
+    else:
+        check_grad_norm(grad_norm, step, out, last_ckpt, metrics)
+        setup.optimizer.step()
     setup.ema.update(setup.model)
     return grad_norm
 
@@ -337,7 +371,7 @@ def checkpoint(
     """Write the checkpoint of `step` (rank 0: metrics.csv up to the step, then the transaction); returns `step`."""
     if ddp.is_main:
         metrics.flush()
-        save_run(out, setup.model, setup.ema, setup.optimizer, step, meta, kind)
+        save_run(out, setup.model, setup.ema, setup.optimizer, step, meta, kind, setup.scaler)
     return step
 
 

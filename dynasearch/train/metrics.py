@@ -12,7 +12,7 @@ import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from ..checks import disk_full, is_disk_full
 from ..cost.flops import closed_form_flops
@@ -22,8 +22,8 @@ from ..model.config import DiTConfig
 from ..model.subnet import Subnet
 from .run_dir import kept_message
 
-__all__ = ["METRIC_COLUMNS", "StepDone", "SubnetLoss", "MetricsLog", "metrics_row", "check_finite", "check_grad_norm",
-           "subnets_digest"]
+__all__ = ["METRIC_COLUMNS", "RowSink", "StepDone", "SubnetLoss", "MetricsLog", "metrics_row", "check_finite",
+           "check_grad_norm", "subnets_digest"]
 
 METRIC_COLUMNS = (
     "step",
@@ -108,11 +108,26 @@ def metrics_row(done: StepDone, config: DiTConfig, batch_size: int) -> dict[str,
     }
 
 
-class MetricsLog:
-    """metrics.csv: rows buffered in memory and appended (fsync'd) on flush; a resume truncates rows past its step."""
+class RowSink(Protocol):
+    """Somewhere else the rows metrics.csv receives are written (TensorBoard events), as they are appended."""
 
-    def __init__(self, path: Path, enabled: bool, columns: Sequence[str] = METRIC_COLUMNS) -> None:
-        self.path, self.enabled, self.columns = path, enabled, tuple(columns)
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Record these rows (just appended to metrics.csv)."""
+        ...
+
+    def close(self) -> None:
+        """Finish writing."""
+        ...
+
+
+class MetricsLog:
+    """metrics.csv: rows buffered in memory and appended (fsync'd) on flush, and then handed to `sink` (if any); a
+    resume truncates rows past its step."""
+
+    def __init__(
+        self, path: Path, enabled: bool, columns: Sequence[str] = METRIC_COLUMNS, sink: RowSink | None = None
+    ) -> None:
+        self.path, self.enabled, self.columns, self.sink = path, enabled, tuple(columns), sink
         self.pending: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []  # this session's rows (for the summary)
 
@@ -166,6 +181,8 @@ class MetricsLog:
             if is_disk_full(exc):
                 raise disk_full(self.path) from None
             raise
+        if self.sink is not None:
+            self.sink.write(self.pending)
         self.pending = []
 
 

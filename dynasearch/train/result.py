@@ -36,6 +36,8 @@ class TrainResult:
     seconds: float  # wall time of this session's training loop
     rows: list[dict[str, Any]] = field(default_factory=list)  # this session's metrics rows
     init: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # the autocast precision the run trained in
+    skipped_steps: int = 0  # fp16: steps skipped for inf/NaN gradients (over the whole run)
 
     @property
     def steps_run(self) -> int:
@@ -79,7 +81,8 @@ class TrainResult:
         table.add_column("what")
         table.add_column("value", justify="right")
         table.add_row("steps", f"{self.step} (this session {self.start_step} -> {self.step})")
-        table.add_row("device", f"{self.device} x {self.world_size}")
+        skipped = f", {self.skipped_steps} steps skipped (inf/NaN gradients)" if self.precision == "fp16" else ""
+        table.add_row("device", f"{self.device} x {self.world_size}, {self.precision}{skipped}")
         table.add_row("parameters", f"{self.params / 1e6:.2f} M")
         table.add_row("time", f"{self.seconds:.1f} s ({self.steps_per_second:.2f} steps/s)")
         for key, value in self.final_losses().items():

@@ -22,9 +22,11 @@ from ..fileio import atomic_write_bytes, atomic_write_text
 from ..model.dit import DiT
 from .config import SUPERNET_RUN, RunArgs, RunKind, flag
 from .ema import EMA
+from .precision import LossScaler
+from .tensorboard_log import TENSORBOARD_DIR
 
-__all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "PENDING_DIR", "COMMIT_NAME", "check_run_dir",
-           "make_run_dir", "run_files", "restore_previous_run", "PREVIOUS_DIR", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
+__all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "RUN_DIRS", "PENDING_DIR", "COMMIT_NAME",
+           "check_run_dir", "make_run_dir", "run_files", "restore_previous_run", "PREVIOUS_DIR", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
            "kept_message"]
 
 RAW_NAME = "raw.safetensors"
@@ -39,6 +41,8 @@ def run_files(kind: RunKind[Any]) -> tuple[str, ...]:
 
 RUN_FILES = run_files(SUPERNET_RUN)
 """The files a supernet run directory holds (config.json and supernet.safetensors as in any checkpoint)."""
+RUN_DIRS = (TENSORBOARD_DIR,)
+"""The folders a run directory may hold (--log tensorboard's events): moved aside and back like the run files."""
 PREVIOUS_DIR = ".previous-run.tmp"
 """The run files an --overwrite replaces, kept until the new run commits its first checkpoint (put back if it fails
 before that: an overwrite never deletes a run and then fails)."""
@@ -57,7 +61,7 @@ def check_run_dir(cfg: RunArgs, kind: RunKind[Any] = SUPERNET_RUN) -> bool:
         if STATE_NAME in entries:
             check_writable(out)
             return True
-        foreign = [e for e in entries if e not in run_files(kind) and not is_temp(e)]
+        foreign = [e for e in entries if e not in run_files(kind) and e not in RUN_DIRS and not is_temp(e)]
         if foreign:
             raise TrainingError(
                 f"--resume: '{out}' holds no checkpoint ({STATE_NAME}) but other files (e.g. '{foreign[0]}'); "
@@ -91,6 +95,11 @@ def clear_run_files(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
     for entry in out.iterdir():
         if entry.is_dir() and entry.name == PENDING_DIR:
             shutil.rmtree(entry)
+        elif entry.is_dir() and entry.name in RUN_DIRS:
+            if keep:
+                os.replace(entry, previous / entry.name)
+            else:
+                shutil.rmtree(entry)
         elif entry.is_file() and entry.name in run_files(kind) and keep:
             os.replace(entry, previous / entry.name)
         elif entry.is_file() and (entry.name in run_files(kind) or is_temp(entry.name)):
@@ -110,6 +119,8 @@ def restore_previous_run(out: Path, kind: RunKind[Any] = SUPERNET_RUN) -> None:
     with contextlib.suppress(OSError):
         for name in run_files(kind):
             (out / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
         for entry in previous.iterdir():
             os.replace(entry, out / entry.name)
         previous.rmdir()
@@ -148,10 +159,12 @@ def save_run(
     step: int,
     meta: dict[str, Any],
     kind: RunKind[Any] = SUPERNET_RUN,
+    scaler: LossScaler | None = None,
 ) -> None:
-    """Write a checkpoint of `step` as one transaction: every file goes to PENDING_DIR, then a COMMIT record, then the
-    files are renamed into place; a crash before the record leaves the previous checkpoint whole, one after it is
-    completed by :func:`recover_run_dir`. The caller flushes metrics.csv first (its rows up to `step`)."""
+    """Write a checkpoint of `step` (fp16's loss scale too, given a `scaler`) as one transaction: every file goes to
+    PENDING_DIR, then a COMMIT record, then the files are renamed into place; a crash before the record leaves the
+    previous checkpoint whole, one after it is completed by :func:`recover_run_dir`. The caller flushes metrics.csv
+    first (its rows up to `step`)."""
     pending = out / PENDING_DIR
     try:
         if pending.exists():
@@ -171,6 +184,8 @@ def save_run(
             "seed": meta[kind.section]["seed"],
             "rng": {"torch": torch.get_rng_state()},
         }
+        if scaler is not None:
+            state["amp"] = scaler.state_dict()
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         buf = io.BytesIO()
@@ -241,8 +256,10 @@ def restore_run(
     optimizer: torch.optim.Optimizer,
     doc: dict[str, Any],
     kind: RunKind[Any] = SUPERNET_RUN,
+    scaler: LossScaler | None = None,
 ) -> int:
-    """Load a checkpoint written by :func:`save_run`; every file must be from the same step."""
+    """Load a checkpoint written by :func:`save_run` (fp16's loss scale into `scaler`); every file must be from the
+    same step."""
     try:
         state = torch.load(out / STATE_NAME, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -270,7 +287,9 @@ def restore_run(
         model.load_state_dict(load_weights(out / RAW_NAME))
         ema.load_state_dict(load_weights(out / kind.weights), state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, RuntimeError, ValueError) as exc:
+        if scaler is not None and isinstance(state.get("amp"), dict):
+            scaler.load_state_dict(state["amp"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
         raise TrainingError(f"--resume: the checkpoint in '{out}' does not fit the model: {exc}") from None
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():

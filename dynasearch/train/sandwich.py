@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data import DatasetSplit
+from ..data import DatasetSplit, read_batch
 from ..diffusion.gaussian import GaussianDiffusion
 from ..model.config import DiTConfig
 from ..model.dit import DiT
 from ..model.subnet import Subnet
 from ..space import SearchSpace
 from .metrics import SubnetLoss
+from .precision import LossScaler
 
 __all__ = ["step_seed", "sandwich_subnets", "EpochOrder", "TrainBatch", "draw_batch", "forward_output",
            "sandwich_step"]
@@ -116,10 +117,11 @@ def draw_batch(
     label_dropout: float,
     order: EpochOrder | None = None,
 ) -> TrainBatch:
-    """The GLOBAL batch of `step`: indices, timesteps, noise and label dropout all drawn from (seed, step), on the CPU."""
+    """The GLOBAL batch of `step`: indices, timesteps, noise and label dropout all drawn from (seed, step), on the CPU.
+    Latents read from disk (`latents:DIR`) under DDP: only this rank's shard of x0 is read, the rest is zeros."""
     order = order or EpochOrder(int(split.train_x.shape[0]), seed)
     idx = order.indices(step, batch_size)  # (B,)
-    x0 = split.train_x[idx]  # (B, C, H, W)
+    x0 = read_batch(split.train_x, idx)  # (B, C, H, W)
     gen = torch.Generator().manual_seed(step_seed(seed, step, "batch"))
     t = diffusion.sample_timesteps(batch_size, gen, "cpu")  # (B,)
     noise = torch.randn(x0.shape, generator=gen)  # (B, C, H, W)
@@ -159,8 +161,10 @@ def sandwich_step(
     subnets: Sequence[tuple[str, Subnet]],
     distill: float = 1.0,
     autocast_dtype: torch.dtype | None = None,
+    scaler: LossScaler | None = None,
 ) -> list[SubnetLoss]:
-    """Forward and backward every subnet in turn on the same batch; gradients accumulate in `.grad`.
+    """Forward and backward every subnet in turn on the same batch; gradients accumulate in `.grad` (multiplied by
+    fp16's loss scale when a `scaler` is given).
 
     The first subnet is the teacher (the largest, trained on the ground-truth loss); every later one is trained on
     the ground-truth loss plus ``distill`` x MSE(its epsilon, the teacher's detached epsilon). Labels are used as
@@ -181,7 +185,7 @@ def sandwich_step(
         else:
             kd = F.mse_loss(eps if distill > 0 else eps.detach(), teacher_eps)  # logged even when not trained on
             objective = gt + distill * kd if distill > 0 else gt
-        objective.backward()
+        (scaler.scale(objective) if scaler is not None else objective).backward()
         values = torch.stack([objective.detach(), gt.detach(), kd.detach()]).tolist()  # one sync per subnet
         results.append(SubnetLoss(name, subnet, values[0], values[1], values[2], time.perf_counter() - start))
     return results
