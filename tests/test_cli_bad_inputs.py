@@ -69,6 +69,50 @@ def _ro_dir(ws: Path) -> Path:
     return ws / "readonly"
 
 
+def _latents_templates(ws: Path) -> None:
+    """Latent directories good and bad (8x8x4, DiT-N/2-sized), images, a VAE folder whose weights are garbage, and a
+    run trained on latents that were deleted afterwards."""
+    import numpy as np
+    from PIL import Image
+
+    def lat(name: str, n: int = 40, labels: int | None = None, classes: int = 4) -> Path:
+        root = ws / name
+        root.mkdir()
+        np.save(root / "latents.npy", np.random.default_rng(0).standard_normal((n, 4, 8, 8)).astype(np.float16))
+        np.save(root / "labels.npy", (np.arange(n if labels is None else labels) % classes).astype(np.int64))
+        return root
+
+    lat("lat_ok")
+    (lat("lat_labels_only") / "latents.npy").unlink()
+    lat("lat_mismatch", n=12, labels=10)
+    (lat("lat_garbage") / "latents.npy").write_bytes(b"\x93NUMPY garbage, not an array")
+    np.save(lat("lat_3d") / "latents.npy", np.zeros((40, 8, 8), dtype=np.float16))
+    np.save(lat("lat_unfinished") / "progress.npy", np.zeros(40, dtype=np.uint8))
+    np.save(lat("lat_labels_float") / "labels.npy", np.zeros(40, dtype=np.float32))
+    (lat("lat_meta_bad") / "meta.json").write_text("{not json")
+    (lat("lat_meta_classes") / "meta.json").write_text('{"num_classes": 2}')
+    x = np.zeros((40, 4, 8, 8), dtype=np.float16)
+    x[5, 1, 2, 3] = np.nan
+    np.save(lat("lat_nan") / "latents.npy", x)
+    (ws / "lat_features" / "features").mkdir(parents=True)
+    np.save(ws / "lat_features" / "features" / "0.npy", np.zeros((1, 4, 8, 8), dtype=np.float32))
+    for cls in ("a", "b"):
+        (ws / "imgs" / cls).mkdir(parents=True)
+        Image.fromarray(np.full((12, 10, 3), 100, dtype=np.uint8)).save(ws / "imgs" / cls / "0.png")
+    (ws / "imgs_empty" / "a").mkdir(parents=True)
+    (ws / "vae").mkdir()
+    (ws / "vae" / "config.json").write_text(json.dumps({
+        "_class_name": "AutoencoderKL", "block_out_channels": [8, 16], "latent_channels": 4, "scaling_factor": 0.5,
+        "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 16,
+    }))
+    (ws / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00\xff" * 64)
+    gone = lat("lat_gone")
+    assert main(["train-supernet", "--data", f"latents:{gone}", "--model", "DiT-N/2", "--steps", "1", "--batch-size",
+                 "8", "--device", "cpu", "--sandwich", "0", "--out", str(ws / "trained_lat")]) == 0
+    shutil.rmtree(gone)
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The files the bad invocations point at (built once per module, copied for each case)."""
@@ -131,6 +175,48 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # a 2-step fine-tuning run of that search's best subnet (distilling the supernet the export names)
     assert main(["finetune", "--checkpoint", str(ws / "search" / "subnets" / "best"), "--steps", "2", "--batch-size",
                  "8", "--distill-weight", "0.5", "--device", "cpu", "--out", str(ws / "finetuned")]) == 0
+    # -- issue 14 template files: checkpoint formats and diffusers
+    import argparse
+
+    from safetensors.torch import load_file, save_file
+
+    from dynasearch.checkpoint.diffusers import save_diffusers
+    from dynasearch.model.subnet import BlockChoice, Subnet
+
+    hf_model = create_supernet("DiT-N/2", input_size=8, in_channels=1, num_classes=10, time_shift=1.0, mlp_norm_eps=1e-5)
+    save_diffusers(hf_model, ws / "hf")  # a diffusers DiTTransformer2DModel folder of a digits model
+    shutil.copytree(ws / "hf", ws / "hf_untied")  # its blocks' embedders differ: not one DiT embedder
+    hf_weights = ws / "hf_untied" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(hf_weights))
+    tensors["transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight"] += 1.0
+    save_file(tensors, str(hf_weights))
+    shutil.copytree(ws / "hf", ws / "hf_corrupt")
+    (ws / "hf_corrupt" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00\xff" * 64)
+    (ws / "hf_pipe").mkdir()  # a DiTPipeline folder without its transformer
+    (ws / "hf_pipe" / "model_index.json").write_text('{"_class_name": "DiTPipeline"}')
+    (ws / "hf_unet").mkdir()
+    (ws / "hf_unet" / "config.json").write_text('{"_class_name": "UNet2DModel", "in_channels": 3}')
+    raw_state = {k: v for k, v in hf_model.state_dict().items() if ".token_router." not in k}
+    torch.save(raw_state, ws / "raw_dit.pt")
+    torch.save({"model": raw_state, "ema": raw_state, "opt": {}, "args": argparse.Namespace(model="DiT-N/2")},
+               ws / "dit_train.pt")
+    torch.save({"model": raw_state, "ema": raw_state, "args": argparse.Namespace(model="DiT-N/2", hook=_Payload())},
+               ws / "evil_args.pt")  # DiT's layout, a code-running object inside its allowed Namespace
+    save_checkpoint(hf_model.to_static(Subnet.uniform(hf_model.config, attn_rate=0.5, mlp_rate=0.5)), ws / "sub_uniform")
+    save_checkpoint(hf_model.to_static(Subnet((BlockChoice(4, 128, 0.5), BlockChoice(4, 128, 1.0)))), ws / "sub_tokens")
+    # -- issue 14 template files: latents
+    _latents_templates(ws)
+    # -- issue 14 template files: the FID protocol
+    import numpy as np  # the FID protocol's files: ADM batches, references, Inception weights that are not
+
+    np.savez(ws / "fid_samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))  # a valid (tiny) ADM sample batch
+    np.savez(ws / "fid_float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
+    np.savez(ws / "ref_no_keys.npz", x=np.zeros(3))
+    np.savez(ws / "ref_mu64.npz", mu=np.zeros(64), sigma=np.eye(64))
+    np.savez(ws / "ref_mu_only.npz", mu=np.zeros(2048))
+    (ws / "inception_garbage.pth").write_bytes(b"\x00\xff" * 64)
+    torch.save({"x_embedder.proj.weight": torch.zeros(2)}, ws / "not_inception.pth")
+    # -- issue 14 template files: training at scale
     return ws
 
 
@@ -148,6 +234,7 @@ N2 = ("--model", "DiT-N/2", "--input-size", "8")
 TRAIN = ("train-supernet", "--model", "DiT-N/2", "--steps", "2", "--batch-size", "8", "--device", "cpu")
 SEARCH = ("search", "--supernet", RUN, "--trials", "2", "--proxy-samples", "8", "--out", f"{W}/new_search")
 BEST = f"{W}/search/subnets/best"
+EXTRACT = ("extract-latents", "--data", f"folder:{W}/imgs", "--vae", f"{W}/vae", "--image-size", "8", "--device", "cpu")
 FT = ("finetune", "--checkpoint", BEST, "--steps", "2", "--batch-size", "8", "--device", "cpu")
 
 CASES = [
@@ -409,6 +496,195 @@ CASES = [
     Case("report-results-is-file", ("report", f"{W}/notes.txt"), (f"{W}/notes.txt", "is a file")),
     Case("search-supernet-is-file", ("search", "--supernet", f"{W}/notes.txt", "--flops", "0.5x", "--out", f"{W}/s"),
          (f"{W}/notes.txt", "not a directory")),
+    # -- issue 14: checkpoint formats and diffusers
+    Case("export-checkpoint-missing", ("export", "--checkpoint", f"{W}/nothing", "--out", f"{W}/x"),
+         (f"{W}/nothing", "does not exist")),
+    Case("export-no-checkpoint", ("export", "--out", f"{W}/x"), ("--checkpoint",)),
+    Case("export-format-unknown", ("export", "--checkpoint", RUN, "--format", "onnx", "--out", f"{W}/x"),
+         ("--format", "onnx")),
+    Case("export-out-exists", ("export", "--checkpoint", f"{W}/hf", "--format", "dynasearch", "--out",
+                               f"{W}/existing_run"), (f"{W}/existing_run", "--overwrite")),
+    Case("export-out-is-file", ("export", "--checkpoint", f"{W}/hf", "--format", "dynasearch", "--out",
+                                f"{W}/notes.txt"), (f"{W}/notes.txt", "is a file")),
+    Case("export-out-read-only", ("export", "--checkpoint", f"{W}/hf", "--format", "dynasearch", "--out", "{ro}/x"),
+         ("{ro}/x",)),
+    Case("export-out-is-the-checkpoint", ("export", "--checkpoint", f"{W}/sub_uniform", "--pad", "--overwrite",
+                                          "--out", f"{W}/sub_uniform"), ("--out", "--checkpoint")),
+    Case("export-time-shift-of-dit", ("export", "--checkpoint", RUN, "--out", f"{W}/x"),
+         ("frequency shift 0", "--allow-time-shift")),
+    Case("export-narrower-needs-pad", ("export", "--checkpoint", f"{W}/sub_uniform", "--out", f"{W}/x"),
+         ("2 of 4 heads", "--pad")),
+    Case("export-token-ratio", ("export", "--checkpoint", f"{W}/sub_tokens", "--pad", "--out", f"{W}/x"),
+         ("token ratio 0.5", "token selection")),
+    Case("export-already-dynasearch", ("export", "--checkpoint", RUN, "--format", "dynasearch", "--out", f"{W}/x"),
+         (RUN, "already a dynasearch")),
+    Case("export-malicious-pt", ("export", "--checkpoint", f"{W}/evil.pt", "--out", f"{W}/x"),
+         (f"{W}/evil.pt", "refused", "'exec'")),
+    Case("export-namespace-payload", ("export", "--checkpoint", f"{W}/evil_args.pt", "--format", "dynasearch",
+                                      "--out", f"{W}/x"), (f"{W}/evil_args.pt", "refused", "'exec'")),
+    Case("export-weights-choice-unknown", ("export", "--checkpoint", f"{W}/dit_train.pt#latest", "--format",
+                                           "dynasearch", "--out", f"{W}/x"), ("#latest", "#ema or #model")),
+    Case("export-diffusers-untied", ("export", "--checkpoint", f"{W}/hf_untied", "--format", "dynasearch", "--out",
+                                     f"{W}/x"), (f"{W}/hf_untied", "block 1", "differs from block 0")),
+    Case("export-diffusers-corrupt", ("export", "--checkpoint", f"{W}/hf_corrupt", "--format", "dynasearch", "--out",
+                                      f"{W}/x"), (f"{W}/hf_corrupt", "corrupt")),
+    Case("export-pipeline-without-transformer", ("export", "--checkpoint", f"{W}/hf_pipe", "--format", "dynasearch",
+                                                 "--out", f"{W}/x"), (f"{W}/hf_pipe", "transformer/config.json")),
+    Case("export-diffusers-other-class", ("export", "--checkpoint", f"{W}/hf_unet", "--format", "dynasearch", "--out",
+                                          f"{W}/x"), (f"{W}/hf_unet", "UNet2DModel")),
+    Case("train-init-from-diffusers-untied", (*TRAIN, "--init-from", f"{W}/hf_untied", "--out", f"{W}/t"),
+         (f"{W}/hf_untied", "block 1")),
+    Case("train-init-from-diffusers-corrupt", (*TRAIN, "--init-from", f"{W}/hf_corrupt", "--out", f"{W}/t"),
+         (f"{W}/hf_corrupt",)),
+    Case("train-init-from-weights-choice-unknown", (*TRAIN, "--init-from", f"{W}/dit_train.pt#latest", "--out",
+                                                    f"{W}/t"), ("#latest", "#ema or #model")),
+    Case("train-init-from-raw-with-choice", (*TRAIN, "--init-from", f"{W}/raw_dit.pt#model", "--out", f"{W}/t"),
+         (f"{W}/raw_dit.pt", "picks nothing")),
+    Case("train-init-from-dir-with-choice", (*TRAIN, "--init-from", f"{RUN}#model", "--out", f"{W}/t"),
+         (RUN, "is a directory")),
+    Case("train-init-from-namespace-payload", (*TRAIN, "--init-from", f"{W}/evil_args.pt", "--out", f"{W}/t"),
+         (f"{W}/evil_args.pt", "refused", "'exec'")),
+    # -- issue 14: latents
+    Case("train-latents-missing-dir", (*TRAIN, "--data", f"latents:{W}/nowhere", "--out", f"{W}/t"),
+         (f"{W}/nowhere", "does not exist")),
+    Case("train-latents-dir-is-file", (*TRAIN, "--data", f"latents:{W}/notes.txt", "--out", f"{W}/t"),
+         (f"{W}/notes.txt", "is a file")),
+    Case("train-latents-no-latents-npy", (*TRAIN, "--data", f"latents:{W}/lat_labels_only", "--out", f"{W}/t"),
+         (f"{W}/lat_labels_only", "no latents.npy")),
+    Case("train-latents-neither-layout", (*TRAIN, "--data", f"latents:{W}/existing_run", "--out", f"{W}/t"),
+         (f"{W}/existing_run", "neither latents.npy")),
+    Case("train-latents-shape-mismatch", (*TRAIN, "--data", f"latents:{W}/lat_mismatch", "--out", f"{W}/t"),
+         (f"{W}/lat_mismatch", "12 latents", "10 labels")),
+    Case("train-latents-not-npy", (*TRAIN, "--data", f"latents:{W}/lat_garbage", "--out", f"{W}/t"),
+         (f"{W}/lat_garbage/latents.npy", "not a readable .npy")),
+    Case("train-latents-3d", (*TRAIN, "--data", f"latents:{W}/lat_3d", "--out", f"{W}/t"),
+         (f"{W}/lat_3d/latents.npy", "4 dims")),
+    Case("train-latents-unfinished", (*TRAIN, "--data", f"latents:{W}/lat_unfinished", "--out", f"{W}/t"),
+         (f"{W}/lat_unfinished", "unfinished extraction")),
+    Case("train-latents-labels-float", (*TRAIN, "--data", f"latents:{W}/lat_labels_float", "--out", f"{W}/t"),
+         (f"{W}/lat_labels_float/labels.npy", "integers")),
+    Case("train-latents-meta-bad-json", (*TRAIN, "--data", f"latents:{W}/lat_meta_bad", "--out", f"{W}/t"),
+         (f"{W}/lat_meta_bad/meta.json", "not valid JSON")),
+    Case("train-latents-labels-exceed-meta-classes", (*TRAIN, "--data", f"latents:{W}/lat_meta_classes",
+                                                      "--out", f"{W}/t"), ("lat_meta_classes", "outside [0, 2)")),
+    Case("train-latents-features-without-labels", (*TRAIN, "--data", f"latents:{W}/lat_features", "--out", f"{W}/t"),
+         (f"{W}/lat_features", "labels/")),
+    Case("train-latents-image-size-mismatch", (*TRAIN, "--data", f"latents:{W}/lat_ok", "--image-size", "16",
+                                               "--out", f"{W}/t"), ("8x8", "16")),
+    Case("train-latents-nan-row", (*TRAIN, "--data", f"latents:{W}/lat_nan", "--out", f"{W}/t"),
+         (f"{W}/lat_nan/latents.npy", "row", "non-finite"),
+         known_bug="train/loop.py: a fresh run failing before its first checkpoint leaves the empty --out it made"),
+    Case("search-latents-data-gone", ("search", "--supernet", f"{W}/trained_lat", "--flops", "0.5x", "--trials", "2",
+                                      "--proxy-samples", "8", "--out", f"{W}/s"), ("lat_gone", "does not exist")),
+    Case("extract-data-missing", (*EXTRACT, "--data", f"folder:{W}/nowhere", "--out", f"{W}/l"), (f"{W}/nowhere",)),
+    Case("extract-data-not-a-folder-spec", (*EXTRACT, "--data", f"latents:{W}/lat_ok", "--out", f"{W}/l"),
+         ("folder:PATH", f"latents:{W}/lat_ok")),
+    Case("extract-data-class-without-images", (*EXTRACT, "--data", f"folder:{W}/imgs_empty", "--out", f"{W}/l"),
+         (f"{W}/imgs_empty/a", "no images")),
+    Case("extract-vae-option-missing", ("extract-latents", "--data", f"folder:{W}/imgs", "--out", f"{W}/l"),
+         ("--vae",)),
+    Case("extract-vae-missing-dir", (*EXTRACT, "--vae", f"{W}/nowhere", "--out", f"{W}/l"), (f"{W}/nowhere",)),
+    Case("extract-vae-not-an-autoencoder", (*EXTRACT, "--vae", f"{W}/run", "--out", f"{W}/l"),
+         (f"{W}/run", "AutoencoderKL")),
+    Case("extract-vae-garbage-weights", (*EXTRACT, "--out", f"{W}/l"), (f"{W}/vae",)),
+    Case("extract-image-size-0", (*EXTRACT, "--image-size", "0", "--out", f"{W}/l"), ("--image-size", "0")),
+    Case("extract-image-size-not-multiple", (*EXTRACT, "--image-size", "7", "--out", f"{W}/l"),
+         ("--image-size", "7", "multiple of 2")),
+    Case("extract-batch-size-0", (*EXTRACT, "--batch-size", "0", "--out", f"{W}/l"), ("--batch-size", "0")),
+    Case("extract-batch-size-huge", (*EXTRACT, "--batch-size", str(10**12), "--out", f"{W}/l"),
+         ("--batch-size", str(10**12))),
+    Case("extract-dtype-float64", (*EXTRACT, "--dtype", "float64", "--out", f"{W}/l"), ("--dtype", "float64")),
+    Case("extract-seed-negative", (*EXTRACT, "--seed", "-1", "--out", f"{W}/l"), ("--seed", "-1")),
+    Case("extract-out-is-file", (*EXTRACT, "--out", f"{W}/notes.txt"), (f"{W}/notes.txt", "is a file")),
+    Case("extract-out-read-only", (*EXTRACT, "--out", "{ro}/l"), ("{ro}/l",)),
+    Case("extract-out-holds-other-latents", (*EXTRACT, "--out", f"{W}/lat_ok"), (f"{W}/lat_ok", "--overwrite")),
+    # -- issue 14: the FID protocol
+    # (the reference is checked before the weights file is read, so reference cases pass the garbage file)
+    Case("sample-npz-not-npz", ("sample", "--checkpoint", RUN, "--npz", f"{W}/s.png", "--num", "2", "--steps", "2"),
+         ("--npz", f"{W}/s.png")),
+    Case("sample-npz-read-only", ("sample", "--checkpoint", RUN, "--npz", "{ro}/s.npz", "--num", "2", "--steps", "2",
+                                  "--device", "cpu"), ("{ro}/s.npz",)),
+    Case("sample-npz-dir-is-file", ("sample", "--checkpoint", RUN, "--npz", f"{W}/notes.txt/s.npz", "--num", "2",
+                                    "--steps", "2", "--device", "cpu"), (f"{W}/notes.txt",)),
+    Case("sample-npz-vae-pixel-model", ("sample", "--checkpoint", RUN, "--npz", f"{W}/s.npz", "--num", "2",
+                                        "--vae", f"{W}/nowhere"), ("--vae", "4-channel", "1 channel")),
+    Case("sample-npz-latent-without-vae", ("sample", "--checkpoint", f"{W}/latent", "--npz", f"{W}/s.npz", "--num",
+                                           "2"), (f"{W}/latent", "latents", "--vae")),
+    Case("sample-npz-latent-vae-missing", ("sample", "--checkpoint", f"{W}/latent", "--npz", f"{W}/s.npz", "--num",
+                                           "2", "--steps", "2", "--device", "cpu", "--vae", f"{W}/nowhere"),
+         (f"{W}/nowhere",)),
+    Case("sample-npz-with-labels", ("sample", "--checkpoint", RUN, "--npz", f"{W}/s.npz", "--labels", "0,1"),
+         ("--labels",)),
+    Case("sample-npz-batch-size-0", ("sample", "--checkpoint", RUN, "--npz", f"{W}/s.npz", "--batch-size", "0"),
+         ("--batch-size", "0")),
+    Case("eval-fid-weights-missing", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/fid_samples.npz",
+                                      "--inception-weights", f"{W}/nothing.pth", "--device", "cpu"),
+         (f"{W}/nothing.pth", "does not exist")),
+    Case("eval-fid-weights-garbage", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/fid_samples.npz",
+                                      "--inception-weights", f"{W}/inception_garbage.pth", "--device", "cpu"),
+         (f"{W}/inception_garbage.pth", "unreadable")),
+    Case("eval-fid-weights-malicious", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/fid_samples.npz",
+                                        "--inception-weights", f"{W}/evil.pt", "--device", "cpu"),
+         (f"{W}/evil.pt", "refused")),
+    Case("eval-fid-weights-not-inception", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
+                                            f"{W}/fid_samples.npz", "--inception-weights", f"{W}/not_inception.pth",
+                                            "--device", "cpu"), (f"{W}/not_inception.pth", "Inception-v3")),
+    Case("eval-fid-ref-missing", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/nothing.npz",
+                                  "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/nothing.npz",)),
+    Case("eval-fid-ref-not-npz", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/not_npz.npz",
+                                  "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/not_npz.npz",)),
+    Case("eval-fid-ref-no-images-or-stats", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
+                                             f"{W}/ref_no_keys.npz", "--inception-weights",
+                                             f"{W}/inception_garbage.pth"), (f"{W}/ref_no_keys.npz", "mu/sigma", "arr_0")),
+    Case("eval-fid-ref-mu-without-sigma", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
+                                           f"{W}/ref_mu_only.npz", "--inception-weights",
+                                           f"{W}/inception_garbage.pth"), (f"{W}/ref_mu_only.npz", "sigma")),
+    Case("eval-fid-ref-feature-size", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/ref_mu64.npz",
+                                       "--inception-weights", f"{W}/inception_garbage.pth"),
+         (f"{W}/ref_mu64.npz", "(64,)", "2048")),
+    Case("eval-fid-ref-float-images", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"{W}/fid_float.npz",
+                                       "--inception-weights", f"{W}/inception_garbage.pth"),
+         (f"{W}/fid_float.npz", "uint8")),
+    Case("eval-fid-ref-folder-missing", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref", f"folder:{W}/nowhere",
+                                         "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/nowhere",)),
+    Case("eval-fid-ref-folder-no-images", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
+                                           f"folder:{W}/empty_results", "--inception-weights",
+                                           f"{W}/inception_garbage.pth"), (f"{W}/empty_results", "0 images")),
+    Case("eval-fid-no-ref", ("eval", "--samples", f"{W}/fid_samples.npz", "--inception-weights",
+                             f"{W}/inception_garbage.pth"), ("--ref",)),
+    Case("eval-fid-ref-without-weights", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
+                                          f"{W}/fid_samples.npz"), ("--inception-weights",)),
+    Case("eval-fid-samples-float", ("eval", "--samples", f"{W}/fid_float.npz", "--ref", f"{W}/fid_samples.npz",
+                                    "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/fid_float.npz", "uint8")),
+    Case("eval-fid-samples-missing", ("eval", "--samples", f"{W}/nothing.npz", "--ref", f"{W}/fid_samples.npz",
+                                      "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/nothing.npz",)),
+    Case("eval-fid-samples-and-checkpoint", ("eval", "--samples", f"{W}/fid_samples.npz", "--checkpoint", RUN,
+                                             "--ref", f"{W}/fid_samples.npz", "--inception-weights",
+                                             f"{W}/inception_garbage.pth"), ("--samples", "--checkpoint")),
+    Case("eval-fid-vae-pixel-model", ("eval", "--checkpoint", RUN, "--vae", f"{W}/nowhere", "--ref",
+                                      f"{W}/fid_samples.npz", "--inception-weights", f"{W}/inception_garbage.pth"),
+         ("--vae", "4-channel")),
+    Case("eval-fid-latent-without-vae", ("eval", "--checkpoint", f"{W}/latent", "--ref", f"{W}/fid_samples.npz",
+                                         "--inception-weights", f"{W}/inception_garbage.pth"),
+         (f"{W}/latent", "--vae")),
+    Case("eval-vae-without-weights", ("eval", "--checkpoint", RUN, "--vae", f"{W}/nowhere"),
+         ("--vae", "--inception-weights")),
+    # -- issue 14: training at scale
+    Case("train-precision-fp8", (*TRAIN, "--precision", "fp8", "--out", f"{W}/t"), ("--precision", "fp8")),
+    Case("train-log-wandb", (*TRAIN, "--log", "wandb", "--out", f"{W}/t"), ("--log", "wandb")),
+    Case("train-preset-unknown", (*TRAIN, "--preset", "dit-pretrain", "--out", f"{W}/t"), ("--preset", "dit-pretrain")),
+    Case("train-preset-without-init-from", (*TRAIN, "--preset", "dit-finetune", "--out", f"{W}/t"),
+         ("--preset dit-finetune", "--init-from")),
+    Case("train-compile-given-a-value", (*TRAIN, "--compile", "yes", "--out", f"{W}/t"), ("yes",)),
+    Case("train-resume-other-precision", ("train-supernet", "--resume", "--precision", "bf16", "--out", f"{W}/trained"),
+         (f"{W}/trained", "--precision 'fp32' -> 'bf16'")),
+    Case("finetune-precision-fp8", (*FT, "--precision", "fp8", "--out", f"{W}/ft"), ("--precision", "fp8")),
+    Case("finetune-log-wandb", (*FT, "--log", "wandb", "--out", f"{W}/ft"), ("--log", "wandb")),
+    Case("finetune-preset-unknown", (*FT, "--preset", "unknown", "--out", f"{W}/ft"), ("--preset", "unknown")),
+    Case("finetune-resume-other-precision", ("finetune", "--resume", "--precision", "fp16", "--out", f"{W}/finetuned"),
+         (f"{W}/finetuned", "--precision 'fp32' -> 'fp16'")),
+    Case("finetune-resume-with-a-preset", ("finetune", "--resume", "--preset", "dit-finetune", "--out", f"{W}/finetuned"),
+         (f"{W}/finetuned", "--preset")),
 ]
 
 

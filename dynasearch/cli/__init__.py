@@ -16,7 +16,7 @@ from ._app import app, click_exc, debug_enabled, err_console, state
 _EXITS = tuple({typer.Exit, getattr(click_exc, "Exit", typer.Exit)})
 _ABORTS = tuple({typer.Abort, getattr(click_exc, "Abort", typer.Abort)})
 
-from . import _bench, _demo, _finetune, _inspect, _report, _sample, _search, _train  # noqa: F401, E402  (register commands)
+from . import _bench, _demo, _export, _finetune, _inspect, _latents, _report, _sample, _search, _train  # noqa: F401, E402  (register commands)
 
 
 def main(argv: list[str] | None = None) -> int:
