@@ -15,6 +15,7 @@ same step, and a dead or stuck rank fails the others after at most ``--dist-time
 from __future__ import annotations
 
 import functools
+import shutil
 import math
 import time
 import warnings
@@ -154,6 +155,20 @@ def run_distributed(cfg: C, progress: bool, body: Callable[[C, DistInfo, torch.d
 
 def _train(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) -> TrainResult:
     """The body of :func:`train_supernet` on one rank (the process group is set up by the caller)."""
+    # a fresh --out that fails before its first checkpoint (e.g. a NaN row of latents read at step 1) is removed
+    # again: nothing to resume, and nothing left that a rerun would have to --overwrite
+    out = Path(cfg.out)
+    new_dir = not out.exists()
+    try:
+        return _train_in(cfg, ddp, device, show)
+    except BaseException:
+        if new_dir and ddp.is_main and out.is_dir() and not (out / SUPERNET_RUN.weights).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_in(cfg: TrainConfig, ddp: DistInfo, device: torch.device, show: bool) -> TrainResult:
+    """:func:`_train` without the clean-up."""
     # -- setup: the run directory decides fresh or resumed; data, space and model (user errors before any write)
     repaired, doc = open_run_dir(cfg, ddp)
     if doc is not None and cfg.precision is None:  # a resume keeps the run's precision
