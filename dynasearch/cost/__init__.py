@@ -14,7 +14,7 @@ from .flops import (
     parse_budget,
     step_flops,
 )
-from .latency import measure_latency
+from .latency import measure_latency, measure_schedule_latency
 from .query import FlopsQuery, FlopsReport, registry_rows, run_flops_query
 
 __all__ = [

@@ -9,9 +9,10 @@ from contextlib import nullcontext
 import torch
 
 from ..model.dit import DiT
+from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 
-__all__ = ["measure_latency"]
+__all__ = ["measure_latency", "measure_schedule_latency"]
 
 
 @torch.no_grad()
@@ -48,3 +49,20 @@ def measure_latency(
     finally:
         model.train(was_training)
     return statistics.median(times)
+
+
+def measure_schedule_latency(
+    model: DiT,
+    schedule: SubnetSchedule,
+    timesteps: list[int],
+    batch: int = 8,
+    warmup: int = 3,
+    repeats: int = 10,
+    dtype: torch.dtype | None = None,
+) -> float:
+    """Mean seconds per sampler step of a timestep schedule over `timesteps`: each bucket's subnet timed once on
+    `model` (sliced to the schedule's union, or a supernet), weighted by its steps."""
+    counts = schedule.buckets.step_counts(timesteps)
+    per_bucket = [measure_latency(model, batch=batch, subnet=s, warmup=warmup, repeats=repeats, dtype=dtype) if n
+                  else 0.0 for s, n in zip(schedule.subnets, counts)]
+    return sum(n * v for n, v in zip(counts, per_bucket)) / sum(counts)

@@ -13,7 +13,7 @@ import pandas as pd
 from ..checkpoint.native import load_checkpoint, read_config, read_schedule
 from ..checks import check_finite, check_int, check_memory, check_seed
 from ..cost.flops import closed_form_params, flops_per_step
-from ..cost.latency import measure_latency
+from ..cost.latency import measure_latency, measure_schedule_latency
 from ..diffusion.factory import diffusion_for
 from ..errors import ConfigError, DataError, DynasearchError
 from ..model.dit import DiT
@@ -86,10 +86,8 @@ def _latency(model: DiT, run: Subnet | SubnetSchedule, cfg: ReportConfig) -> flo
     """Median forward seconds; for a schedule, the mean over a `cfg.steps` DDIM run of its buckets' latencies."""
     if not isinstance(run, SubnetSchedule):
         return measure_latency(model, batch=cfg.latency_batch, repeats=cfg.latency_repeats)
-    counts = run.buckets.step_counts(diffusion_for(model.config).timestep_schedule(cfg.steps))
-    per_bucket = [measure_latency(model, batch=cfg.latency_batch, subnet=s, repeats=cfg.latency_repeats) if n else 0.0
-                  for s, n in zip(run.subnets, counts)]
-    return sum(n * v for n, v in zip(counts, per_bucket)) / sum(counts)
+    timesteps = diffusion_for(model.config).timestep_schedule(cfg.steps)
+    return measure_schedule_latency(model, run, timesteps, batch=cfg.latency_batch, repeats=cfg.latency_repeats)
 
 
 def _quality(

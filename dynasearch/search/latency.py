@@ -13,16 +13,17 @@ themselves are assembled by :func:`dynasearch.search.outputs.write_outputs`; the
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optuna
 import pandas as pd
 import torch
 
-from ..cost.latency import measure_latency
+from ..cost.latency import measure_latency, measure_schedule_latency
 from ..cost.latency_table import format_latency
-from ..model.subnet import Subnet
 from ..model.schedule import SubnetSchedule
+from ..model.subnet import Subnet
 from ..slicing import slice_schedule, slice_subnet
 from .context import SearchContext
 
@@ -111,10 +112,8 @@ def _time_schedule(ctx: SearchContext, schedule: SubnetSchedule, timesteps: list
     table = ctx.latency_table
     assert table is not None
     small = slice_schedule(ctx.model, schedule).to(torch.device(table.device))
-    counts = schedule.buckets.step_counts(timesteps)
-    seconds = [measure_latency(small, batch=table.batch, subnet=s, warmup=MEASURE_WARMUP, repeats=MEASURE_REPEATS,
-                               dtype=_dtype(ctx)) if n else 0.0 for s, n in zip(schedule.subnets, counts)]
-    return sum(t * n for t, n in zip(seconds, counts)) / len(timesteps)
+    return measure_schedule_latency(small, schedule, timesteps, batch=table.batch, warmup=MEASURE_WARMUP,
+                                    repeats=MEASURE_REPEATS, dtype=_dtype(ctx))
 
 
 def predicted_ms(ctx: SearchContext, subnet: Subnet | None = None) -> float:
