@@ -29,6 +29,7 @@ from .context import SearchContext
 
 __all__ = [
     "ATTR_LATENCY",
+    "budget_row",
     "latency_note",
     "latency_rows",
     "measure_exported",
@@ -130,17 +131,21 @@ def latency_note(ctx: SearchContext) -> str:
             f"({table.dtype}); budget {format_latency(budget)}")
 
 
+def budget_row(ctx: SearchContext, predicted_ms: float, seconds: float | None, **fields: Any) -> dict[str, Any]:
+    """One latency.csv row: `fields` (name, GFLOPs, ...), predicted and measured milliseconds against the budget."""
+    budget = ctx.latency_budget
+    assert budget is not None
+    return {**fields, "predicted_ms": predicted_ms, "measured_ms": None if seconds is None else 1e3 * seconds,
+            "budget_ms": 1e3 * budget, "measured_over_budget": None if seconds is None else seconds / budget,
+            "within_10pct_or_under": None if seconds is None else seconds <= 1.1 * budget}
+
+
 def latency_rows(ctx: SearchContext, exported: list[dict[str, Any]], subnets: list[Subnet]) -> list[dict[str, Any]]:
     """Measure the exported subnets on the table's device; set their measured_latency_ms and return latency.csv's
     rows (predicted and measured against the budget)."""
-    budget = ctx.latency_budget
-    assert budget is not None
     rows = []
     for e, seconds in zip(exported, measure_exported(ctx, subnets)):
         e["measured_latency_ms"] = None if seconds is None else 1e3 * seconds
-        rows.append({"name": e["name"], "gflops": e["gflops"], "proxy_loss": e.get("proxy_loss"),
-                     "predicted_ms": e["predicted_latency_ms"],
-                     "measured_ms": e["measured_latency_ms"], "budget_ms": 1e3 * budget,
-                     "measured_over_budget": None if seconds is None else seconds / budget,
-                     "within_10pct_or_under": None if seconds is None else seconds <= 1.1 * budget})
+        rows.append(budget_row(ctx, e["predicted_latency_ms"], seconds, name=e["name"], gflops=e["gflops"],
+                               proxy_loss=e.get("proxy_loss")))
     return rows

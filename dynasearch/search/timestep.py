@@ -40,7 +40,7 @@ from ..slicing import slice_schedule
 from .buckets import TimestepContext, bucket_candidates, bucket_context, prepare_timestep_search, uniform_candidates
 from .config import SearchConfig
 from .joint import joint_context, joint_frame, run_joint
-from .latency import latency_note, measure_schedules, predicted_ms
+from .latency import budget_row, latency_note, measure_schedules, predicted_ms
 from .knapsack import knapsack_schedule, mark_fronts
 from .objective import run_trials
 from .outputs import search_settings
@@ -196,10 +196,7 @@ def _schedule_latency(tc: TimestepContext, comparison: pd.DataFrame, exported: l
     rows = []
     for e, (_, row), seconds in zip(exported, comparison.iterrows(), measured):
         e["predicted_latency_ms"], e["measured_latency_ms"] = row["mean_latency_ms"], row["measured_latency_ms"]
-        rows.append({"name": e["name"], "mean_gflops": row["mean_gflops"], "predicted_ms": row["mean_latency_ms"],
-                     "measured_ms": row["measured_latency_ms"], "budget_ms": 1e3 * ctx.latency_budget,
-                     "measured_over_budget": None if seconds is None else seconds / ctx.latency_budget,
-                     "within_10pct_or_under": None if seconds is None else seconds <= 1.1 * ctx.latency_budget})
+        rows.append(budget_row(ctx, row["mean_latency_ms"], seconds, name=e["name"], mean_gflops=row["mean_gflops"]))
     atomic_write_text(ctx.config.out / "latency.csv", pd.DataFrame(rows).to_csv(index=False))
     return {"latency_budget_ms": 1e3 * ctx.latency_budget, "full_predicted_latency_ms": predicted_ms(ctx),
             "exported_latency": rows}
