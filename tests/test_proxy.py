@@ -3,6 +3,7 @@ per-bucket splits, the study settings that record the kind, and the timestep-awa
 
 from __future__ import annotations
 
+import json
 import inspect
 from pathlib import Path
 
@@ -139,13 +140,22 @@ def test_proxy_kind_is_recorded_and_a_resume_with_another_is_refused(run_dir: Pa
         with pytest.raises(SearchError, match=r"different settings \(proxy\)"):
             run_search(SearchConfig(out=tmp_path / "t", proxy=other, **base), progress=False)
     assert (tmp_path / "t" / "study.journal").read_bytes() == journal  # refused before anything was written
-    # eps is the studies' proxy from before the kinds: recorded by the key's absence, so they still resume
-    run_search(SearchConfig(out=tmp_path / "e", proxy="eps", **base), progress=False)
-    assert "proxy" not in _stored_settings(tmp_path / "e")
+    # every study and best.json names its proxy, eps too
+    eps = run_search(SearchConfig(out=tmp_path / "e", proxy="eps", **base), progress=False)
+    assert _stored_settings(tmp_path / "e")["proxy"] == "eps"
+    assert json.loads((tmp_path / "e" / "best.json").read_text())["settings"]["proxy"] == "eps"
+    assert json.loads((tmp_path / "t" / "best.json").read_text())["settings"]["proxy"] == "teacher"
     with pytest.raises(SearchError, match=r"different settings \(proxy\)"):  # the default is the teacher now
         run_search(SearchConfig(out=tmp_path / "e", **base), progress=False)
+    # a study made before proxy kinds recorded none: it was eps, so an eps search resumes it and no other does
+    storage = make_storage(None, tmp_path / "e")
+    study_id = storage.get_study_id_from_name("dynasearch")
+    old = {k: v for k, v in _stored_settings(tmp_path / "e").items() if k != "proxy"}
+    storage.set_study_user_attr(study_id, "dynasearch", old)
     with pytest.raises(SearchError, match=r"different settings \(proxy\)"):
         run_search(SearchConfig(out=tmp_path / "e", proxy="teacher", **base), progress=False)
+    resumed = run_search(SearchConfig(out=tmp_path / "e", proxy="eps", **{**base, "trials": 4}), progress=False)
+    assert len(resumed.trials) == len(eps.trials) + 1
 
 
 def test_timestep_search_splits_teacher_kinds_and_refuses_teacher_sample(run_dir: Path, tmp_path: Path) -> None:

@@ -60,6 +60,12 @@ def test_pareto_width_and_history_data() -> None:
     p = pareto_plot_data(t)
     assert list(p.trials[0]) == [4.0, 1.0, 2.0, 3.0] and list(p.trials[2]) == [False, True, True, True]
     assert p.full == (4.0, 0.1) and p.best == (2.0, 0.3) and p.budget_gflops == 3.0
+    assert p.y_label == "proxy loss: eps (epsilon MSE)"  # best.json without a recorded proxy: an eps search
+    t.best["settings"] = {"proxy": "teacher"}
+    assert pareto_plot_data(t).y_label == "proxy loss: teacher (MSE to the full model)"
+    t.best["settings"] = {"proxy": "from-the-future"}
+    assert pareto_plot_data(t).y_label == "proxy loss: from-the-future (unknown kind)"
+    del t.best["settings"]
     w = width_map(t)
     assert w.attn.tolist() == [[0.25, 0.25], [0.5, 0.75]] and w.tokens.tolist() == [[0.5, 0.5], [1.0, 0.75]]
     h = history(t)

@@ -24,6 +24,7 @@ from .data import (
     latency_plot_data,
     pareto_plot_data,
     pareto_table,
+    proxy_axis_label,
     read_search,
     read_timestep_search,
     width_map,
@@ -136,7 +137,7 @@ def _static_headline(t: SearchTables) -> str:
             f"({100 * b['gflops'] / b['full_gflops']:.1f}% of the full model), proxy loss {b['proxy_loss']:.5f}")
     if u:
         line += f"; best uniform subnet within budget: {u['gflops']:.4g} GFLOPs, proxy loss {u['proxy_loss']:.5f}"
-    return line + "."
+    return f"{line} ({proxy_axis_label(b)})."
 
 
 def _timestep_headline(t: TimestepTables) -> str:
@@ -149,4 +150,4 @@ def _timestep_headline(t: TimestepTables) -> str:
     if not static.empty:
         s = static.sort_values("proxy_loss").iloc[0]
         headline += f"; best static subnet ({s['method']}): {s['mean_gflops']:.4g} GFLOPs, proxy loss {s['proxy_loss']:.5f}"
-    return headline + "."
+    return f"{headline} ({proxy_axis_label(b)})."

@@ -12,6 +12,7 @@ import pandas as pd
 
 from ..checks import check_dir
 from ..errors import DynasearchError
+from ..search.proxy import PROXY_LABELS
 
 __all__ = [
     "ReportError",
@@ -22,6 +23,7 @@ __all__ = [
     "read_search",
     "pareto_table",
     "pareto_plot_data",
+    "proxy_axis_label",
     "has_latency",
     "latency_plot_data",
     "width_map",
@@ -102,6 +104,13 @@ class ParetoPlotData:
     best: tuple[float, float]
     unit: str = "GFLOPs"
     measured: tuple[np.ndarray, np.ndarray] | None = None  # exported subnets' measured ms and proxy loss
+    y_label: str = "proxy loss"
+
+
+def proxy_axis_label(best: dict[str, Any]) -> str:
+    """What the search's proxy loss is, from best.json's settings (searches that recorded no proxy used eps)."""
+    kind = best.get("settings", {}).get("proxy", "eps")
+    return f"proxy loss: {kind} ({PROXY_LABELS.get(kind, 'unknown kind')})"
 
 
 def pareto_plot_data(t: SearchTables) -> ParetoPlotData:
@@ -119,6 +128,7 @@ def pareto_plot_data(t: SearchTables) -> ParetoPlotData:
         budget_gflops=float(t.best["budget_gflops"]),
         full=(full_gflops, full_loss),
         best=(float(t.best["gflops"]), float(t.best["proxy_loss"])),
+        y_label=proxy_axis_label(t.best),
     )
 
 
@@ -158,7 +168,7 @@ def latency_plot_data(t: SearchTables) -> ParetoPlotData:
         baseline_front=_front(bx, by), budget_gflops=float(t.best["latency_budget_ms"]),
         full=(float(t.best["full_predicted_latency_ms"]), full_loss),
         best=(float(t.best["predicted_latency_ms"]), float(t.best["proxy_loss"])), unit="ms",
-        measured=measured if rows else None,
+        measured=measured if rows else None, y_label=proxy_axis_label(t.best),
     )
 
 
@@ -266,6 +276,7 @@ class BucketFronts:
     points: list[tuple[np.ndarray, np.ndarray]]
     fronts: list[tuple[np.ndarray, np.ndarray]]
     chosen: dict[str, list[tuple[float, float]]]
+    y_label: str = "bucket proxy loss"
 
 
 def bucket_fronts(t: TimestepTables) -> BucketFronts:
@@ -280,7 +291,7 @@ def bucket_fronts(t: TimestepTables) -> BucketFronts:
         str(row["method"]): [(float(row[f"gflops_t{k}"]), float(row[f"loss_t{k}"])) for k in range(len(labels))]
         for _, row in t.comparison.iterrows()
     }
-    return BucketFronts(labels, points, fronts, chosen)
+    return BucketFronts(labels, points, fronts, chosen, "bucket " + proxy_axis_label(t.best))
 
 
 @dataclass

@@ -54,7 +54,7 @@ def plot_pareto(d: ParetoPlotData, path: Path, title: str = "Search: proxy loss 
         ax.scatter(*d.measured, marker="D", s=36, c="#2e8b57", label="exported, measured latency", zorder=7)
     ax.set_xlabel("GFLOPs (fvcore convention, batch 1)" if d.unit == "GFLOPs" else
                   f"latency ({d.unit}, predicted by the latency table)")
-    ax.set_ylabel("proxy loss (epsilon MSE)")
+    ax.set_ylabel(d.y_label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
@@ -116,7 +116,7 @@ def plot_bucket_fronts(d: BucketFronts, path: Path) -> Path:
         ax.set_title(d.labels[k], fontsize=9)
         ax.set_xlabel("GFLOPs per step")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("bucket proxy loss")
+    axes[0][0].set_ylabel(d.y_label)
     axes[0][-1].legend(fontsize=7)
     fig.suptitle("Each timestep bucket's own front, and the point every schedule takes", y=1.02)
     return _save(fig, path, tight_box=True)

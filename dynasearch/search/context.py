@@ -121,9 +121,8 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
         "full_flops": full,
         "proxy_samples": config.proxy_samples,
         "proxy_seed": config.seed,
+        "proxy": config.proxy,  # studies made before proxy kinds lack it: they were eps (study._check_settings)
     }
-    if config.proxy != "eps":  # absent means eps (whatever the default), the proxy of studies made before kinds
-        settings["proxy"] = config.proxy
     if latency is not None:  # absent in FLOPs-only studies, as before latency budgets
         settings.update(latency_settings(config, *latency))
     evaluator = ProxyEvaluator(model, proxy, kind=config.proxy)  # computes the teacher's cache once

@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_PROXY",
     "NORM_BINS",
     "PROXY_KINDS",
+    "PROXY_LABELS",
     "SAMPLE_STEPS",
     "SPLITTABLE_PROXIES",
     "ProxySet",
@@ -53,6 +54,12 @@ __all__ = [
 
 PROXY_KINDS = ("eps", "teacher", "teacher-norm", "teacher-sample")
 DEFAULT_PROXY = "teacher"  # best against fine-tuned loss on mnist (results/mnist/bench); eps until 2026-12-02
+PROXY_LABELS = {  # what each kind's number is, for axis labels and tables
+    "eps": "epsilon MSE",
+    "teacher": "MSE to the full model",
+    "teacher-norm": "MSE to the full model / its own error",
+    "teacher-sample": "MSE to the full model's 8-step samples",
+}
 SPLITTABLE_PROXIES = ("eps", "teacher", "teacher-norm")  # per-quadruple values: they split over timestep buckets
 NORM_BINS = 10  # timestep bins of teacher-norm's scale
 SAMPLE_STEPS = 8  # DDIM steps of each teacher-sample trajectory

@@ -59,7 +59,10 @@ def _jsonable(value: Any) -> Any:
 
 def _check_settings(ctx: SearchContext, stored: Any) -> None:
     """Raise SearchError when a stored study's settings differ from this search's."""
-    if stored is None or stored == _jsonable(ctx.settings):
+    if stored is None:
+        return
+    stored = {"proxy": "eps", **stored}  # a study from before proxy kinds recorded none: it was scored with eps
+    if stored == _jsonable(ctx.settings):
         return
     diff = sorted(k for k in set(stored) | set(ctx.settings) if stored.get(k) != _jsonable(ctx.settings).get(k))
     raise SearchError(
