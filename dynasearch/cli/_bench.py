@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
+from ..data import ACCEPTED as DATA_SPECS
 from ._app import app, console, print_frame
 
 _HELP = "Benchmarks: latency vs FLOPs, FLOPs counters, samplers, supernet ranking, sandwich-step cost."
@@ -304,7 +305,7 @@ def train(
     sandwich: int = typer.Option(2, help="Random subnets per step besides the largest and smallest."),
     distill: float = typer.Option(1.0, help="In-place distillation weight."),
     space: str = typer.Option("blockwise", help="Search space the subnets are drawn from."),
-    data: str = typer.Option("digits", help="digits | folder:PATH | npz:PATH."),
+    data: str = typer.Option("digits", help=f"Training data: {DATA_SPECS}."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this side."),
     device: str = _DEVICE_BF16,
     seed: int = typer.Option(0, help="Seed of the weights, batches and subnets."),

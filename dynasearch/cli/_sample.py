@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ..data import ACCEPTED as DATA_SPECS
 from ..sampling import DEFAULT_CFG_SCALE, DEFAULT_STEPS
 from ._app import app, console, err_console
 
@@ -147,7 +148,7 @@ def eval_(
     seed: int = typer.Option(0, help="Random seed."),
     sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
     device: Device = typer.Option(Device.auto, help="Device."),
-    data: Optional[str] = typer.Option(None, help="The data it was trained on (digits | mnist | folder:PATH | npz:PATH), overriding its config.json's record."),
+    data: Optional[str] = typer.Option(None, help=f"The data it was trained on ({DATA_SPECS}), overriding its config.json's record."),
     inception_weights: Optional[Path] = typer.Option(None, help="FID as ADM/DiT report it: FID's Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth)."),
     ref: Optional[str] = typer.Option(None, help="With --inception-weights: an ADM reference batch REF.npz (its mu/sigma, else its arr_0 images) or folder:PATH of real images."),
     samples: Optional[Path] = typer.Option(None, help="With --inception-weights: score this ADM sample batch (arr_0) instead of sampling a checkpoint."),

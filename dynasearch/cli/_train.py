@@ -12,6 +12,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from ..checkpoint.native import CONFIG_NAME
+from ..data import ACCEPTED as DATA_SPECS
 from ..errors import DiskFullError, DynasearchError
 from ..model.config import DIT_CONFIGS
 from ..space import DEFAULT_SPACE
@@ -109,7 +110,7 @@ def train_supernet_command(
     model: Optional[ModelName] = typer.Option(
         None, help="Registry model (default DiT-T/2, or the architecture of --init-from)."
     ),
-    data: str = typer.Option(_DEF.data, help="digits | mnist | folder:PATH (one sub-folder per class) | npz:PATH (x, y)."),
+    data: str = typer.Option(_DEF.data, help=f"{DATA_SPECS} (folder: one sub-folder per class; npz: arrays x, y; latents: extract-latents output)."),
     image_size: Optional[int] = typer.Option(None, help="Resize images to this side (default: the data's own size)."),
     space: str = typer.Option(DEFAULT_SPACE, help="Search space the supernet is trained on: a shipped name or a YAML file."),
     steps: Steps = _DEF.steps,
