@@ -48,12 +48,11 @@ from .space import SearchSpace, load_space  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = [
-    "__version__",
+    "DIT_CONFIGS",
     "BlockChoice",
     "BudgetError",
     "CheckpointError",
     "ConfigError",
-    "DIT_CONFIGS",
     "DataError",
     "DiT",
     "DiTConfig",
@@ -66,6 +65,7 @@ __all__ = [
     "SubnetSchedule",
     "TimestepBuckets",
     "TrainingError",
+    "__version__",
     "closed_form_flops",
     "count_flops",
     "create_supernet",

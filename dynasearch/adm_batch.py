@@ -10,9 +10,10 @@ deflated), :class:`NpyShard` appends batches to a `.npy` file, and :func:`write_
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO
 
 import numpy as np
 

@@ -17,13 +17,13 @@ from .errors import DiskFullError, DynasearchError
 __all__ = [
     "SEED_MAX",
     "SUBNET_BYTES",
-    "check_workers",
     "check_dir",
     "check_finite",
     "check_int",
     "check_memory",
     "check_new_dir",
     "check_seed",
+    "check_workers",
     "disk_full",
     "format_bytes",
     "is_disk_full",
@@ -46,7 +46,9 @@ def check_seed(value: Any, option: str = "--seed", error: type[DynasearchError] 
         raise error(f"{option} must be an integer in [0, {SEED_MAX}] (2**32 - 1), got {value!r}")
 
 
-def check_finite(value: Any, option: str, error: type[DynasearchError] = DynasearchError, low: float | None = None) -> None:
+def check_finite(
+    value: Any, option: str, error: type[DynasearchError] = DynasearchError, low: float | None = None
+) -> None:
     """Raise `error` naming `option` unless `value` is a finite number (and at least `low` when given)."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if not ok or (low is not None and value < low):

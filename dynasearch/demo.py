@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from .checks import check_int, check_new_dir
 from .cost.flops import closed_form_flops, format_flops, parse_budget

@@ -7,16 +7,16 @@ anything else is an internal error (exit code 1).
 from __future__ import annotations
 
 __all__ = [
-    "DynasearchError",
-    "ConfigError",
-    "SubnetError",
     "BudgetError",
     "CheckpointError",
+    "ConfigError",
     "DataError",
-    "SearchSpaceError",
-    "TrainingError",
-    "SearchError",
     "DiskFullError",
+    "DynasearchError",
+    "SearchError",
+    "SearchSpaceError",
+    "SubnetError",
+    "TrainingError",
 ]
 
 

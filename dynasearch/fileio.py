@@ -7,8 +7,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from .checks import disk_full, is_disk_full
 from .errors import DynasearchError
@@ -26,11 +27,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
     A full disk raises DiskFullError naming `path`; the previous file (if any) is left as it was.
     """
-    with atomic_output(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+    with atomic_output(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @contextlib.contextmanager

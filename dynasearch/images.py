@@ -12,8 +12,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +25,9 @@ from .device import resolve_device
 from .errors import CheckpointError, ConfigError, DynasearchError
 from .fileio import atomic_write_bytes
 
-__all__ = ["grid_array", "save_grid", "save_latents", "check_writable", "check_vae_folder", "load_vae", "decode_latents"]
+__all__ = [
+    "check_vae_folder", "check_writable", "decode_latents", "grid_array", "load_vae", "save_grid", "save_latents",
+]
 
 _GRID_CELL_PX = 64  # small images are upscaled (nearest neighbour) to at least this many pixels per side
 _GRID_PAD_PX = 2
@@ -150,7 +153,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> Any:
     autoencoder = _import_autoencoder()
     try:
         vae = autoencoder.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds; each means "not a usable VAE folder"
+    except Exception as exc:  # diffusers raises many kinds; each means "not a usable VAE folder"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"VAE folder '{path}' cannot be loaded: {first}") from None
     return vae.to(resolve_device(device)).eval()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,30 +40,30 @@ from .model.schedule import SubnetSchedule, load_subnet_or_schedule
 from .model.subnet import Subnet
 
 __all__ = [
-    "SAMPLE_BYTES",
-    "SAMPLERS",
     "DEFAULT_CFG_SCALE",
     "DEFAULT_STEPS",
     "LATENT_CHANNELS",
+    "SAMPLERS",
+    "SAMPLE_BYTES",
     "ProgressFn",
     "SampleConfig",
     "SampleResult",
-    "sample_images",
-    "cycle_labels",
-    "repeat_labels",
-    "parse_labels",
-    "save_grid",
-    "grid_array",
-    "save_latents",
-    "load_vae",
-    "decode_latents",
-    "resolve_device",
-    "load_subnet_file",
-    "checkpoint_subnet",
-    "run_schedule",
-    "diffusion_for",
-    "run_sample",
     "check_sampling_args",
+    "checkpoint_subnet",
+    "cycle_labels",
+    "decode_latents",
+    "diffusion_for",
+    "grid_array",
+    "load_subnet_file",
+    "load_vae",
+    "parse_labels",
+    "repeat_labels",
+    "resolve_device",
+    "run_sample",
+    "run_schedule",
+    "sample_images",
+    "save_grid",
+    "save_latents",
 ]
 
 DEFAULT_CFG_SCALE = 4.0
@@ -108,7 +109,8 @@ def parse_labels(text: str) -> tuple[int, ...]:
             out.append(int(tok))
         elif span and int(span.group(1)) <= int(span.group(2)):
             if len(out) + int(span.group(2)) - int(span.group(1)) + 1 > MAX_LABELS:
-                raise ConfigError(f"--labels: {tok!r} names more than {MAX_LABELS} classes; give class ids of the model")
+                raise ConfigError(f"--labels: {tok!r} names more than {MAX_LABELS} classes; give class ids of the "
+                                  "model")
             out.extend(range(int(span.group(1)), int(span.group(2)) + 1))
         else:
             raise ConfigError(

@@ -15,7 +15,12 @@ from .model.schedule import SubnetSchedule
 from .model.subnet import Subnet
 
 __all__ = [
-    "slice_subnet", "slice_schedule", "sliced_config", "reorder_by_importance", "head_importance", "channel_importance",
+    "channel_importance",
+    "head_importance",
+    "reorder_by_importance",
+    "slice_schedule",
+    "slice_subnet",
+    "sliced_config",
 ]
 
 

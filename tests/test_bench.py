@@ -3,6 +3,7 @@ columns and the relations between them, never the timings."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shlex
 from pathlib import Path
@@ -37,7 +38,7 @@ from dynasearch.cost.flops import closed_form_flops
 from dynasearch.model import get_config
 from dynasearch.space.search_space import load_space
 
-TINY = dict(model="DiT-N/2", input_size=8, in_channels=1, num_classes=10)
+TINY = {"model": "DiT-N/2", "input_size": 8, "in_channels": 1, "num_classes": 10}
 MACHINE_KEYS = {"cpu", "cores", "torch", "threads", "device", "device_name"}
 
 
@@ -54,7 +55,7 @@ def _check_files(out: Path, stem: str, extra: tuple[str, ...] = ()) -> dict:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     doc = json.loads((out / f"{stem}.json").read_text())
-    assert MACHINE_KEYS <= set(doc["machine"]) and doc["date"] and doc["settings"]
+    assert set(doc["machine"]) >= MACHINE_KEYS and doc["date"] and doc["settings"]
     assert doc["command"].startswith(f"dynasearch bench {stem.split('-')[0]} ") and f"--out {out}" in doc["command"]
     return doc
 
@@ -66,7 +67,7 @@ def test_bench_run_sets_and_restores_threads() -> None:
     before = torch.get_num_threads()
     with bench_run("cpu", 1) as run:
         assert torch.get_num_threads() == 1 and run.threads == 1 and run.device == torch.device("cpu")
-        assert MACHINE_KEYS <= set(run.machine) and run.machine["threads"] == 1
+        assert set(run.machine) >= MACHINE_KEYS and run.machine["threads"] == 1
     assert torch.get_num_threads() == before
     with bench_run(torch.device("cpu"), None) as run:
         assert run.threads == before
@@ -90,9 +91,11 @@ def test_latency_rows_ratios_and_files(tmp_path: Path) -> None:
     result = bench_latency(cfg)
     assert torch.get_num_threads() == before  # restored
     t = result.table
-    assert {"name", "gflops", "flops_ratio", "latency_ms", "latency_ratio", "quotient", "within_10pct"} <= set(t.columns)
+    assert {"name", "gflops", "flops_ratio", "latency_ms", "latency_ratio", "quotient",
+            "within_10pct"} <= set(t.columns)
     full = t.iloc[0]
-    assert full["name"] == "full" and full["flops_ratio"] == 1.0 and full["latency_ratio"] == 1.0 and full["quotient"] == 1.0
+    assert (full["name"] == "full" and full["flops_ratio"] == 1.0 and full["latency_ratio"] == 1.0
+            and full["quotient"] == 1.0)
     assert ((t["flops_ratio"] > 0) & (t["flops_ratio"] <= 1)).all() and (t["latency_ms"] > 0).all()
     assert len(t) == 4 and (t.loc[1:, "kind"] == "uniform").all()
     np.testing.assert_allclose(t["quotient"], t["flops_ratio"] / t["latency_ratio"])
@@ -132,9 +135,11 @@ def test_mixed_subnets_are_irregular_and_at_the_ratio() -> None:
     cfg = LatencyBenchConfig(**TINY, batch=1, repeats=1, warmup=0, rounds=1, ratios=(0.5, 0.01), mixed=1)
     notes: list[str] = []
     entries = latency_models(cfg, DiT(get_config(TINY["model"], input_size=TINY["input_size"],
-                                                 in_channels=TINY["in_channels"], num_classes=TINY["num_classes"])), notes)
+                                                 in_channels=TINY["in_channels"], num_classes=TINY["num_classes"])),
+                             notes)
     kinds = [k for _, k, _ in entries]
-    assert kinds.count("mixed") <= 1 and any("no random blockwise subnet within 2% of FLOPs ratio 0.01" in n for n in notes)
+    assert kinds.count("mixed") <= 1
+    assert any("no random blockwise subnet within 2% of FLOPs ratio 0.01" in n for n in notes)
     with pytest.raises(BenchError, match="--mixed must be 0 or more, got -1"):
         LatencyBenchConfig(**TINY, mixed=-1)
 
@@ -202,7 +207,8 @@ def test_search_hypervolume_curves(run_dir: Path, tmp_path: Path) -> None:
     # random reaches its own final mean at the latest on its last trial
     assert 1 <= t.set_index("sampler").loc["random", "trials_to_random_final"] <= 6
     ref = result.summary["reference"]
-    assert ref["proxy_loss"] == pytest.approx(c["proxy_loss"].max()) and ref["gflops"] == result.summary["budget_gflops"]
+    assert ref["proxy_loss"] == pytest.approx(c["proxy_loss"].max())
+    assert ref["gflops"] == result.summary["budget_gflops"]
     assert result.summary["cache_hits"] > 0  # the seeded trials repeat across runs
     mean = result.extra["mean"]
     assert list(mean.columns) == ["trial", "tpe", "nsga2", "gp", "random", "random-feasible"] and len(mean) == 6
@@ -249,7 +255,8 @@ def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
     t, s, runs = result.table, result.summary, result.extra["runs"]
     assert result.name == "ranking-proxy32"  # not the search's proxy size: its own file stem
     assert len(t) == 3 and (np.diff(t["gflops"]) > 0).all() and t["flops_ratio"].iloc[-1] == 1.0
-    assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned", "inherited_eval_loss"} <= set(t.columns)
+    assert {"inherited_loss", "finetuned_loss", "rank_inherited", "rank_finetuned",
+            "inherited_eval_loss"} <= set(t.columns)
     assert (t["finetuned_loss"] != t["inherited_eval_loss"]).all()  # the fine-tune moved the weights
     assert (t["inherited_loss"] != t["inherited_eval_loss"]).all()  # two different sets
     # two fine-tunes per subnet with different batch seeds; the table holds their mean
@@ -282,9 +289,9 @@ def test_ranking_tau(run_dir: Path, tmp_path: Path) -> None:
     assert "--finetune-seeds 2" in doc["command"] and "--eval-samples 48" in doc["command"]
     with pytest.raises(BenchError, match="--k"):
         RankingBenchConfig(k=2)
-    with pytest.raises(BenchError, match="--lr-schedule.*'step'"):
+    with pytest.raises(BenchError, match=r"--lr-schedule.*'step'"):
         RankingBenchConfig(lr_schedule="step")
-    with pytest.raises(BenchError, match="--eval-samples.*0"):
+    with pytest.raises(BenchError, match=r"--eval-samples.*0"):
         RankingBenchConfig(eval_samples=0)
 
 
@@ -346,7 +353,9 @@ def test_ranking_fd_ground_truth(run_dir: Path, tmp_path: Path, monkeypatch) -> 
 
     fd = taus[taus["ground_truth"] == "finetuned_fd"].set_index("proxy")
     assert fd.loc["teacher", "kendall_tau"] == pytest.approx(kendalltau(t["proxy_teacher"], t["finetuned_fd"])[0])
-    assert result.summary["kendall_tau_fd_vs_loss"] == pytest.approx(kendalltau(t["finetuned_fd"], t["finetuned_loss"])[0])
+    assert result.summary["kendall_tau_fd_vs_loss"] == pytest.approx(
+        kendalltau(t["finetuned_fd"], t["finetuned_loss"])[0]
+    )
     # one run again by hand: the same fine-tune, then FD of 6 samples from the bench's seed
     from dynasearch.checkpoint.native import load_checkpoint
     from dynasearch.diffusion.factory import diffusion_for
@@ -372,7 +381,7 @@ def test_finetune_lr_schedule() -> None:
     assert [finetune_lr(1e-3, "constant", s, 100) for s in (1, 50, 100)] == [1e-3] * 3
     cosine = [finetune_lr(1e-3, "cosine", s, 100) for s in range(1, 101)]
     assert cosine[0] == pytest.approx(2e-4) and cosine[4] == pytest.approx(1e-3)  # 5 warm-up steps
-    assert all(a >= b for a, b in zip(cosine[4:], cosine[5:])) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in itertools.pairwise(cosine[4:])) and cosine[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_kendall_bootstrap_interval() -> None:
@@ -392,7 +401,8 @@ def test_kendall_bootstrap_interval() -> None:
 def test_train_overhead(tmp_path: Path) -> None:
     result = bench_train(TrainBenchConfig(model="DiT-N/2", steps=2, warmup=1, batch_size=8, sandwich=1))
     t = result.table.set_index("part")
-    assert list(t.index) == ["max subnet", "min subnet", "random subnets (each)", "subnets alone, summed", "sandwich step"]
+    assert list(t.index) == ["max subnet", "min subnet", "random subnets (each)", "subnets alone, summed",
+                             "sandwich step"]
     assert t.loc["max subnet", "measured_over_ideal"] == pytest.approx(1.0)  # the ideal is scaled from the largest
     assert (t["measured_ms"] > 0).all() and (t["ideal_ms"] > 0).all()
     steps = result.extra["steps"]
@@ -418,7 +428,8 @@ def test_cli_flops_and_recorded_command_reproduces(tmp_path: Path, capsys) -> No
     argv = shlex.split(doc["command"].replace(f"--out {out}", f"--out {again}"))
     assert argv[:3] == ["dynasearch", "bench", "flops"] and main(argv[1:]) == 0
     second = pd.read_csv(again / "flops.csv")
-    pd.testing.assert_frame_equal(first.drop(columns=["build_s", "count_s"]), second.drop(columns=["build_s", "count_s"]))
+    pd.testing.assert_frame_equal(first.drop(columns=["build_s", "count_s"]),
+                                  second.drop(columns=["build_s", "count_s"]))
 
 
 def test_cli_train_writes_files(tmp_path: Path) -> None:

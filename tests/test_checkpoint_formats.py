@@ -91,7 +91,9 @@ def test_raw_state_dict_loads_exactly(tiny_model: DiT, tmp_path: Path) -> None:
     assert read_pretrained(tmp_path / "raw.pt").kind == "dit"
 
 
-def test_dit_training_checkpoint_gives_ema_by_default_and_model_on_request(pair: tuple[DiT, DiT], tmp_path: Path) -> None:
+def test_dit_training_checkpoint_gives_ema_by_default_and_model_on_request(
+    pair: tuple[DiT, DiT], tmp_path: Path
+) -> None:
     raw, ema = pair
     path = tmp_path / "0400000.pt"
     torch.save({"model": _raw(raw), "ema": _raw(ema), "opt": _opt_state(raw), "args": _dit_args()}, path)
@@ -137,7 +139,8 @@ def test_any_other_object_is_refused_naming_it_and_no_code_runs(
     obj = {
         "top": evil,
         "in_args": {"model": state, "ema": state, "args": _dit_args(hook=evil)},
-        "in_opt": {"model": state, "ema": state, "opt": {"state": {}, "param_groups": [{"x": evil}]}, "args": _dit_args()},
+        "in_opt": {"model": state, "ema": state, "opt": {"state": {}, "param_groups": [{"x": evil}]},
+                   "args": _dit_args()},
         "beside_the_state": {**state, "extra": evil},
         "harmless_class": {"model": state, "ema": state, "args": evil},
     }[where]
@@ -185,7 +188,8 @@ def test_missing_and_misshapen_tensors_are_named(tiny_model: DiT, tmp_path: Path
     with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\) e.g. 'blocks.1.mlp.fc2.weight'") as info:
         load_pretrained(tmp_path / "m.pt")
     assert str(tmp_path / "m.pt") in str(info.value)
-    assert torch.equal(_outputs(load_pretrained(f"{tmp_path / 'm.pt'}#model")), _outputs(tiny_model))  # the other is whole
+    # the other is whole
+    assert torch.equal(_outputs(load_pretrained(f"{tmp_path / 'm.pt'}#model")), _outputs(tiny_model))
     bent = {**state, "blocks.0.attn.proj.weight": torch.zeros(32, 16)}
     torch.save({"ema": bent}, tmp_path / "s.pt")
     with pytest.raises(CheckpointError, match=r"'blocks.0.attn.proj.weight' has shape \(32, 16\), expected \(32, 32\)"):
@@ -235,10 +239,13 @@ def test_init_from_a_training_checkpoint_takes_the_chosen_weights(pair: tuple[Di
 
 
 # --- the config fields diffusers needs ---------------------------------------------------------------------------
-def test_time_shift_and_mlp_norm_eps_default_to_dit_and_are_written_only_when_set(tiny_model: DiT, tmp_path: Path) -> None:
+def test_time_shift_and_mlp_norm_eps_default_to_dit_and_are_written_only_when_set(
+    tiny_model: DiT, tmp_path: Path
+) -> None:
     config = tiny_model.config
     assert (config.time_shift, config.mlp_norm_eps) == (0.0, 1e-6)
-    assert "time_shift" not in config.to_dict() and "mlp_norm_eps" not in config.to_dict()  # older files stay as they were
+    # older files stay as they were
+    assert "time_shift" not in config.to_dict() and "mlp_norm_eps" not in config.to_dict()
     assert DiTConfig.from_dict(config.to_dict()) == config
     other = config.replace(time_shift=1.0, mlp_norm_eps=1e-5)
     assert other.to_dict()["time_shift"] == 1.0 and other.to_dict()["mlp_norm_eps"] == 1e-5
@@ -271,7 +278,8 @@ def test_timestep_features_with_a_frequency_shift() -> None:
         args = t.double()[:, None] * freqs[None]
         want = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
         torch.testing.assert_close(emb.double(), want, rtol=0, atol=1e-4)
-    assert not torch.allclose(TimestepEmbedder.timestep_embedding(t, 256, shift=1.0), TimestepEmbedder.timestep_embedding(t, 256))
+    assert not torch.allclose(TimestepEmbedder.timestep_embedding(t, 256, shift=1.0),
+                              TimestepEmbedder.timestep_embedding(t, 256))
 
 
 @pytest.mark.parametrize("key, value", [("time_shift", float("nan")), ("time_shift", -1.0), ("time_shift", 128.0),

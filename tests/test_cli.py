@@ -47,7 +47,8 @@ def test_models_json(capsys) -> None:
     for name, millions in (("DiT-S/2", 33.0), ("DiT-B/2", 130.5), ("DiT-L/2", 458.1), ("DiT-XL/2", 675.1)):
         assert round(by_name[name]["params"] / 1e6, 1) == pytest.approx(millions, abs=0.1)
     for size in ("XL", "L", "B", "S", "T", "N"):
-        assert by_name[f"DiT-{size}/2"]["gflops"] > by_name[f"DiT-{size}/4"]["gflops"] > by_name[f"DiT-{size}/8"]["gflops"]
+        assert (by_name[f"DiT-{size}/2"]["gflops"] > by_name[f"DiT-{size}/4"]["gflops"]
+                > by_name[f"DiT-{size}/8"]["gflops"])
     for r in rows:
         config = get_config(r["model"])
         assert r["gflops"] == closed_form_flops(config) / 1e9

@@ -183,7 +183,8 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dynasearch.checkpoint.diffusers import save_diffusers
     from dynasearch.model.subnet import BlockChoice, Subnet
 
-    hf_model = create_supernet("DiT-N/2", input_size=8, in_channels=1, num_classes=10, time_shift=1.0, mlp_norm_eps=1e-5)
+    hf_model = create_supernet("DiT-N/2", input_size=8, in_channels=1, num_classes=10, time_shift=1.0,
+                               mlp_norm_eps=1e-5)
     save_diffusers(hf_model, ws / "hf")  # a diffusers DiTTransformer2DModel folder of a digits model
     shutil.copytree(ws / "hf", ws / "hf_untied")  # its blocks' embedders differ: not one DiT embedder
     hf_weights = ws / "hf_untied" / "diffusion_pytorch_model.safetensors"
@@ -202,8 +203,10 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
                ws / "dit_train.pt")
     torch.save({"model": raw_state, "ema": raw_state, "args": argparse.Namespace(model="DiT-N/2", hook=_Payload())},
                ws / "evil_args.pt")  # DiT's layout, a code-running object inside its allowed Namespace
-    save_checkpoint(hf_model.to_static(Subnet.uniform(hf_model.config, attn_rate=0.5, mlp_rate=0.5)), ws / "sub_uniform")
-    save_checkpoint(hf_model.to_static(Subnet((BlockChoice(4, 128, 0.5), BlockChoice(4, 128, 1.0)))), ws / "sub_tokens")
+    save_checkpoint(hf_model.to_static(Subnet.uniform(hf_model.config, attn_rate=0.5, mlp_rate=0.5)),
+                    ws / "sub_uniform")
+    save_checkpoint(hf_model.to_static(Subnet((BlockChoice(4, 128, 0.5), BlockChoice(4, 128, 1.0)))),
+                    ws / "sub_tokens")
     # -- issue 14 template files: latents
     _latents_templates(ws)
     # -- issue 14 template files: the FID protocol
@@ -309,7 +312,8 @@ CASES = [
     Case("search-out-read-only", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
                                   "--out", "{ro}/search"), ("{ro}/search",)),
     Case("search-proxy-unknown", (*SEARCH, "--flops", "0.5x", "--proxy", "l1"), ("--proxy", "'l1'", "teacher-norm")),
-    Case("search-proxy-sample-timestep", (*SEARCH, "--flops", "0.5x", "--space", "timestep", "--proxy", "teacher-sample"),
+    Case("search-proxy-sample-timestep",
+         (*SEARCH, "--flops", "0.5x", "--space", "timestep", "--proxy", "teacher-sample"),
          ("--proxy teacher-sample", "timestep bucket")),
     Case("search-study-other-proxy", ("search", "--supernet", RUN, "--flops", "0.5x", "--trials", "2",
                                       "--proxy-samples", "8", "--out", f"{W}/search", "--study-name", "s1",
@@ -371,7 +375,8 @@ CASES = [
          ("magic",)),
     Case("bench-ranking-flops-range", ("bench", "ranking", "--supernet", RUN, "--flops-range", "0.9,0.1"),
          ("0.9,0.1",)),
-    Case("bench-ranking-fd-samples-1", ("bench", "ranking", "--supernet", RUN, "--fd-samples", "1"), ("--fd-samples", "1")),
+    Case("bench-ranking-fd-samples-1", ("bench", "ranking", "--supernet", RUN, "--fd-samples", "1"),
+         ("--fd-samples", "1")),
     Case("bench-train-unknown-data", ("bench", "train", "--model", "DiT-N/2", "--data", f"folder:{W}/nowhere"),
          (f"{W}/nowhere",)),
     Case("unknown-command", ("flopz",), ("flopz",)),
@@ -634,7 +639,8 @@ CASES = [
                                   "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/not_npz.npz",)),
     Case("eval-fid-ref-no-images-or-stats", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
                                              f"{W}/ref_no_keys.npz", "--inception-weights",
-                                             f"{W}/inception_garbage.pth"), (f"{W}/ref_no_keys.npz", "mu/sigma", "arr_0")),
+                                             f"{W}/inception_garbage.pth"),
+         (f"{W}/ref_no_keys.npz", "mu/sigma", "arr_0")),
     Case("eval-fid-ref-mu-without-sigma", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
                                            f"{W}/ref_mu_only.npz", "--inception-weights",
                                            f"{W}/inception_garbage.pth"), (f"{W}/ref_mu_only.npz", "sigma")),
@@ -654,7 +660,8 @@ CASES = [
     Case("eval-fid-ref-without-weights", ("eval", "--samples", f"{W}/fid_samples.npz", "--ref",
                                           f"{W}/fid_samples.npz"), ("--inception-weights",)),
     Case("eval-fid-samples-float", ("eval", "--samples", f"{W}/fid_float.npz", "--ref", f"{W}/fid_samples.npz",
-                                    "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/fid_float.npz", "uint8")),
+                                    "--inception-weights", f"{W}/inception_garbage.pth"),
+         (f"{W}/fid_float.npz", "uint8")),
     Case("eval-fid-samples-missing", ("eval", "--samples", f"{W}/nothing.npz", "--ref", f"{W}/fid_samples.npz",
                                       "--inception-weights", f"{W}/inception_garbage.pth"), (f"{W}/nothing.npz",)),
     Case("eval-fid-samples-and-checkpoint", ("eval", "--samples", f"{W}/fid_samples.npz", "--checkpoint", RUN,
@@ -682,7 +689,8 @@ CASES = [
     Case("finetune-preset-unknown", (*FT, "--preset", "unknown", "--out", f"{W}/ft"), ("--preset", "unknown")),
     Case("finetune-resume-other-precision", ("finetune", "--resume", "--precision", "fp16", "--out", f"{W}/finetuned"),
          (f"{W}/finetuned", "--precision 'fp32' -> 'fp16'")),
-    Case("finetune-resume-with-a-preset", ("finetune", "--resume", "--preset", "dit-finetune", "--out", f"{W}/finetuned"),
+    Case("finetune-resume-with-a-preset",
+         ("finetune", "--resume", "--preset", "dit-finetune", "--out", f"{W}/finetuned"),
          (f"{W}/finetuned", "--preset")),
 ]
 
@@ -707,7 +715,9 @@ PARAMS = [
 
 
 @pytest.mark.parametrize("case", PARAMS)
-def test_bad_input(case: Case, workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input(
+    case: Case, workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(workspace)
     monkeypatch.setenv(MARKER_ENV, str(workspace / "PWNED"))
     monkeypatch.delenv("DYNASEARCH_DEBUG", raising=False)
@@ -735,7 +745,8 @@ def test_there_are_enough_cases_over_every_command() -> None:
 
 
 def test_the_malicious_pickle_really_runs_code_when_unpickled_unsafely(workspace: Path, tmp_path: Path) -> None:
-    """The payload is live: loading it without weights_only creates the marker (so the refusal above means something)."""
+    """The payload is live: loading it without weights_only creates the marker (so the refusal above means
+    something)."""
     marker = tmp_path / "ran"
     env = {**os.environ, MARKER_ENV: str(marker)}
     code = f"import torch; torch.load({str(workspace / 'evil.pt')!r}, weights_only=False)"
@@ -743,7 +754,9 @@ def test_the_malicious_pickle_really_runs_code_when_unpickled_unsafely(workspace
     assert marker.exists()
 
 
-def test_debug_shows_the_traceback(workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_shows_the_traceback(
+    workspace: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(workspace)
     monkeypatch.setenv("DYNASEARCH_DEBUG", "0")  # --debug sets it; monkeypatch restores it
     code = main(["--debug", "flops", "--checkpoint", str(workspace / "truncated")])
@@ -773,8 +786,8 @@ def test_warnings_never_precede_the_error_line(workspace: Path, capsys: pytest.C
     from dynasearch.errors import ConfigError
 
     def warn_then_fail(_q: object) -> None:
-        warnings.warn("old API", DeprecationWarning)
-        warnings.warn("something odd", UserWarning)
+        warnings.warn("old API", DeprecationWarning, stacklevel=2)
+        warnings.warn("something odd", UserWarning, stacklevel=2)
         raise ConfigError("--batch is wrong")
 
     monkeypatch.setattr(query, "run_flops_query", warn_then_fail)
@@ -792,8 +805,8 @@ def test_a_finished_command_still_tells_its_warnings_but_not_deprecations(
     real = query.run_flops_query
 
     def warn_then_run(q: object) -> object:
-        warnings.warn("old API", DeprecationWarning)
-        warnings.warn("something odd", UserWarning)
+        warnings.warn("old API", DeprecationWarning, stacklevel=2)
+        warnings.warn("something odd", UserWarning, stacklevel=2)
         return real(q)  # type: ignore[arg-type]
 
     monkeypatch.setattr(query, "run_flops_query", warn_then_run)

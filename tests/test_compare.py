@@ -41,7 +41,8 @@ def test_each_model_and_seed_is_scored_as_eval_scores_it(models: dict[str, Path]
     cfg = CompareConfig(models=(CompareEntry("full", models["full"]), CompareEntry("small", models["small"])),
                         seeds=(0, 3), num=20, steps=2, command="test")
     result = compare_models(cfg)
-    assert list(result.runs["model"]) == ["full", "full", "small", "small"] and list(result.runs["seed"]) == [0, 3, 0, 3]
+    assert list(result.runs["model"]) == ["full", "full", "small", "small"]
+    assert list(result.runs["seed"]) == [0, 3, 0, 3]
     # the same numbers as scoring each model alone with evaluate_quality
     small = load_checkpoint(models["small"])
     reference = load_reference(resolve_data({"data": {"spec": "digits"}}, small.config), small.config)

@@ -34,8 +34,8 @@ STEPS = 40
 
 def tiny(out: Path, **kw: object) -> TrainConfig:
     """DiT-N/2 on digits, batch 8, one random subnet per step, a checkpoint every 2 steps."""
-    base: dict[str, object] = dict(model="DiT-N/2", steps=STEPS, batch_size=8, sandwich=1, ckpt_every=2, log_every=1,
-                                   device="cpu", out=str(out))
+    base: dict[str, object] = {"model": "DiT-N/2", "steps": STEPS, "batch_size": 8, "sandwich": 1, "ckpt_every": 2,
+                               "log_every": 1, "device": "cpu", "out": str(out)}
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -90,7 +90,7 @@ def test_sigkill_at_random_moments_then_resume_reaches_the_uninterrupted_result(
     # kill points by progress (steps in metrics.csv), not wall time, so a fast or a busy machine sees the same plan
     targets = sorted(rng.sample(range(2, STEPS - 2), len(kills)))
     states: list[str] = []
-    for how, target in zip(kills, targets):
+    for how, target in zip(kills, targets, strict=True):
         proc = _start(tiny(out, resume=True))
         deadline = time.monotonic() + 60
         while proc.is_alive() and _rows(out) < target and time.monotonic() < deadline:
@@ -181,7 +181,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint_and_says_how_to_resum
                 if seen == 3:
                     proc.send_signal(signal.SIGINT)
                     break
-        stdout, stderr = proc.communicate(timeout=120)
+        _stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -116,7 +116,9 @@ def test_data_record_from_config_and_back() -> None:
     assert record.load().val_indices == ds.val_indices and record.load().image_size == 16
     # an old run's config: the data's name but no spec, or only the training arguments
     assert DataRecord.from_config({"data": {"name": "mnist", "image_size": 32}}).spec == DataSpec("mnist")
-    assert DataRecord.from_config({"train": {"data": "npz:x.npz", "image_size": None}}) == DataRecord(DataSpec("npz", "x.npz"))
+    assert DataRecord.from_config({"train": {"data": "npz:x.npz", "image_size": None}}) == DataRecord(
+        DataSpec("npz", "x.npz")
+    )
     assert DataRecord.from_config({"model": {}}) is None and DataRecord.from_config({"data": {}}) is None
     for bad, message in (({"spec": "cifar"}, "cifar"), ({"spec": 3}, "not a data spec"),
                          ({"spec": "digits", "image_size": 0}, "image_size 0"),
@@ -153,7 +155,7 @@ def test_folder_loading(tmp_path: Path) -> None:
     x = torch.cat([ds.train_x, ds.val_x])
     y = torch.cat([ds.train_y, ds.val_y])
     assert sorted(y.tolist()) == [0, 0, 1, 1, 1]  # a_blue -> 0, b_red -> 1
-    for img, label in zip(x, y):
+    for img, label in zip(x, y, strict=True):
         lit = 2 if label == 0 else 0  # blue or red channel
         assert torch.allclose(img[lit], torch.ones(4, 4), atol=1e-6)
         assert torch.allclose(img[1], -torch.ones(4, 4), atol=1e-6)
@@ -179,7 +181,7 @@ def test_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="c_none"):
         load_dataset(f"folder:{root}")
     (root / "c_none" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(DataError, match="broken.png") as info:
+    with pytest.raises(DataError, match=r"broken\.png") as info:
         load_dataset(f"folder:{root}")
     assert "\n" not in str(info.value).strip()
 
@@ -234,15 +236,15 @@ def test_npz_file_errors(tmp_path: Path) -> None:
         load_dataset(f"npz:{tmp_path / 'missing.npz'}")
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"this is not a zip file")
-    with pytest.raises(DataError, match="garbage.npz"):
+    with pytest.raises(DataError, match=r"garbage\.npz"):
         load_dataset(f"npz:{garbage}")
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
-    with pytest.raises(DataError, match="single.npy"):
+    with pytest.raises(DataError, match=r"single\.npy"):
         load_dataset(f"npz:{single}")
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, x=np.empty((1,), dtype=object), y=np.zeros(1, dtype=int))
-    with pytest.raises(DataError, match="pickled.npz"):
+    with pytest.raises(DataError, match=r"pickled\.npz"):
         load_dataset(f"npz:{pickled}")
     assert issubclass(DataError, DynasearchError)
 
@@ -270,8 +272,8 @@ def test_iterate_batches_deterministic_and_complete() -> None:
     first = [next(it1) for _ in range(6)]
     second = [next(it2) for _ in range(6)]
     third = [next(it3) for _ in range(6)]
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
-    assert any(not torch.equal(a[1], c[1]) for a, c in zip(first, third))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second, strict=True))
+    assert any(not torch.equal(a[1], c[1]) for a, c in zip(first, third, strict=True))
     for epoch in range(3):  # each pair of batches is one full epoch
         seen = torch.cat([first[2 * epoch][1], first[2 * epoch + 1][1]])
         assert sorted(seen.tolist()) == list(range(10))

@@ -26,8 +26,8 @@ from dynasearch.model import DiT, DiTConfig, get_config  # noqa: E402
 from dynasearch.model.subnet import BlockChoice, Subnet  # noqa: E402
 from dynasearch.slicing import slice_subnet  # noqa: E402
 
-TINY = dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2, sample_size=8,
-            patch_size=2, num_embeds_ada_norm=10)
+TINY = {"num_attention_heads": 2, "attention_head_dim": 8, "in_channels": 4, "out_channels": 8, "num_layers": 2,
+        "sample_size": 8, "patch_size": 2, "num_embeds_ada_norm": 10}
 
 
 def _random_diffusers(seed: int = 0, tie: bool = True, **config: object) -> DiTTransformer2DModel:
@@ -83,7 +83,9 @@ def test_a_diffusers_folder_loads_with_diffusers_outputs(tmp_path: Path, config:
     theirs.save_pretrained(str(tmp_path / "dit"))
     ours = load_pretrained(tmp_path / "dit")
     c = ours.config
-    assert (c.depth, c.num_heads, c.head_dim, c.num_classes, c.input_size) == (2, config.get("num_attention_heads", 2), 8, 10, 8)
+    assert (c.depth, c.num_heads, c.head_dim, c.num_classes, c.input_size) == (
+        2, config.get("num_attention_heads", 2), 8, 10, 8
+    )
     assert c.learn_sigma == (config.get("out_channels", 8) == 8)
     assert (c.time_shift, c.mlp_norm_eps) == (1.0, config.get("norm_eps", 1e-5))
     x, t, y = _inputs(c)
@@ -109,7 +111,9 @@ def test_the_numerics_matter_so_the_test_above_means_something(tmp_path: Path) -
 def test_a_dit_pipeline_folder_loads_its_transformer(tmp_path: Path) -> None:
     theirs = _random_diffusers(seed=1)
     theirs.save_pretrained(str(tmp_path / "pipe" / "transformer"))
-    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]}))
+    (tmp_path / "pipe" / "model_index.json").write_text(
+        json.dumps({"_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"]})
+    )
     ours = load_pretrained(tmp_path / "pipe")
     x, t, y = _inputs(ours.config)
     assert _rel(_ours(ours, x, t, y), _theirs(theirs, x, t, y)) <= 1e-5
@@ -118,8 +122,10 @@ def test_a_dit_pipeline_folder_loads_its_transformer(tmp_path: Path) -> None:
 
 def test_blocks_with_their_own_embedders_are_refused(tmp_path: Path) -> None:
     _random_diffusers(tie=False).save_pretrained(str(tmp_path / "dit"))
-    with pytest.raises(CheckpointError, match=r"block 1's 'transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight' "
-                                              r"differs from block 0's") as info:
+    with pytest.raises(
+        CheckpointError,
+        match=r"block 1's 'transformer_blocks.1.norm1.emb.timestep_embedder.linear_1.weight' differs from block 0's",
+    ) as info:
         load_pretrained(tmp_path / "dit")
     assert str(tmp_path / "dit") in str(info.value) and "\n" not in str(info.value)
 
@@ -211,7 +217,8 @@ def test_export_command_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture[
     x, t, y = _inputs(ours.config)
     want = _ours(ours, x, t, y)
     assert _rel(_theirs(_from_pretrained(tmp_path / "hf"), x, t, y), want) <= 1e-5
-    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "--format", "dynasearch", "--out", str(tmp_path / "back")]) == 0
+    assert main(["export", "--checkpoint", str(tmp_path / "hf"), "--format", "dynasearch",
+                 "--out", str(tmp_path / "back")]) == 0
     back = load_checkpoint(tmp_path / "back")
     assert json.loads((tmp_path / "back" / "config.json").read_text())["source"]["format"] == "diffusers"
     assert _rel(_ours(back, x, t, y), want) <= 1e-6

@@ -138,7 +138,7 @@ def test_vb_matches_reference_kl_and_is_rescaled() -> None:
     model_logvar = frac * math.log(beta) + (1 - frac) * math.log(true_var)
     kl = 0.5 * (-1 + model_logvar - math.log(true_var) + true_var / math.exp(model_logvar)
                 + (true_mean - model_mean) ** 2 / math.exp(model_logvar))
-    f64 = dict(dtype=torch.float64)
+    f64 = {"dtype": torch.float64}
     out = torch.tensor([eps_v, v_v], **f64).view(1, 2, 1, 1)
     x0 = torch.tensor([x0_v], **f64).view(1, 1, 1, 1)
     noise = torch.tensor([noise_v], **f64).view(1, 1, 1, 1)

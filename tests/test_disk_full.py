@@ -10,8 +10,8 @@ import errno
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from conftest import fake_supernet_run
@@ -132,11 +132,10 @@ def test_a_failed_multi_file_write_puts_the_previous_files_back(tmp_path: Path) 
     (tmp_path / "a.csv").write_text("old a\n")
     (tmp_path / "b.png").write_text("old b\n")
     before = _snapshot(tmp_path)
-    with pytest.raises(DiskFullError):
-        with kept_on_failure(tmp_path):
-            atomic_write_text(tmp_path / "a.csv", "new a\n")
-            atomic_write_text(tmp_path / "c.json", "new c\n")
-            raise DiskFullError("cannot write 'b.png': no space left on the device")
+    with pytest.raises(DiskFullError), kept_on_failure(tmp_path):
+        atomic_write_text(tmp_path / "a.csv", "new a\n")
+        atomic_write_text(tmp_path / "c.json", "new c\n")
+        raise DiskFullError("cannot write 'b.png': no space left on the device")
     assert _snapshot(tmp_path) == before
     with kept_on_failure(tmp_path):  # success: the new files stay, no keep-links left behind
         atomic_write_text(tmp_path / "a.csv", "new a\n")
@@ -152,12 +151,11 @@ def test_demo_overwrite_puts_the_previous_outputs_back_when_it_fails(tmp_path: P
     old.mkdir()
     (old / "report.html").write_text("previous report\n")
     before = _snapshot(tmp_path)
-    with pytest.raises(RuntimeError):
-        with replaced_on_success([old, tmp_path / "run"]):
-            assert not old.exists()
-            (tmp_path / "run").mkdir()
-            (tmp_path / "run" / "half.safetensors").write_text("x")
-            raise RuntimeError("stage 2 failed")
+    with pytest.raises(RuntimeError), replaced_on_success([old, tmp_path / "run"]):
+        assert not old.exists()
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "half.safetensors").write_text("x")
+        raise RuntimeError("stage 2 failed")
     assert _snapshot(tmp_path) == before
     with replaced_on_success([old]):
         old.mkdir()
@@ -166,8 +164,9 @@ def test_demo_overwrite_puts_the_previous_outputs_back_when_it_fails(tmp_path: P
 
 
 @pytest.mark.parametrize("fail_with", ["disk-full", "nan-loss"])
-def test_train_overwrite_never_loses_the_previous_run(fail_with: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_overwrite_never_loses_the_previous_run(
+    fail_with: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--overwrite moves the old run aside and deletes it only at the new run's first checkpoint: a failure before
     that (a full disk writing it, a NaN loss) puts the old run back byte for byte."""
     import dynasearch.train.loop as loop

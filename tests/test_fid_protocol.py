@@ -141,7 +141,7 @@ def test_a_bad_weights_file_is_one_clear_error(tmp_path: Path, weights: Path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_inception_weights(tmp_path / "none.pth")
     (tmp_path / "garbage.pth").write_bytes(b"\x00\xff" * 100)
-    with pytest.raises(CheckpointError, match="garbage.pth' is unreadable"):
+    with pytest.raises(CheckpointError, match=r"garbage\.pth' is unreadable"):
         read_inception_weights(tmp_path / "garbage.pth")
     torch.save({"x_embedder.proj.weight": torch.zeros(2)}, tmp_path / "dit.pt")
     with pytest.raises(CheckpointError, match="not FID's Inception-v3"):

@@ -66,8 +66,8 @@ def subnet_dir(supernet: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def cfg(checkpoint: Path, out: Path, **kw) -> FinetuneConfig:
     """A few-second fine-tuning run on the CPU."""
-    base = dict(checkpoint=str(checkpoint), steps=6, batch_size=16, ckpt_every=3, log_every=1, device="cpu",
-                out=str(out))
+    base = {"checkpoint": str(checkpoint), "steps": 6, "batch_size": 16, "ckpt_every": 3, "log_every": 1,
+            "device": "cpu", "out": str(out)}
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -346,7 +346,7 @@ def test_distillation_on_and_off_give_other_weights(subnet_dir: Path, supernet: 
     moved = tmp_path / "orphan"
     save_checkpoint(load_checkpoint(subnet_dir), moved, extra={"search": {"source_supernet": str(tmp_path / "gone")},
                                                                "data": read_config(subnet_dir)["data"]})
-    with pytest.raises(TrainingError, match="needs a teacher.*gone' it was cut from does not exist"):
+    with pytest.raises(TrainingError, match=r"needs a teacher.*gone' it was cut from does not exist"):
         finetune(cfg(moved, tmp_path / "x", steps=1, distill_weight=0.5), progress=False)
     assert not (tmp_path / "x").exists()
     given = finetune(cfg(moved, tmp_path / "given", steps=1, teacher=str(supernet)), progress=False)

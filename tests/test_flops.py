@@ -11,6 +11,7 @@ like `make_model` (DiT + randomize_), which builds the DiT-T/N models here.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -341,7 +342,7 @@ def test_flops_monotone_in_each_uniform_rate(which: str, others: float) -> None:
     subnets = [Subnet.uniform(config, **{"attn_rate": others, "mlp_rate": others, "token_ratio": others, key: r})
                for r in grid]
     values = [closed_form_flops(config, s) for s in subnets]
-    for a, b, sa, sb in zip(values, values[1:], subnets, subnets[1:]):
+    for a, b, sa, sb in zip(values, values[1:], subnets, subnets[1:], strict=False):
         if sa == sb:
             assert a == b
         else:
@@ -367,7 +368,7 @@ def test_flops_monotone_in_one_block(seed: int) -> None:
             blocks = list(base.blocks)
             blocks[i] = BlockChoice(**{**blocks[i].to_dict(), field: v})
             flops.append(closed_form_flops(config, Subnet(tuple(blocks))))
-        assert all(b > a for a, b in zip(flops, flops[1:])), field
+        assert all(b > a for a, b in itertools.pairwise(flops)), field
 
 
 @pytest.mark.parametrize("mlp_rate", [1.0, 0.5, 0.25])

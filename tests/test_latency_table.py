@@ -126,14 +126,14 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(LatencyTableError, match="does not exist"):
         LatencyTable.load(tmp_path / "none.json")
     (tmp_path / "torn.json").write_text('{"format": ')
-    with pytest.raises(LatencyTableError, match="torn.json"):
+    with pytest.raises(LatencyTableError, match=r"torn\.json"):
         LatencyTable.load(tmp_path / "torn.json")
 
 
 def test_model_mismatch_names_the_field() -> None:
     table = synthetic_table()
     table.check_model(_config().replace(num_classes=1000))  # classes do not change latency
-    with pytest.raises(LatencyTableError, match="hidden_size 32 .* supernet has hidden_size 384"):
+    with pytest.raises(LatencyTableError, match=r"hidden_size 32 .* supernet has hidden_size 384"):
         table.check_model(get_config("DiT-S/2", input_size=8, in_channels=1))
 
 
@@ -196,7 +196,8 @@ def test_scale_is_fitted_on_whole_forwards() -> None:
     config = _config()
     table = synthetic_table(config)
     subnets = calibration_subnets(config, "blockwise", 3, seed=0)
-    measured = [m * table.predict(s) for m, (_, s) in zip((1.05, 1.1, 1.2), subnets)]  # whole forwards slower
+    # whole forwards slower
+    measured = [m * table.predict(s) for m, (_, s) in zip((1.05, 1.1, 1.2), subnets, strict=True)]
     scale = fit_scale(table, subnets, measured)
     assert scale == pytest.approx(1.1)  # the median
     scaled = replace(table, scale=scale)
@@ -224,7 +225,7 @@ def test_bench_measures_every_entry_and_validates(tmp_path: Path) -> None:
     calibration = calibration_subnets(config, "blockwise", 2, 0)
     subnets = [s for _, s in calibration + validation_subnets(config, "blockwise", 3, 0, {s for _, s in calibration})]
     unscaled = replace(table, scale=1.0)
-    for row, subnet in zip(frame.itertuples(), subnets):
+    for row, subnet in zip(frame.itertuples(), subnets, strict=True):
         assert row.predicted_ms == pytest.approx(1e3 * table.predict(subnet))
         assert row.error_pct == pytest.approx(100 * (row.predicted_ms - row.measured_ms) / row.measured_ms)
         raw = 1e3 * unscaled.predict(subnet)
@@ -265,7 +266,8 @@ def test_registry_table_dit_s2() -> None:
     table = bench_latency_table(cfg).latency_table
     assert len(table.attn) == 6 and len(table.mlp) == 6 * 3
     assert {k for _, k in table.mlp} == {128, 192, 256}
-    assert math.isfinite(table.predict()) and table.predict() > table.predict(load_space("blockwise").smallest(table.model))
+    assert math.isfinite(table.predict())
+    assert table.predict() > table.predict(load_space("blockwise").smallest(table.model))
 
 
 # --- a latency-budgeted search ------------------------------------------------------------------------------------
@@ -280,7 +282,8 @@ def table_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _search(run_dir: Path, out: Path, **kw) -> SearchConfig:
-    base = dict(supernet=run_dir, flops=None, out=out, trials=10, proxy_samples=32, export_top=2, seed=0)
+    base = {"supernet": run_dir, "flops": None, "out": out, "trials": 10, "proxy_samples": 32, "export_top": 2,
+            "seed": 0}
     base.update(kw)
     return SearchConfig(**base)
 

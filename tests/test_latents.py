@@ -129,7 +129,7 @@ def test_fast_dit_per_sample_files_read_like_the_npy_layout(tmp_path: Path, monk
         assert torch.equal(b.val_x[torch.tensor([1])], a.val_x[torch.tensor([1])])
         assert (b.num_classes, b.in_channels, b.image_size) == (3, 4, 8)
     train_rows = [i for i in range(24) if i not in a.val_indices]
-    assert sorted(spy.rows) == sorted((train_rows + [a.val_indices[1]]) * 2)  # the rows asked for, no others
+    assert sorted(spy.rows) == sorted([*train_rows, a.val_indices[1]] * 2)  # the rows asked for, no others
 
 
 def test_meta_json_is_optional_and_gives_the_classes(tmp_path: Path) -> None:

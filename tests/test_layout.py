@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dynasearch"
-LEAVES = {"dynasearch.checks", "dynasearch.errors", "dynasearch.fileio", "dynasearch.version"}  # anything may import these
+# anything may import these
+LEAVES = {"dynasearch.checks", "dynasearch.errors", "dynasearch.fileio", "dynasearch.version"}
 OPTIONAL_EXTRAS = {"diffusers", "tensorboard", "torch_fidelity", "psycopg", "sqlalchemy"}
 LAZY_MODULES = {"torch._dynamo", "torch.utils.tensorboard"}
 """Imported where used: dynamo costs 1.2 s at import and only --compile needs it; the writer needs the extra."""

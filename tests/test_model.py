@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model, model_inputs, randomize_
 
-from dynasearch.errors import ConfigError, DynasearchError
 import dynasearch
+from dynasearch.errors import ConfigError, DynasearchError
 from dynasearch.model import (
     DIT_CONFIGS,
     Attention,
@@ -291,9 +291,9 @@ def test_forward_real_small_registry_entries(name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # 2. State-dict layout
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name,kw", [("DiT-N/2", dict(input_size=8, in_channels=1, num_classes=10)),
-                                     ("DiT-XL/2", dict(input_size=32, in_channels=4, num_classes=1000)),
-                                     ("DiT-B/4", dict(input_size=32, in_channels=4, num_classes=1000))])
+@pytest.mark.parametrize("name,kw", [("DiT-N/2", {"input_size": 8, "in_channels": 1, "num_classes": 10}),
+                                     ("DiT-XL/2", {"input_size": 32, "in_channels": 4, "num_classes": 1000}),
+                                     ("DiT-B/4", {"input_size": 32, "in_channels": 4, "num_classes": 1000})])
 def test_state_dict_layout_equals_original_dit(name: str, kw: dict) -> None:
     cfg = get_config(name, **kw)
     model = meta_model(cfg)
@@ -368,7 +368,7 @@ def _zero_removed(model: DiT, subnet: Subnet) -> DiT:
     ref = copy.deepcopy(model)
     d = model.config.head_dim
     with torch.no_grad():
-        for block, choice in zip(ref.blocks, subnet.blocks):
+        for block, choice in zip(ref.blocks, subnet.blocks, strict=True):
             block.attn.proj.weight[:, choice.heads * d :] = 0.0
             block.mlp.fc2.weight[:, choice.mlp_hidden :] = 0.0
     return ref
@@ -376,13 +376,17 @@ def _zero_removed(model: DiT, subnet: Subnet) -> DiT:
 
 @pytest.mark.parametrize(
     "heads,mlp",
-    [((2, 3, 1, 8, 5, 4), None), (None, (64, 192, 512, 64, 320, 128)), ((1, 7, 4, 2, 8, 3), (448, 64, 256, 512, 128, 64))],
+    [
+        ((2, 3, 1, 8, 5, 4), None),
+        (None, (64, 192, 512, 64, 320, 128)),
+        ((1, 7, 4, 2, 8, 3), (448, 64, 256, 512, 128, 64)),
+    ],
 )
 def test_sliced_supernet_equals_zeroed_full_model(small_model, heads, mlp) -> None:
     cfg = small_model.config
     heads = heads or (cfg.num_heads,) * cfg.depth
     mlp = mlp or (cfg.mlp_hidden,) * cfg.depth
-    subnet = Subnet(tuple(BlockChoice(h, m, 1.0) for h, m in zip(heads, mlp)))
+    subnet = Subnet(tuple(BlockChoice(h, m, 1.0) for h, m in zip(heads, mlp, strict=True)))
     x, t, y = model_inputs(cfg, batch=2, seed=2)
     with torch.no_grad():
         sliced = small_model(x, t, y, subnet=subnet)
@@ -416,7 +420,7 @@ def test_physically_sliced_model_equals_supernet_under_subnet(small_model) -> No
     heads = (3, 8, 1, 5, 2, 6)
     mlp = (128, 512, 64, 256, 448, 192)
     ratios = (1.0,) * cfg.depth
-    subnet = Subnet(tuple(BlockChoice(h, m, r) for h, m, r in zip(heads, mlp, ratios)))
+    subnet = Subnet(tuple(BlockChoice(h, m, r) for h, m, r in zip(heads, mlp, ratios, strict=True)))
     sliced_cfg = cfg.replace(block_heads=heads, block_mlp_hidden=mlp)
     sliced = DiT(sliced_cfg).eval()
     sd = small_model.state_dict()
@@ -424,7 +428,7 @@ def test_physically_sliced_model_equals_supernet_under_subnet(small_model) -> No
     d = cfg.head_dim
     for k, v in sliced.state_dict().items():
         src = sd[k]
-        if k.endswith("attn.qkv.weight") or k.endswith("attn.qkv.bias"):
+        if k.endswith(("attn.qkv.weight", "attn.qkv.bias")):
             i = int(k.split(".")[1])
             view = src.reshape(3, cfg.num_heads, d, *src.shape[1:])
             src = view[:, : heads[i]].reshape(3 * heads[i] * d, *src.shape[1:])
@@ -792,12 +796,13 @@ def test_model_label_dropout_flag(small_config) -> None:
     torch.testing.assert_close(b, ref, atol=0, rtol=0)
     per_sample_null = [torch.allclose(dropped[i], null[i], atol=1e-6) for i in range(16)]
     per_sample_ref = [torch.allclose(dropped[i], ref[i], atol=1e-6) for i in range(16)]
-    assert all(n != r for n, r in zip(per_sample_null, per_sample_ref))  # each sample is exactly one of the two
+    # each sample is exactly one of the two
+    assert all(n != r for n, r in zip(per_sample_null, per_sample_ref, strict=True))
     assert 0 < sum(per_sample_null) < 16
     # label_dropout=True forces dropout even in eval mode
     forced_null = [torch.allclose(forced_on[i], null[i], atol=1e-6) for i in range(16)]
     forced_ref = [torch.allclose(forced_on[i], ref[i], atol=1e-6) for i in range(16)]
-    assert all(n != r for n, r in zip(forced_null, forced_ref))
+    assert all(n != r for n, r in zip(forced_null, forced_ref, strict=True))
     assert 0 < sum(forced_null) < 16
 
 
@@ -886,7 +891,8 @@ def test_the_head_layout_is_written_once() -> None:
     assert writers == ["model/heads.py"]
 
 
-@pytest.mark.parametrize("dyna_dim,expect", [((True, False), (8, 12)), ((False, True), (16, 6)), ((True, True), (8, 6))])
+@pytest.mark.parametrize("dyna_dim,expect",
+                         [((True, False), (8, 12)), ((False, True), (16, 6)), ((True, True), (8, 6))])
 def test_dyna_linear_width_mult_and_to_static(dyna_dim, expect) -> None:
     torch.manual_seed(0)
     lin = randomize_(DynaLinear(16, 12, dyna_dim=dyna_dim, num_groups=4))
@@ -1060,13 +1066,13 @@ def test_invalid_configs() -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(block_heads=(8, 4)),  # more heads than the 4-head supernet: accepted, DiT builds an 8-head block
-        dict(block_heads=(0, 4)),  # accepted; DiT(...) then raises SubnetError "heads must be ... in [1, 0]"
-        dict(block_heads=(2.5, 4)),  # accepted; DiT(...) then raises a raw TypeError from torch.empty
-        dict(block_mlp_hidden=(256, 128)),  # wider than the supernet's MLP (128): accepted, DiT builds it
-        dict(block_mlp_hidden=(100, 128)),  # not a multiple of the group size 32: accepted (see the next test)
-        dict(block_token_ratios=(0.0, 1.0)),  # accepted; DiT(...) then raises SubnetError
-        dict(block_token_ratios=(1.5, 1.0)),  # accepted; DiT(...) then raises SubnetError
+        {"block_heads": (8, 4)},  # more heads than the 4-head supernet: accepted, DiT builds an 8-head block
+        {"block_heads": (0, 4)},  # accepted; DiT(...) then raises SubnetError "heads must be ... in [1, 0]"
+        {"block_heads": (2.5, 4)},  # accepted; DiT(...) then raises a raw TypeError from torch.empty
+        {"block_mlp_hidden": (256, 128)},  # wider than the supernet's MLP (128): accepted, DiT builds it
+        {"block_mlp_hidden": (100, 128)},  # not a multiple of the group size 32: accepted (see the next test)
+        {"block_token_ratios": (0.0, 1.0)},  # accepted; DiT(...) then raises SubnetError
+        {"block_token_ratios": (1.5, 1.0)},  # accepted; DiT(...) then raises SubnetError
     ],
 )
 def test_config_rejects_impossible_physical_sizes(tiny_config, changes) -> None:

@@ -3,8 +3,8 @@ per-bucket splits, the study settings that record the kind, and the timestep-awa
 
 from __future__ import annotations
 
-import json
 import inspect
+import json
 from pathlib import Path
 
 import optuna
@@ -56,8 +56,8 @@ def _hand_set(config: DiTConfig) -> ProxySet:
     shape = (4, config.in_channels, config.input_size, config.input_size)
     noise = torch.arange(4.0).view(4, 1, 1, 1).expand(shape).clone()
     zeros = torch.zeros(shape)
-    return ProxySet(x0=zeros, x_t=zeros, t=torch.tensor([0, 10, 500, 999]), noise=noise, y=torch.zeros(4, dtype=torch.long),
-                    seed=0)
+    return ProxySet(x0=zeros, x_t=zeros, t=torch.tensor([0, 10, 500, 999]), noise=noise,
+                    y=torch.zeros(4, dtype=torch.long), seed=0)
 
 
 def test_kinds_by_hand(tiny_config: DiTConfig) -> None:
@@ -110,8 +110,9 @@ def test_real_model_kinds_and_the_full_model_scores_zero(tiny_config: DiTConfig)
 
 
 def test_bad_kind_and_too_few_samples(tmp_path: Path) -> None:
-    base = dict(supernet=tmp_path, flops="0.5x", out=tmp_path / "out")
-    with pytest.raises(SearchError, match="--proxy must be one of eps, teacher, teacher-norm, teacher-sample, got 'l1'"):
+    base = {"supernet": tmp_path, "flops": "0.5x", "out": tmp_path / "out"}
+    with pytest.raises(SearchError,
+                       match="--proxy must be one of eps, teacher, teacher-norm, teacher-sample, got 'l1'"):
         SearchConfig(proxy="l1", **base)
     with pytest.raises(SearchError, match="--proxy teacher-sample needs --proxy-samples of at least 8"):
         SearchConfig(proxy="teacher-sample", proxy_samples=4, **base)
@@ -128,7 +129,7 @@ def _stored_settings(out: Path) -> dict:
 
 
 def test_proxy_kind_is_recorded_and_a_resume_with_another_is_refused(run_dir: Path, tmp_path: Path) -> None:
-    base = dict(supernet=run_dir, flops="0.5x", trials=3, proxy_samples=32, export_top=0, seed=0)
+    base = {"supernet": run_dir, "flops": "0.5x", "trials": 3, "proxy_samples": 32, "export_top": 0, "seed": 0}
     teacher = run_search(SearchConfig(out=tmp_path / "t", proxy="teacher", **base), progress=False)
     assert _stored_settings(tmp_path / "t")["proxy"] == "teacher"
     # the searched loss is the teacher's: the seeded full model scores exactly 0 (eps never does)
@@ -159,7 +160,8 @@ def test_proxy_kind_is_recorded_and_a_resume_with_another_is_refused(run_dir: Pa
 
 
 def test_timestep_search_splits_teacher_kinds_and_refuses_teacher_sample(run_dir: Path, tmp_path: Path) -> None:
-    base = dict(supernet=run_dir, flops="0.5x", out=tmp_path / "out", space="timestep", trials=2, proxy_samples=64)
+    base = {"supernet": run_dir, "flops": "0.5x", "out": tmp_path / "out", "space": "timestep", "trials": 2,
+            "proxy_samples": 64}
     tc = prepare_timestep_search(SearchConfig(proxy="teacher-norm", **base))
     assert tc.ctx.settings["proxy"] == "teacher-norm"
     subnet = Subnet.uniform(tc.ctx.model.config, 0.5, 0.5, 1.0)

@@ -50,7 +50,8 @@ def _tables() -> SearchTables:
         }
     )
     pareto = trials.iloc[[1, 3]].reset_index(drop=True)
-    baseline = pd.DataFrame({"gflops": [1.0, 4.0], "proxy_loss": [0.6, 0.1], "on_front": [True, True], "feasible": [True, False]})
+    baseline = pd.DataFrame({"gflops": [1.0, 4.0], "proxy_loss": [0.6, 0.1], "on_front": [True, True],
+                             "feasible": [True, False]})
     best = {"budget_gflops": 3.0, "full_gflops": 4.0, "gflops": 2.0, "proxy_loss": 0.30}
     return SearchTables(Path("."), trials, pareto, baseline, best)
 
@@ -88,7 +89,8 @@ def test_report_writes_every_file(tmp_path: Path) -> None:
     save_checkpoint(model, run, weights_name="supernet.safetensors",
                     extra={"space": load_space("blockwise").to_dict(), "data": {"spec": "digits"}})
     out = tmp_path / "search"
-    run_search(SearchConfig(supernet=run, flops="0.6x", out=out, trials=6, proxy_samples=32, export_top=1), progress=False)
+    run_search(SearchConfig(supernet=run, flops="0.6x", out=out, trials=6, proxy_samples=32, export_top=1),
+               progress=False)
     result = build_report(ReportConfig(out, samples=True, eval_num=0, steps=2, latency_repeats=2))
     for name in ("pareto.png", "widths.png", "history.png", "samples.png", "report.html", "report.md", "report.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name

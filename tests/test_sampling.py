@@ -143,7 +143,7 @@ def test_bad_arguments(tiny_model, tiny_config):
     bad = Subnet(tuple(BlockChoice(4, 128) for _ in range(tiny_config.depth + 1)))
     with pytest.raises(SubnetError):
         sample_images(tiny_model, num=2, steps=2, subnet=bad)
-    with pytest.raises(ConfigError, match="cuda|CUDA"):  # CUDA missing here, or the model is not on it
+    with pytest.raises(ConfigError, match=r"cuda|CUDA"):  # CUDA missing here, or the model is not on it
         sample_images(tiny_model, num=2, steps=2, device="cuda")
 
 
@@ -216,7 +216,7 @@ def test_save_latents_is_a_dataset(tmp_path: Path):
 def test_vae_folder_errors(tmp_path: Path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_vae(tmp_path / "missing")
-    with pytest.raises(CheckpointError, match="config.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         load_vae(tmp_path)
     other = tmp_path / "unet"
     other.mkdir()

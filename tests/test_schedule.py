@@ -81,7 +81,9 @@ def test_mean_flops_weights_each_bucket_by_its_sampler_steps_on_dit_xl() -> None
     timesteps = GaussianDiffusion().timestep_schedule(50)
     per_bucket = [closed_form_flops(config, s) for s in schedule.subnets]  # type: ignore[arg-type]
     counts = schedule.buckets.step_counts(timesteps)
-    assert mean_flops(schedule, config, timesteps) == pytest.approx(sum(c * f for c, f in zip(counts, per_bucket)) / 50)  # type: ignore[arg-type]
+    assert mean_flops(schedule, config, timesteps) == pytest.approx(  # type: ignore[arg-type]
+        sum(c * f for c, f in zip(counts, per_bucket, strict=True)) / 50
+    )
     assert step_flops(schedule, config, timesteps)[0] == per_bucket[3]  # type: ignore[arg-type]  # t = 999 first
     assert step_flops(schedule, config, timesteps)[-1] == per_bucket[0]  # type: ignore[arg-type]
     assert per_bucket[0] == 118_688_661_504
@@ -98,16 +100,17 @@ def test_union_holds_every_bucket_subnet() -> None:
 
 
 def test_schedule_mismatches_are_refused() -> None:
-    schedule, config = _schedule()
+    schedule, _config = _schedule()
     with pytest.raises(SubnetError, match="3 subnets for 4 timestep buckets"):
         SubnetSchedule(schedule.buckets, schedule.subnets[:3])
     small = get_config("DiT-S/2")
-    with pytest.raises(SubnetError, match=r"schedule bucket 0 \(t 0-249\): subnet has 28 blocks but model 'DiT-S/2' has 12"):
+    with pytest.raises(SubnetError,
+                       match=r"schedule bucket 0 \(t 0-249\): subnet has 28 blocks but model 'DiT-S/2' has 12"):
         schedule.validate(small)
 
 
 def test_schedule_json_round_trip_and_loading_from_files(tmp_path) -> None:
-    schedule, config = _schedule("DiT-S/2")
+    schedule, _config = _schedule("DiT-S/2")
     path = tmp_path / "schedule.json"
     schedule.save(path)
     assert SubnetSchedule.from_dict(json.loads(path.read_text())) == schedule

@@ -3,7 +3,8 @@
 Every search here runs `dynasearch search` in real subprocesses through a small launcher that wraps the trial
 evaluation (the proxy evaluator, inside `dynasearch.search.objective._evaluate`) to log each evaluation, to hang
 in a chosen one (so that a kill lands while that trial is RUNNING) or to wait until a given number of worker
-processes are up (so that every worker really takes part). Spawned worker processes re-import the launcher, so they get the same wrapper.
+processes are up (so that every worker really takes part). Spawned worker processes re-import the launcher, so they
+get the same wrapper.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def launcher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _env(**extra: str) -> dict[str, str]:
     """The environment for a search subprocess: one thread, the checkout importable, plus `extra`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("DYNASEARCH_DEBUG", None)
     env.update(extra)
     return env
@@ -247,7 +249,7 @@ def test_sigint_stops_at_a_safe_point_and_resumes(
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_lines(mark, 3, proc)
     proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
+    _stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert "interrupted after 3 trials" in stderr
@@ -285,7 +287,7 @@ def test_second_ctrl_c_stops_at_once_and_the_trial_is_retried(
     assert "interrupted after 3 trials" in err and "resume with: dynasearch search" in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
     trials = _journal_study(out).get_trials()
-    stopped = [t for t in trials if t.number == 3][0]
+    stopped = next(t for t in trials if t.number == 3)
     assert stopped.state.name == "FAIL" and "Ctrl-C" in stopped.user_attrs["fail_reason"]
     retry = [t for t in trials if t.user_attrs.get(ATTR_RETRY_OF) == 3]
     assert len(retry) == 1 and retry[0].state.name == "WAITING"
@@ -389,25 +391,29 @@ def postgres_url() -> Iterator[str]:
                        env={**os.environ, "PGPASSWORD": PASSWORD}, check=True, capture_output=True, timeout=60)
         yield f"postgresql://dyna:{PASSWORD}@127.0.0.1:{port}/dynasearch"
     finally:
-        subprocess.run(prefix + [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True,
+                       timeout=60)
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_postgres_two_machines_share_one_study(run_dir: Path, launcher: Path, tmp_path: Path, postgres_url: str) -> None:
+def test_postgres_two_machines_share_one_study(
+    run_dir: Path, launcher: Path, tmp_path: Path, postgres_url: str
+) -> None:
     """Two separate `dynasearch search` commands (two "machines", 2 workers each) on one PostgreSQL study."""
     target, mark = 8, tmp_path / "mark"
     outs = [tmp_path / "machine-a", tmp_path / "machine-b"]
     env = _env(DS_MARK=str(mark), DS_BARRIER="4", DS_DELAY="0.1")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(launcher), *_search_args(run_dir, out, target, "--workers", "2", "--storage", postgres_url)],
+            [sys.executable, str(launcher),
+             *_search_args(run_dir, out, target, "--workers", "2", "--storage", postgres_url)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for out in outs
     ]
     results = [p.communicate(timeout=300) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
+    for p, (stdout, stderr) in zip(procs, results, strict=True):
         assert p.returncode == 0, stderr
         assert PASSWORD not in stdout and PASSWORD not in stderr
 
@@ -430,7 +436,8 @@ def test_postgres_two_machines_share_one_study(run_dir: Path, launcher: Path, tm
 def test_trial_of_a_dead_worker_on_another_machine_fails_by_heartbeat_and_is_retried(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_dir: Path
 ) -> None:
-    """RDB storage (SQLite here): a RUNNING trial from another host whose heartbeat stopped is failed and retried once."""
+    """RDB storage (SQLite here): a RUNNING trial from another host whose heartbeat stopped is failed and retried
+    once."""
     import dynasearch.search.storage as storage_module
     from dynasearch.search.config import SearchConfig
     from dynasearch.search.context import prepare_search

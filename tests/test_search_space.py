@@ -120,7 +120,8 @@ def test_largest_smallest_tiny(tiny: DiTConfig) -> None:
     [
         ("DiT-S/2", 12, 6, BlockChoice(2, 512, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 36, "timestep": 36},
          {"uniform": 48, "stagewise": 48**4, "blockwise": 48**12, "timestep": 48**12}),  # timestep: per bucket
-        ("DiT-XL/2", 28, 16, BlockChoice(4, 1152, 0.5), {"uniform": 3, "stagewise": 12, "blockwise": 84, "timestep": 84},
+        ("DiT-XL/2", 28, 16, BlockChoice(4, 1152, 0.5),
+         {"uniform": 3, "stagewise": 12, "blockwise": 84, "timestep": 84},
          {"uniform": 48, "stagewise": 48**4, "blockwise": 48**28, "timestep": 48**28}),
     ],
 )

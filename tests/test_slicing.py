@@ -72,7 +72,9 @@ def test_sliced_equals_supernet_under_subnet(tiny_model, seed: int) -> None:
     subnet = random_subnet(config, random.Random(seed))
     small = slice_subnet(tiny_model, subnet)
     assert not small.training and small.config.is_sliced
-    assert small.subnet == Subnet(tuple(BlockChoice(b.heads, b.mlp_hidden, float(b.token_ratio)) for b in subnet.blocks))
+    assert small.subnet == Subnet(
+        tuple(BlockChoice(b.heads, b.mlp_hidden, float(b.token_ratio)) for b in subnet.blocks)
+    )
     x, t, y = model_inputs(config, batch=3, seed=seed)
     with torch.no_grad():
         expected = tiny_model(x, t, y, subnet=subnet)
@@ -165,7 +167,8 @@ def test_sliced_checkpoint_round_trip_identical_outputs(tiny_model, tmp_path) ->
     x, t, y = model_inputs(tiny_model.config, batch=3, seed=5)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), small(x, t, y))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), small.state_dict().values()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(loaded.state_dict().values(), small.state_dict().values(), strict=True))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -220,7 +223,7 @@ def test_reorder_sorts_importance_and_subnets_keep_the_most_important(small_mode
     before = [(head_importance(b), channel_importance(b)) for b in small_model.blocks]
     reordered = copy.deepcopy(small_model)
     orders = reorder_by_importance(reordered)
-    for block, (heads, channels), (h_before, c_before) in zip(reordered.blocks, orders, before):
+    for block, (heads, channels), (h_before, c_before) in zip(reordered.blocks, orders, before, strict=True):
         h_after, c_after = head_importance(block), channel_importance(block)
         assert torch.all(h_after[:-1] >= h_after[1:]) and torch.all(c_after[:-1] >= c_after[1:])
         assert torch.allclose(h_after, h_before[heads]) and torch.allclose(c_after, c_before[channels])
@@ -268,7 +271,8 @@ def test_registry_dit_s2_half_subnet_slices_exactly(s2_state) -> None:
         got = small(x, t, y)
         assert max_diff(expected, model(x, t, y)) > 1e-3
     assert max_diff(got, expected) < ATOL
-    assert small.blocks[0].attn.qkv.weight.shape == (3 * 3 * 64, 384) and small.blocks[0].mlp.fc1.weight.shape == (768, 384)
+    assert small.blocks[0].attn.qkv.weight.shape == (3 * 3 * 64, 384)
+    assert small.blocks[0].mlp.fc1.weight.shape == (768, 384)
 
 
 def test_half_width_sliced_dit_s2_has_the_subnets_flops_and_runs(s2_state) -> None:

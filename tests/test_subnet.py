@@ -236,7 +236,7 @@ def test_validate_token_ratio_needs_token_selection(tiny_config) -> None:
     no_routers = tiny_config.replace(token_selection=False)
     s = Subnet((BlockChoice(4, 128, 1.0), BlockChoice(4, 128, 0.5)))
     s.validate(tiny_config)
-    with pytest.raises(SubnetError, match="block 1: token_ratio 0.5 needs token selection"):
+    with pytest.raises(SubnetError, match=r"block 1: token_ratio 0\.5 needs token selection"):
         s.validate(no_routers)
     Subnet.full(no_routers).validate(no_routers)
 

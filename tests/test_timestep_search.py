@@ -79,7 +79,7 @@ def test_sampler_runs_each_bucket_subnet_at_its_steps() -> None:
     counter = StepFlops(model)
     try:
         static = [closed_form_flops(model.config, s) for s in schedule.subnets]
-        for subnet, flops in zip(schedule.subnets, static):  # the hook count is exact for a plain forward
+        for subnet, flops in zip(schedule.subnets, static, strict=True):  # the hook count is exact for a plain forward
             model(torch.randn(2, 1, 8, 8), torch.tensor([10, 10]), torch.tensor([1, 2]), subnet=subnet)
             assert counter.calls[-1] == flops
         counter.calls.clear()
@@ -101,7 +101,8 @@ def test_mixed_timesteps_in_one_batch_run_their_own_subnets() -> None:
     with torch.no_grad():
         out = run_schedule(model, schedule, x, t, y)
         for i in range(4):
-            alone = model(x[i : i + 1], t[i : i + 1], y[i : i + 1], subnet=schedule.subnet_at(int(t[i])), label_dropout=False)
+            alone = model(x[i : i + 1], t[i : i + 1], y[i : i + 1], subnet=schedule.subnet_at(int(t[i])),
+                          label_dropout=False)
             torch.testing.assert_close(out[i : i + 1], alone, rtol=1e-5, atol=1e-6)
 
 
@@ -127,13 +128,16 @@ def test_timestep_dynamic_export_round_trip_on_dit_s8(tmp_path: Path) -> None:
     with torch.no_grad():
         for k, subnet in enumerate(schedule.subnets):
             t = torch.full((2,), schedule.buckets.boundaries[k] + 5)
-            torch.testing.assert_close(small(x, t, y, subnet=subnet), model(x, t, y, subnet=subnet), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(small(x, t, y, subnet=subnet), model(x, t, y, subnet=subnet),
+                                       rtol=1e-4, atol=1e-5)
 
 
 def test_slice_schedule_equals_slicing_the_union() -> None:
     model = create_supernet("DiT-N/2", input_size=8, in_channels=1, num_classes=10)
     schedule = _schedule(model)
-    assert slice_schedule(model, schedule).config.block_mlp_hidden == tuple(b.mlp_hidden for b in schedule.union().blocks)
+    assert slice_schedule(model, schedule).config.block_mlp_hidden == tuple(
+        b.mlp_hidden for b in schedule.union().blocks
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the search
@@ -175,21 +179,25 @@ def test_rerun_resumes_without_new_trials(searched) -> None:
     root, result = searched
     journal = root / "out" / "study.journal"
     before = journal.read_bytes()
-    config = SearchConfig(supernet=root / "run", flops="0.5x", out=root / "out", space="timestep", trials=8, proxy_samples=64,
+    config = SearchConfig(supernet=root / "run", flops="0.5x", out=root / "out", space="timestep", trials=8,
+                          proxy_samples=64,
                           timestep=TimestepSettings(sample_steps=10, reference=root / "reference.json"))
     again = run_timestep_search(config, progress=False)
     assert again.schedule == result.schedule
     assert journal.read_bytes()[: len(before)] == before
     trials = [json.loads(line) for line in journal.read_text().splitlines()]
-    assert sum(1 for op in trials if op.get("op_code") == 4) == sum(1 for op in trials[: before.count(b"\n")] if op.get("op_code") == 4)
+    assert sum(1 for op in trials if op.get("op_code") == 4) == sum(
+        1 for op in trials[: before.count(b"\n")] if op.get("op_code") == 4
+    )
 
 
 def test_static_space_and_bad_steps_are_refused(searched) -> None:
     root, _ = searched
-    base = dict(supernet=root / "run", flops="0.5x", out=root / "other", trials=2, proxy_samples=64)
+    base = {"supernet": root / "run", "flops": "0.5x", "out": root / "other", "trials": 2, "proxy_samples": 64}
     with pytest.raises(SearchError, match="has no timestep_buckets"):
         run_timestep_search(SearchConfig(space="blockwise", **base), progress=False)
-    with pytest.raises(SearchError, match=r"--sample-steps 2 leaves timestep bucket 1 \(t 250-499\) without a sampling step"):
+    with pytest.raises(SearchError,
+                       match=r"--sample-steps 2 leaves timestep bucket 1 \(t 250-499\) without a sampling step"):
         run_search(SearchConfig(space="timestep", timestep=TimestepSettings(sample_steps=2), **base), progress=False)
     with pytest.raises(SearchError, match="--sample-steps must be a positive integer, got 0"):
         run_search(SearchConfig(space="timestep", timestep=TimestepSettings(sample_steps=0), **base), progress=False)
@@ -246,15 +254,21 @@ def test_cli_sample_eval_and_flops_understand_schedules(
     assert all(b["flops"] == b["flops_closed_form"] for b in doc["buckets"])  # fvcore agrees bucket by bucket
     mean = mean_flops(schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10))
     assert doc["flops_closed_form"] == round(mean)
-    assert doc["flops_closed_form"] / 1e9 == pytest.approx(result.comparison.set_index("method").loc["knapsack", "mean_gflops"])
+    assert doc["flops_closed_form"] / 1e9 == pytest.approx(
+        result.comparison.set_index("method").loc["knapsack", "mean_gflops"]
+    )
     # a supernet with the schedule file: the same per-step mean
     assert main(["flops", "--checkpoint", str(root / "run"), "--subnet", str(root / "out" / "schedule.json"),
                  "--sample-steps", "10", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["flops"] == round(mean_flops(result.schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10)))
+    assert json.loads(capsys.readouterr().out)["flops"] == round(
+        mean_flops(result.schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(10))
+    )
     assert main(["eval", "--checkpoint", str(ckpt), "--num", "20", "--steps", "2", "--device", "cpu", "--json"]) == 0
     quality = json.loads(capsys.readouterr().out)
     assert quality["subnet"] == schedule.to_dict()
-    assert quality["extra"]["gflops_per_step"] == pytest.approx(mean_flops(schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9)
+    assert quality["extra"]["gflops_per_step"] == pytest.approx(
+        mean_flops(schedule, load_checkpoint(ckpt).config, GaussianDiffusion().timestep_schedule(2)) / 1e9
+    )
 
 
 def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixture[str]) -> None:
@@ -264,12 +278,12 @@ def test_cli_search_with_a_timestep_space(searched, capsys: pytest.CaptureFixtur
     out = root / "cli"
     base = ["search", "--supernet", str(root / "run"), "--flops", "0.5x", "--space", "timestep", "--trials", "3",
             "--proxy-samples", "64", "--out", str(out)]
-    assert main(base + ["--sample-steps", "2"]) == 2
+    assert main([*base, "--sample-steps", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --sample-steps 2 leaves timestep bucket 1 (t 250-499) without a sampling step; "
                    "use more steps or fewer buckets"]
     assert not out.exists()
-    assert main(base + ["--sample-steps", "8"]) == 0
+    assert main([*base, "--sample-steps", "8"]) == 0
     printed = capsys.readouterr().out
     assert "knapsack" in printed and "winner" in printed
     table = pd.read_csv(out / "schedules.csv")
@@ -298,7 +312,8 @@ def test_library_run_search_with_a_timestep_space_writes_what_the_cli_writes(
     for name in ("schedules.csv", "bucket_trials.csv", "joint_trials.csv", "schedule.json"):
         assert (lib / name).read_bytes() == (cli / name).read_bytes(), name
     for method in ("knapsack", "joint", "static-uniform"):
-        assert (lib / "schedules" / method / "config.json").read_bytes() == (cli / "schedules" / method / "config.json").read_bytes()
+        assert ((lib / "schedules" / method / "config.json").read_bytes()
+                == (cli / "schedules" / method / "config.json").read_bytes())
     best_lib, best_cli = (json.loads((out / "best.json").read_text()) for out in (lib, cli))
     assert best_lib["settings"].pop("storage") == str(lib / "study.journal")
     assert best_cli["settings"].pop("storage") == str(cli / "study.journal")
@@ -309,7 +324,7 @@ def test_the_space_decides_which_search_runs(tmp_path: Path) -> None:
     """A given space, or else the supernet's training space, makes a search timestep-aware."""
     static_run = fake_supernet_run(tmp_path / "static")
     timestep_run = fake_supernet_run(tmp_path / "timestep", space="timestep")
-    base = dict(flops="0.5x", out=tmp_path / "out")
+    base = {"flops": "0.5x", "out": tmp_path / "out"}
     assert not is_timestep_space(SearchConfig(supernet=static_run, **base))
     assert is_timestep_space(SearchConfig(supernet=static_run, space="timestep", **base))
     assert is_timestep_space(SearchConfig(supernet=timestep_run, **base))

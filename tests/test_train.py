@@ -43,7 +43,8 @@ from dynasearch.train.sandwich import (
 
 def tiny(out: Path, **kw) -> TrainConfig:
     """A few-second run: DiT-N/2 on digits."""
-    base = dict(model="DiT-N/2", steps=3, batch_size=16, ckpt_every=2, log_every=1, device="cpu", out=str(out))
+    base = {"model": "DiT-N/2", "steps": 3, "batch_size": 16, "ckpt_every": 2, "log_every": 1, "device": "cpu",
+            "out": str(out)}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -194,7 +195,8 @@ def test_sandwich_step_trains_max_min_and_random_subnets(tiny_config) -> None:
     space = load_space("blockwise")
     _, diffusion, batch = digits_batch(config)
     largest, smallest = space.largest(config), space.smallest(config)
-    assert smallest.blocks[0].heads == 1 and smallest.blocks[0].mlp_hidden == 32 and smallest.blocks[0].token_ratio == 0.5
+    assert (smallest.blocks[0].heads == 1 and smallest.blocks[0].mlp_hidden == 32
+            and smallest.blocks[0].token_ratio == 0.5)
 
     def run(subnets, distill=0.0):
         model = make_model(config, seed=0).train()
@@ -224,7 +226,7 @@ def test_sandwich_step_trains_max_min_and_random_subnets(tiny_config) -> None:
     assert rows[:, h - 1].abs().sum() > 0 and rows[:, h:].abs().sum() == 0
 
     # Gradients of the sandwich accumulate: with distill 0 they are the sum of the per-subnet gradients.
-    model, out_all, g_all = run([("max", largest), ("min", smallest), ("random-1", rand)])
+    _model, out_all, g_all = run([("max", largest), ("min", smallest), ("random-1", rand)])
     assert [r.name for r in out_all] == ["max", "min", "random-1"]
     assert [r.gt for r in out_all] == pytest.approx([out_max[0].gt, out_min[0].gt, out_all[2].gt], rel=1e-5)
     for name, g in g_all.items():
@@ -379,10 +381,10 @@ def test_cli_errors_are_one_line_and_leave_files_alone(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: run directory") and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files
-    assert main(args[:-2] + ["--out", str(tmp_path / "b"), "--data", "npz:nope.npz"]) == 2
+    assert main([*args[:-2], "--out", str(tmp_path / "b"), "--data", "npz:nope.npz"]) == 2
     err = capsys.readouterr().err
     assert err == "error: npz file 'nope.npz' does not exist\n"
-    assert main(args[:-2] + ["--out", str(tmp_path / "c"), "--sandwich", "-1"]) == 2
+    assert main([*args[:-2], "--out", str(tmp_path / "c"), "--sandwich", "-1"]) == 2
     assert "--sandwich" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
@@ -452,7 +454,7 @@ def test_init_from_original_dit_state_dict(tmp_path: Path) -> None:
         train_supernet(tiny(tmp_path / "x", model="DiT-T/2", init_from=str(ckpt)), progress=False)
     rgb = make_model(get_config("DiT-N/2", input_size=8, in_channels=3, num_classes=10), seed=1)
     torch.save(rgb.state_dict(), tmp_path / "rgb.pt")
-    with pytest.raises(CheckpointError, match="x_embedder.proj.weight"):
+    with pytest.raises(CheckpointError, match=r"x_embedder\.proj\.weight"):
         train_supernet(tiny(tmp_path / "y", model=None, init_from=str(tmp_path / "rgb.pt")), progress=False)
     with pytest.raises(CheckpointError, match="does not exist"):
         train_supernet(tiny(tmp_path / "z", init_from=str(tmp_path / "none.pt")), progress=False)

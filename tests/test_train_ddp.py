@@ -98,8 +98,8 @@ class _Rank:
         for fd, path in ((1, out_path), (2, self.err_path)):
             handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(handle, fd)
-        sys.stdout = open(1, "w", buffering=1, closefd=False)
-        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - the forked child's stdout until os._exit
+        sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115 - likewise its stderr
         from dynasearch.cli import main
 
         code = main(argv)

@@ -42,8 +42,10 @@ CPU = torch.device("cpu")
 
 def tiny(out: Path, **kw) -> TrainConfig:
     """A few-second run: DiT-N/2 on digits."""
-    base = dict(model="DiT-N/2", steps=2, batch_size=8, sandwich=1, ckpt_every=2, log_every=1, device="cpu",
-                lr_schedule="constant", out=str(out))  # constant: a resume to more steps stretches nothing
+    base = {"model": "DiT-N/2", "steps": 2, "batch_size": 8, "sandwich": 1, "ckpt_every": 2, "log_every": 1,
+            "device": "cpu",
+            "lr_schedule": "constant",  # constant: a resume to more steps stretches nothing
+            "out": str(out)}
     base.update(kw)
     return TrainConfig(**base)
 
@@ -421,7 +423,7 @@ def test_preset_dit_finetune_sets_dits_recipe_and_explicit_flags_win(tmp_path: P
     # the library: from_preset, keyword arguments overriding it
     cfg = TrainConfig.from_preset("dit-finetune", init_from=str(run), ema_decay=0.999)
     assert (cfg.lr, cfg.ema_decay, cfg.preset) == (1e-4, 0.999, "dit-finetune")
-    with pytest.raises(TrainingError, match="--preset dit-finetune .* --init-from"):
+    with pytest.raises(TrainingError, match=r"--preset dit-finetune .* --init-from"):
         TrainConfig(preset="dit-finetune")
 
 

@@ -1,4 +1,5 @@
-"""Benchmarks that back the claims with measurements: `dynasearch bench latency|latency-table|flops|search|ranking|train`.
+"""Benchmarks that back the claims with measurements:
+`dynasearch bench latency|latency-table|flops|search|ranking|train`.
 
 Each benchmark is one library function taking a typed config and returning a :class:`BenchResult` (a DataFrame,
 extra tables, a summary, the settings, the machine and a command line that reproduces it); :func:`save_bench` writes

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pandas as pd
 import torch
@@ -177,7 +178,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_bench(result: BenchResult, out: str | Path, plot: Callable[[BenchResult, Path], Path] | None = None) -> list[Path]:
+def write_bench(
+    result: BenchResult, out: str | Path, plot: Callable[[BenchResult, Path], Path] | None = None
+) -> list[Path]:
     """Write NAME.csv (+ NAME_KEY.csv per extra table), NAME.png (when a plotter is given) and the NAME.json sidecar."""
     out = Path(out)
     with removed_on_failure(out):  # a new output directory is not left behind empty or half-written

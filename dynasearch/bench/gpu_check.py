@@ -16,8 +16,9 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -133,7 +134,9 @@ def _latency_table(cfg: GpuCheckConfig, status: Callable[[str], None]) -> Latenc
     return bench_latency_table(table_cfg, status)
 
 
-def _train(cfg: GpuCheckConfig, device: torch.device, status: Callable[[str], None]) -> tuple[BenchResult, float | None]:
+def _train(
+    cfg: GpuCheckConfig, device: torch.device, status: Callable[[str], None]
+) -> tuple[BenchResult, float | None]:
     """The sandwich step of the check's model (digits resized to its input side) and its peak memory (GiB)."""
     config = cfg.model_config
     train_cfg = TrainBenchConfig(model=config.name, steps=cfg.train_steps, warmup=2 if not cfg.tiny else 1,
@@ -185,7 +188,8 @@ def bench_gpu(cfg: GpuCheckConfig, status: Callable[[str], None] | None = None) 
         table = _latency_table(cfg, status)
         train, peak = _train(cfg, run.device, status)
     in_range = quotients[quotients["in_range"]]
-    worst = in_range.groupby(["batch", "compiled"])["latency_per_flops"].max() if len(in_range) else pd.Series(dtype=float)
+    worst = (in_range.groupby(["batch", "compiled"])["latency_per_flops"].max() if len(in_range)
+             else pd.Series(dtype=float))
     summary = {
         "model": config.name,
         "device": run.device.type,

@@ -18,9 +18,10 @@ import dataclasses
 import random
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -37,9 +38,9 @@ from .common import BenchConfig, BenchError, BenchResult, bench_run, command_lin
 
 __all__ = [
     "DTYPE_NAMES",
+    "TARGET_MEDIAN_ERROR",
     "LatencyTableConfig",
     "LatencyTableResult",
-    "TARGET_MEDIAN_ERROR",
     "bench_latency_table",
     "calibration_subnets",
     "fit_scale",
@@ -207,7 +208,9 @@ def calibration_subnets(config: DiTConfig, space: str, count: int, seed: int) ->
 def fit_scale(table: LatencyTable, subnets: list[tuple[str, Subnet]], measured: list[float]) -> float:
     """The median over calibration subnets of measured seconds / the plain sum of their parts."""
     raw = dataclasses.replace(table, scale=1.0)
-    return float(statistics.median(seconds / raw.predict(subnet) for (_, subnet), seconds in zip(subnets, measured)))
+    return float(statistics.median(
+        seconds / raw.predict(subnet) for (_, subnet), seconds in zip(subnets, measured, strict=True)
+    ))
 
 
 @torch.no_grad()
@@ -252,7 +255,7 @@ def validate_table(table: LatencyTable, subnets: list[tuple[str, Subnet]], measu
     config, full = table.model, closed_form_flops(table.model)
     raw = dataclasses.replace(table, scale=1.0)
     rows = []
-    for (name, subnet), seconds in zip(subnets, measured):
+    for (name, subnet), seconds in zip(subnets, measured, strict=True):
         predicted, unscaled = table.predict(subnet), raw.predict(subnet)
         rows.append({
             "name": name,
@@ -291,7 +294,7 @@ def error_summary(frame: pd.DataFrame) -> dict[str, Any]:
     median = float(errors.median())
     unscaled = frame["unscaled_error_pct"].abs() if "unscaled_error_pct" in frame else errors
     return {
-        "validated_subnets": int(len(frame)),
+        "validated_subnets": len(frame),
         "median_abs_error_pct": median,
         "max_abs_error_pct": float(errors.max()),
         "mean_error_pct": float(frame["error_pct"].mean()),

@@ -7,21 +7,30 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from ..fileio import atomic_output  # noqa: E402
-from .common import BenchResult  # noqa: E402
+from ..fileio import atomic_output
+from .common import BenchResult
 
-__all__ = ["PLOTS", "plot_latency", "plot_flops", "plot_search", "plot_ranking", "plot_train", "plot_latency_table",
-           "plot_gpu", "plot_for"]
+__all__ = [
+    "PLOTS",
+    "plot_flops",
+    "plot_for",
+    "plot_gpu",
+    "plot_latency",
+    "plot_latency_table",
+    "plot_ranking",
+    "plot_search",
+    "plot_train",
+]
 
 
 def _save(fig: plt.Figure, path: Path, result: BenchResult) -> Path:
     m = result.machine
-    fig.text(0.01, 0.005, f"{m.get('device_name', '?')} | torch {m.get('torch', '?')} | {m.get('threads', '?')} threads | "
-             f"{result.date}", fontsize=6, color="#666666")
+    fig.text(0.01, 0.005, f"{m.get('device_name', '?')} | torch {m.get('torch', '?')} | {m.get('threads', '?')} "
+                          f"threads | {result.date}", fontsize=6, color="#666666")
     try:
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         with atomic_output(path) as tmp:  # a reader (or a full disk) never sees half a PNG
@@ -58,8 +67,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     for kind, colour, marker in (("full", "black", "*"), ("uniform", "#e08b3a", "o"), ("mixed", "#2e8b57", "^"),
                                  ("searched", "#1f4e8c", "s")):
         k = t[t["kind"] == kind]
-        a.scatter(k["flops_ratio"], k["latency_ratio"], c=colour, marker=marker, s=50 if kind != "full" else 120, label=kind,
-                  zorder=5)
+        a.scatter(k["flops_ratio"], k["latency_ratio"], c=colour, marker=marker, s=50 if kind != "full" else 120,
+                  label=kind, zorder=5)
     a.set_xlim(0, 1.05)
     a.set_ylim(0, max(1.1, float(t["latency_ratio"].max()) * 1.05))
     _dress(a, "FLOPs ratio (subnet / full)", "latency ratio (subnet / full)",
@@ -70,7 +79,8 @@ def plot_latency(result: BenchResult, path: Path) -> Path:
     b.axhline(1.0, c="black", lw=1)
     b.axhline(s.get("dydit_reference_quotient", 0.84), c="#c0392b", ls="--", lw=1, label="DyDiT-XL (0.84)")
     b.set_xticks(range(len(sub)))
-    b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(sub["name"], sub["flops_ratio"])], fontsize=6, rotation=30)
+    b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(sub["name"], sub["flops_ratio"], strict=True)],
+                      fontsize=6, rotation=30)
     _dress(b, None, "quotient = FLOPs ratio / latency ratio", "1.0: the speed-up equals the FLOPs saving", legend=7,
            grid="y")
     return _save(fig, path, result)
@@ -207,7 +217,8 @@ def plot_latency_table(result: BenchResult, path: Path) -> Path:
         a.scatter(t["measured_ms"], t["predicted_ms"], c="#1f4e8c", zorder=5, label="subnets")
         b.bar(range(len(t)), t["error_pct"], color="#1f4e8c")
         b.set_xticks(range(len(t)))
-        b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(t["name"], t["flops_ratio"])], fontsize=6, rotation=30)
+        b.set_xticklabels([f"{n}\n{r:.2f}" for n, r in zip(t["name"], t["flops_ratio"], strict=True)],
+                          fontsize=6, rotation=30)
     b.axhline(0.0, c="black", lw=1)
     median = s.get("median_abs_error_pct")
     _dress(a, "measured (ms)", "predicted by the table (ms)",
@@ -233,8 +244,8 @@ def plot_gpu(result: BenchResult, path: Path) -> Path:
     return _save(fig, path, result)
 
 
-PLOTS = {"latency": plot_latency, "flops": plot_flops, "search": plot_search, "ranking": plot_ranking, "train": plot_train,
-         "latency-table": plot_latency_table, "gpu": plot_gpu}
+PLOTS = {"latency": plot_latency, "flops": plot_flops, "search": plot_search, "ranking": plot_ranking,
+         "train": plot_train, "latency-table": plot_latency_table, "gpu": plot_gpu}
 
 
 def plot_for(result: BenchResult):

@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -123,7 +124,8 @@ class RankingBenchConfig(BenchConfig):
         if self.lr_schedule not in LR_SCHEDULES:
             raise BenchError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 3:
-            raise BenchError(f"--k must be an integer >= 3 (a rank correlation needs at least 3 subnets), got {self.k!r}")
+            raise BenchError("--k must be an integer >= 3 (a rank correlation needs at least 3 subnets), got "
+                             f"{self.k!r}")
         self.check_device()
         self.check_seed()
         self.check_proxy_memory("proxy_samples", "eval_samples")
@@ -284,7 +286,8 @@ def _finetune_runs(
             "train_loss_last": float(np.mean(losses[-10:])),
         }
         if cfg.fd_samples:
-            status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: FD of {cfg.fd_samples} samples")
+            status(f"subnet {i + 1}/{cfg.k}, fine-tune seed {r + 1}/{cfg.finetune_seeds}: FD of {cfg.fd_samples} "
+                   "samples")
             quality = evaluate_quality(small, num=cfg.fd_samples, steps=cfg.fd_steps, seed=cfg.seed, data=setup.data,
                                        device=device, status=status)
             run["finetuned_fd"] = quality.fd
@@ -380,8 +383,8 @@ def bench_ranking(cfg: RankingBenchConfig, status: Callable[[str], None] | None 
     table, runs_df = _ranked(rows), pd.DataFrame(runs)
     costs = {kind: {"setup_s": setup.setup_s[kind], "score_s": float(np.mean(score_s[kind]))} for kind in PROXY_KINDS}
     taus = proxy_taus(table, cfg.bootstrap, cfg.seed, PROXY_KINDS, costs)
-    summary = {**loss_summary(table, runs_df, cfg.bootstrap, cfg.seed), **proxy_summary(taus, table, runs_df), "model": config.name,
-               "space": setup.space.name, "threads": run.threads}
+    summary = {**loss_summary(table, runs_df, cfg.bootstrap, cfg.seed), **proxy_summary(taus, table, runs_df),
+               "model": config.name, "space": setup.space.name, "threads": run.threads}
     settings = {**asdict(cfg), "flops_range": list(cfg.flops_range)}
     return BenchResult(result_name(cfg), table, summary, settings, command_line("ranking", cfg), run.machine,
                        extra={"runs": runs_df, "proxies": taus}, notes=list(_NOTES))

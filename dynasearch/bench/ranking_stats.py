@@ -3,7 +3,8 @@ per ground truth (fine-tuned loss, fine-tuned FD), and the agreement between fin
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -100,7 +101,8 @@ def proxy_summary(taus: pd.DataFrame, table: pd.DataFrame, runs: pd.DataFrame) -
         entry = proxies.setdefault(r.proxy, {"setup_s": r.setup_s, "score_s": r.score_s,
                                              "kendall_tau_proxy_vs_evalset": r.kendall_tau_proxy_vs_evalset})
         entry[r.ground_truth] = {"kendall_tau": r.kendall_tau, "p_value": r.p_value,
-                                 "tau_ci95": [r.tau_ci95_lo, r.tau_ci95_hi], "kendall_tau_evalset": r.kendall_tau_evalset}
+                                 "tau_ci95": [r.tau_ci95_lo, r.tau_ci95_hi],
+                                 "kendall_tau_evalset": r.kendall_tau_evalset}
     best = {}
     for truth in GROUND_TRUTHS:
         rows = taus[(taus["ground_truth"] == truth) & taus["kendall_tau"].notna()]

@@ -99,7 +99,8 @@ def bench_flops(cfg: FlopsBenchConfig) -> BenchResult:
         "params_match": bool(table["params_match"].all()),
         "convention": "one multiply-add = one FLOP (fvcore, DiT), forward pass, parameters without token routers",
         "fvcore_skipped_ops": sorted(skipped),  # element-wise ops: zero by the fvcore / DiT convention
-        "data": f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, {cfg.num_classes} classes, batch {cfg.batch}",
+        "data": f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels} latents, {cfg.num_classes} classes, batch "
+                f"{cfg.batch}",
     }
     notes = [] if summary["all_match"] else ["fvcore and the closed form disagree on: "
                                              + ", ".join(table.loc[~table["match"], "model"])]

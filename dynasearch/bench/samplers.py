@@ -19,9 +19,10 @@ import dataclasses
 import random
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import optuna
@@ -35,7 +36,9 @@ from ..search.objective import make_objective
 from ..search.study import make_sampler, seed_study
 from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
-__all__ = ["SearchBenchConfig", "CachedEvaluator", "bench_search", "feasible_draws", "hypervolume_curve", "trials_to_reach"]
+__all__ = [
+    "CachedEvaluator", "SearchBenchConfig", "bench_search", "feasible_draws", "hypervolume_curve", "trials_to_reach",
+]
 
 GOAL_FRACTION = 1 / 3
 RANDOM_FEASIBLE = "random-feasible"
@@ -89,13 +92,15 @@ class CachedEvaluator:
         return self.cache[subnet]
 
 
-def hypervolume_curve(gflops: np.ndarray, loss: np.ndarray, feasible: np.ndarray, reference: tuple[float, float]) -> np.ndarray:
+def hypervolume_curve(
+    gflops: np.ndarray, loss: np.ndarray, feasible: np.ndarray, reference: tuple[float, float]
+) -> np.ndarray:
     """Hypervolume of the feasible points among the first n trials, for n = 1..len (nan losses are skipped)."""
     out = np.zeros(len(gflops))
     pts: list[tuple[float, float]] = []
-    for i, (g, l, f) in enumerate(zip(gflops, loss, feasible)):
-        if f and np.isfinite(l):
-            pts.append((float(g), float(l)))
+    for i, (g, y, f) in enumerate(zip(gflops, loss, feasible, strict=True)):
+        if f and np.isfinite(y):
+            pts.append((float(g), float(y)))
         out[i] = hypervolume_2d(np.array(pts).reshape(-1, 2), reference)
     return out
 

@@ -11,8 +11,9 @@ No optimiser step is taken (the weights stay fixed, so every step costs alike).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -93,7 +94,7 @@ def _step_rows(
     step_row = {"step": step, "sandwich_ms": measured * 1e3, "alone_sum_ms": sum(alone) * 1e3,
                 "ideal_ms": ideal * 1e3, "overhead": measured / ideal, "gflops": sum(flops) / 1e9}
     roles = []
-    for (name, _), f, sec in zip(subnets, flops, alone):
+    for (name, _), f, sec in zip(subnets, flops, alone, strict=True):
         role = "random" if name.startswith("random") else name
         ideal_role = f / largest * alone[0]
         roles.append({"step": step, "role": role, "subnet": name, "gflops": f / 1e9, "ms": sec * 1e3,

@@ -32,7 +32,7 @@ from ..slicing import slice_subnet
 from ..space import load_space
 from .common import BenchConfig, BenchError, BenchResult, bench_run, command_line
 
-__all__ = ["LatencyBenchConfig", "bench_latency", "uniform_at_ratio", "mixed_at_ratio", "latency_models"]
+__all__ = ["LatencyBenchConfig", "bench_latency", "latency_models", "mixed_at_ratio", "uniform_at_ratio"]
 
 TARGET_RANGE = (0.3, 0.7)
 TOLERANCE = 0.10
@@ -71,7 +71,8 @@ class LatencyBenchConfig(BenchConfig):
                 raise BenchError(f"--ratios must be numbers in (0, 1], got {r!r}")
         self.check_device()
         self.check_seed()
-        check_memory(self.mixed * len(self.ratios) * SUBNET_BYTES, f"--mixed {self.mixed} (subnets per ratio)", BenchError)
+        check_memory(self.mixed * len(self.ratios) * SUBNET_BYTES, f"--mixed {self.mixed} (subnets per ratio)",
+                     BenchError)
         if self.supernet is None:
             self.check_registry_model(self.model, self.batch)
 
@@ -124,7 +125,8 @@ def _searched(search_results: Path, config: DiTConfig) -> list[tuple[str, Subnet
     """The subnets a search exported (RESULTS/subnets/NAME/subnet.json), checked against the supernet."""
     root = search_results / "subnets"
     if not root.is_dir():
-        raise BenchError(f"search results '{search_results}' have no subnets/ directory (run 'dynasearch search' first)")
+        raise BenchError(f"search results '{search_results}' have no subnets/ directory (run 'dynasearch search' "
+                         "first)")
     out = []
     for d in sorted(root.iterdir()):
         if (d / "subnet.json").is_file():
@@ -162,7 +164,9 @@ def _supernet(cfg: LatencyBenchConfig, notes: list[str]) -> DiT:
     return model
 
 
-def latency_models(cfg: LatencyBenchConfig, supernet: DiT, notes: list[str] | None = None) -> list[tuple[str, str, Subnet]]:
+def latency_models(
+    cfg: LatencyBenchConfig, supernet: DiT, notes: list[str] | None = None
+) -> list[tuple[str, str, Subnet]]:
     """(name, kind, subnet): the full model, the uniform subnets at the requested ratios, the searched ones; each
     distinct subnet once (a repeat is left out, with a note)."""
     config = supernet.config
@@ -241,7 +245,7 @@ def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
         per_round = _time_models(models, cfg, dtype)
     full_latency = statistics.median(per_round[0])
     table = pd.DataFrame([_latency_row(name, kind, subnet, config, rounds, full_latency)
-                          for (name, kind, subnet), rounds in zip(entries, per_round)])
+                          for (name, kind, subnet), rounds in zip(entries, per_round, strict=True)])
     in_range = table[table["in_target_range"]]
     summary = {
         "model": config.name,
@@ -250,7 +254,7 @@ def bench_latency(cfg: LatencyBenchConfig) -> BenchResult:
         "dtype": "bfloat16 autocast" if dtype is not None else "float32",
         "threads": run.threads,
         "full_latency_ms": full_latency * 1e3,
-        "subnets_in_target_range": int(len(in_range)),
+        "subnets_in_target_range": len(in_range),
         "target": f"latency ratio within {TOLERANCE:.0%} of the FLOPs ratio for FLOPs ratios in "
                   f"[{TARGET_RANGE[0]}, {TARGET_RANGE[1]}] at batch >= 8",
         "target_met": bool(len(in_range) and in_range["within_10pct"].all() and cfg.batch >= 8),

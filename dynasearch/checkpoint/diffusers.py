@@ -63,7 +63,7 @@ def is_diffusers_dir(path: Path) -> bool:
         return True
     try:
         doc = read_json(path / "config.json", "config")
-    except Exception:  # noqa: BLE001 - unreadable: not recognisably diffusers; the dynasearch reader names the problem
+    except Exception:  # unreadable: not recognisably diffusers; the dynasearch reader names the problem
         return False
     return isinstance(doc, dict) and "_class_name" in doc
 
@@ -181,7 +181,8 @@ def state_from_diffusers(tensors: dict[str, torch.Tensor], config: DiTConfig, so
             state[f"{b}mlp.fc1.{part}"] = take(f"{t}ff.net.0.proj.{part}")
             state[f"{b}mlp.fc2.{part}"] = take(f"{t}ff.net.2.{part}")
             state[f"{b}adaLN_modulation.1.{part}"] = take(f"{t}norm1.linear.{part}")
-        shared = {f"{ours}.{part}": f"{theirs}.{part}" for ours, theirs in _EMBEDDERS.items() for part in ("weight", "bias")}
+        shared = {f"{ours}.{part}": f"{theirs}.{part}"
+                  for ours, theirs in _EMBEDDERS.items() for part in ("weight", "bias")}
         shared[_LABELS] = "class_embedder.embedding_table.weight"
         for ours, theirs in shared.items():
             value = take(f"{t}norm1.emb.{theirs}")
@@ -194,7 +195,8 @@ def state_from_diffusers(tensors: dict[str, torch.Tensor], config: DiTConfig, so
                 )
     extra = sorted(set(tensors) - used)
     if extra:
-        raise CheckpointError(f"{source} hold {len(extra)} tensor(s) dynasearch's DiT has no counterpart for, e.g. '{extra[0]}'")
+        raise CheckpointError(f"{source} hold {len(extra)} tensor(s) dynasearch's DiT has no counterpart for, e.g. "
+                              f"'{extra[0]}'")
     pos = get_2d_sincos_pos_embed(config.hidden_size, config.grid_size)  # diffusers' PatchEmbed computes the same
     state["pos_embed"] = torch.from_numpy(pos).float().unsqueeze(0)  # (1, N, D)
     return state
@@ -271,7 +273,7 @@ def state_to_diffusers(model: DiT) -> dict[str, torch.Tensor]:
     def put(key: str, value: torch.Tensor) -> None:
         out[key] = value.detach().to("cpu").clone().contiguous()  # a copy per key: safetensors refuses shared memory
 
-    sd = {k: v for k, v in model.state_dict().items()}
+    sd = dict(model.state_dict())
     for ours, theirs in (("x_embedder.proj", "pos_embed.proj"), ("final_layer.adaLN_modulation.1", "proj_out_1"),
                          ("final_layer.linear", "proj_out_2")):
         for part in ("weight", "bias"):
@@ -279,7 +281,7 @@ def state_to_diffusers(model: DiT) -> dict[str, torch.Tensor]:
     labels = sd[_LABELS]  # (classes [+1], D)
     if labels.shape[0] == config.num_classes:  # no null class (class_dropout_prob 0): diffusers always has one
         labels = torch.cat([labels, torch.zeros_like(labels[:1])])
-    for i, (block, choice) in enumerate(zip(model.blocks, model.subnet.blocks)):
+    for i, (block, choice) in enumerate(zip(model.blocks, model.subnet.blocks, strict=True)):
         t = f"transformer_blocks.{i}."
         h, m = choice.heads, choice.mlp_hidden
         qkv_w, qkv_b = block.attn.qkv.active_parameters(h)  # (3*h*d, D), (3*h*d,)
@@ -323,10 +325,12 @@ def save_diffusers(
     directory = Path(directory)
     problem = export_problem(model, pad, allow_time_shift)
     if problem is not None:
-        raise CheckpointError(f"model '{model.config.name}' cannot be written as a diffusers DiTTransformer2DModel: {problem}")
+        raise CheckpointError(f"model '{model.config.name}' cannot be written as a diffusers DiTTransformer2DModel: "
+                              f"{problem}")
     check_export_dir(directory, overwrite)
     doc = diffusers_config(model.config)
-    doc["_dynasearch"] = {"model": model.config.name, "subnet": model.subnet.to_dict(), "time_shift": model.config.time_shift}
+    doc["_dynasearch"] = {"model": model.config.name, "subnet": model.subnet.to_dict(),
+                          "time_shift": model.config.time_shift}
     tensors = state_to_diffusers(model)
     write_folder(directory, {DIFFUSERS_WEIGHTS: tensors}, {"config.json": doc})
     return directory

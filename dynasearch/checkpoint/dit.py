@@ -38,7 +38,7 @@ def safe_torch_load(path: Path, what: str = "DiT checkpoint") -> Any:
         raise CheckpointError(f"{what} '{path}' does not exist")
     with path.open("rb") as handle:
         magic = handle.read(4)
-    if not (magic.startswith(_ZIP_MAGIC) or magic.startswith(_PICKLE_MAGIC)):
+    if not magic.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
         raise CheckpointError(f"{what} '{path}' is corrupt or not a PyTorch file (neither a zip nor a pickle)")
     try:
         with torch.serialization.safe_globals(list(_ALLOWED_GLOBALS)):
@@ -76,7 +76,8 @@ def split_weights_choice(path: str | Path) -> tuple[Path, str | None]:
         return Path(base), choice
     if Path(base).exists():
         raise CheckpointError(
-            f"pretrained model '{text}': unknown weights '#{choice}'; use {' or '.join('#' + c for c in WEIGHT_CHOICES)}"
+            f"pretrained model '{text}': unknown weights '#{choice}'; use "
+            f"{' or '.join('#' + c for c in WEIGHT_CHOICES)}"
         )
     return Path(text), None
 
@@ -90,7 +91,8 @@ def load_dit_state_dict(path: str | Path, weights: str | None = None) -> dict[st
     """
     path, suffix_choice = split_weights_choice(path)
     if weights is not None and weights not in WEIGHT_CHOICES:
-        raise CheckpointError(f"DiT checkpoint '{path}': weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+        raise CheckpointError(f"DiT checkpoint '{path}': weights must be one of {', '.join(WEIGHT_CHOICES)}, got "
+                              f"{weights!r}")
     if weights is not None and suffix_choice is not None and weights != suffix_choice:
         raise CheckpointError(f"DiT checkpoint '{path}': '#{suffix_choice}' and weights={weights!r} disagree")
     choice = weights or suffix_choice
@@ -134,14 +136,15 @@ def infer_config_from_state_dict(state: dict[str, torch.Tensor], source: str = "
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     name = next(
-        (n for n, f in DIT_CONFIGS.items() if (f["depth"], f["hidden_size"], f["patch_size"]) == (depth, hidden, patch)),
+        (n for n, f in DIT_CONFIGS.items()
+         if (f["depth"], f["hidden_size"], f["patch_size"]) == (depth, hidden, patch)),
         None,
     )
     if name is None:
         raise CheckpointError(
             f"{source}: no registry model has depth {depth}, width {hidden} and patch {patch}"
         )
-    grid = int(round(pos.shape[1] ** 0.5))
+    grid = round(pos.shape[1] ** 0.5)
     out_channels = final.shape[0] // (patch * patch)
     mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
     return DiTConfig(

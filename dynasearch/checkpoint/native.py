@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,18 +21,18 @@ from ..model.schedule import SubnetSchedule
 from ..model.subnet import Subnet
 
 __all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
     "INHERITED_SECTIONS",
+    "check_state_dict",
     "inherited_sections",
-    "save_checkpoint",
     "load_checkpoint",
+    "load_state",
+    "load_weights",
     "read_config",
     "read_schedule",
-    "load_weights",
-    "CONFIG_NAME",
-    "check_state_dict",
-    "load_state",
+    "save_checkpoint",
     "save_weights",
-    "FORMAT_VERSION",
 ]
 
 FORMAT_VERSION = 1
@@ -79,7 +80,11 @@ def save_checkpoint(
 
 
 def _write_checkpoint(
-    model: DiT, directory: Path, extra: dict[str, Any] | None, weights_name: str, state_dict: dict[str, torch.Tensor] | None
+    model: DiT,
+    directory: Path,
+    extra: dict[str, Any] | None,
+    weights_name: str,
+    state_dict: dict[str, torch.Tensor] | None,
 ) -> None:
     """The weights, then config.json, of :func:`save_checkpoint` into the existing `directory`."""
     config = model.config
@@ -114,7 +119,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint '{directory}' is not a directory (expected one holding {CONFIG_NAME})")
     path = directory / CONFIG_NAME
-    doc = read_json(path, "checkpoint config", CheckpointError, missing=f"checkpoint '{directory}' has no {CONFIG_NAME}")
+    doc = read_json(path, "checkpoint config", CheckpointError,
+                    missing=f"checkpoint '{directory}' has no {CONFIG_NAME}")
     if not isinstance(doc, dict) or "model" not in doc:
         raise CheckpointError(f"checkpoint config '{path}' has no \"model\" section")
     return doc
@@ -176,7 +182,8 @@ def check_state_dict(
     expected = model.state_dict()
     missing = [k for k in expected if k not in state and not optional(k)]
     unexpected = [k for k in state if k not in expected]
-    where = f"model '{model.config.name}' at {model.config.input_size}x{model.config.input_size}x{model.config.in_channels}"
+    where = (f"model '{model.config.name}' at "
+             f"{model.config.input_size}x{model.config.input_size}x{model.config.in_channels}")
     if missing or unexpected:
         parts = []
         if missing:

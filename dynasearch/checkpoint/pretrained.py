@@ -60,14 +60,16 @@ def read_pretrained(path: str | Path, weights: str | None = None, what: str = "p
     if path.is_dir():
         if choice is not None or weights is not None:
             raise CheckpointError(
-                f"{what} '{path}' is a directory: '#{choice or weights}' only picks the weights of a .pt training checkpoint"
+                f"{what} '{path}' is a directory: '#{choice or weights}' only picks the weights of a .pt training "
+                "checkpoint"
             )
         if is_diffusers_dir(path):
             config, state, source = read_diffusers(path)
             return PretrainedWeights(config, state, "diffusers", source)
         if not (path / CONFIG_NAME).is_file():
             raise CheckpointError(
-                f"{what} '{path}' is a directory without {CONFIG_NAME} (neither a dynasearch checkpoint nor a diffusers folder)"
+                f"{what} '{path}' is a directory without {CONFIG_NAME} (neither a dynasearch checkpoint nor a "
+                "diffusers folder)"
             )
         doc = read_config(path)
         try:
@@ -81,7 +83,8 @@ def read_pretrained(path: str | Path, weights: str | None = None, what: str = "p
     if not path.exists():
         raise CheckpointError(f"{what} '{path}' does not exist")
     if path.suffix.lower() not in (".pt", ".pth"):
-        raise CheckpointError(f"{what} '{path}' is not a supported format; expected one of: {'; '.join(PRETRAINED_FORMATS)}")
+        raise CheckpointError(f"{what} '{path}' is not a supported format; expected one of: "
+                              f"{'; '.join(PRETRAINED_FORMATS)}")
     pick = weights if weights is not None else choice
     if weights is not None and choice is not None and weights != choice:
         raise CheckpointError(f"{what} '{path}': '#{choice}' and weights={weights!r} disagree")
@@ -107,7 +110,8 @@ def load_pretrained(
     runs exactly the pretrained model at full width.
     """
     plain, choice = split_weights_choice(path)
-    if plain.is_dir() and choice is None and weights is None and not is_diffusers_dir(plain) and (plain / CONFIG_NAME).is_file():
+    if (plain.is_dir() and choice is None and weights is None and not is_diffusers_dir(plain)
+            and (plain / CONFIG_NAME).is_file()):
         return load_checkpoint(plain, device=device)  # its subnet and sliced sizes, as saved
     return build_pretrained(read_pretrained(path, weights, what), path, device)
 

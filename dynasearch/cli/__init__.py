@@ -1,4 +1,5 @@
-"""The `dynasearch` command line: a thin typer + rich layer; each command builds a typed config and calls the library."""
+"""The `dynasearch` command line: a thin typer + rich layer; each command builds a typed config and calls the
+library."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def _run(command: typer.core.TyperGroup, args: list[str], debug: bool) -> int:
     except KeyboardInterrupt as exc:  # a TrainingInterrupted says where it stopped and how to resume
         print(str(exc) or "interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - the one place internal errors become a message
+    except Exception as exc:  # the one place internal errors become a message
         if is_disk_full(exc):  # a writer without its own guard: still the user's full disk, one line
             if debug:
                 traceback.print_exc()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import typer
 
@@ -50,7 +51,9 @@ def _run(
         with console.status("benchmarking") as status:
             result = gather(lambda msg: status.update(msg))
     else:  # a log file (nohup, CI): one timestamped line per stage instead of a spinner nobody sees
-        result = gather(lambda msg: console.print(f"[{time.strftime('%H:%M:%S')}] {msg}", highlight=False, markup=False))
+        result = gather(
+            lambda msg: console.print(f"[{time.strftime('%H:%M:%S')}] {msg}", highlight=False, markup=False)
+        )
     files = save_bench(result, out)
     table = result.table if columns is None else result.table[[c for c in columns if c in result.table.columns]]
     print_frame(table, title(result))
@@ -74,9 +77,9 @@ def latency(
     warmup: int = typer.Option(3, help="Untimed runs before each model's timed runs."),
     rounds: int = typer.Option(3, help="Round-robin passes over all models (median of the per-round medians)."),
     ratios: str = typer.Option("0.3,0.4,0.5,0.6,0.7", help="FLOPs ratios of the uniform subnets."),
-    supernet: Optional[Path] = typer.Option(None, help="Supernet run directory (default: random weights)."),
-    search_results: Optional[Path] = typer.Option(None, help="A search output directory: time its exported subnets too."),
-    threads: Optional[int] = _THREADS,
+    supernet: Path | None = typer.Option(None, help="Supernet run directory (default: random weights)."),
+    search_results: Path | None = typer.Option(None, help="A search output directory: time its exported subnets too."),
+    threads: int | None = _THREADS,
     seed: int = typer.Option(0, help="Seed of the random weights and of the mixed subnets."),
     mixed: int = typer.Option(0, help="Per ratio, random per-block subnets (heads, MLP width, token ratio per block, "
                                       "as searched ones) within 2% of the ratio's FLOPs."),
@@ -111,19 +114,21 @@ def latency_table(
     dtype: str = typer.Option("fp32", help="fp32, or bf16 (autocast)."),
     space: str = typer.Option("blockwise", help="Search space: its token ratios are measured, its random subnets "
                                                 "validate the table."),
-    token_ratios: Optional[str] = typer.Option(None, help="Comma-separated token ratios to measure (default: the "
-                                                          "space's)."),
+    token_ratios: str | None = typer.Option(None, help="Comma-separated token ratios to measure (default: the "
+                                                       "space's)."),
     repeats: int = typer.Option(10, help="Timed calls per entry and per validation subnet (the median is kept)."),
     warmup: int = typer.Option(3, help="Untimed calls before each entry's timed ones."),
     rounds: int = typer.Option(1, help="Passes over every entry and validation subnet (median of the rounds)."),
-    copies: int = typer.Option(4, help="Block copies each entry rotates over (distinct weights, as in a forward pass)."),
+    copies: int = typer.Option(
+        4, help="Block copies each entry rotates over (distinct weights, as in a forward pass)."
+    ),
     validate: int = typer.Option(8, help="Random subnets of the space timed whole against the prediction (0: none)."),
     calibrate: int = typer.Option(4, help="Whole forwards the prediction's scale is fitted on (the full model, the "
                                           "smallest subnet, random others; never the validation ones; 0: none)."),
-    threads: Optional[int] = _THREADS,
+    threads: int | None = _THREADS,
     seed: int = typer.Option(0, help="Seed of the random weights and of the validation subnets."),
-    table: Optional[Path] = typer.Option(None, help="Where to write the table (default: OUT/latency-table-DEVICE"
-                                                    ".table.json)."),
+    table: Path | None = typer.Option(None, help="Where to write the table (default: OUT/latency-table-DEVICE"
+                                                 ".table.json)."),
     out: Path = _OUT,
 ) -> None:
     """Latency of every block choice, the embedders and the final layer on this device; predicted against
@@ -167,8 +172,8 @@ def gpu(
     proxy_samples: int = typer.Option(512, help="Quadruples of the proxy whose throughput is measured."),
     proxy_trials: int = typer.Option(5, help="Timed proxy evaluations (random subnets)."),
     seed: int = typer.Option(0, help="Seed of the weights and subnets."),
-    table: Optional[Path] = typer.Option(None, help="Where to write the latency table (default: OUT/gpu-DEVICE"
-                                                    ".table.json)."),
+    table: Path | None = typer.Option(None, help="Where to write the latency table (default: OUT/gpu-DEVICE"
+                                                 ".table.json)."),
     out: Path = _OUT,
 ) -> None:
     """The prepared GPU check: bf16 latency quotients (eager and compiled), the latency table's error, a
@@ -186,10 +191,10 @@ def gpu(
     path = table if table is not None else out / f"{result.name}.table.json"
     result.latency_table.save(path)
     s = result.summary
-    console.print(f"latency ({s['latency_target']}): {'met' if s['latency_target_met'] else 'not met'}; "
-                  f"table error median {s['table_median_abs_error_pct']:.1f}%; sandwich {s['sandwich_over_ideal']:.2f}x "
-                  f"ideal ({'met' if s['sandwich_target_met'] else 'not met'}); proxy "
-                  f"{s['proxy_trials_per_minute']:.1f} trials/min", highlight=False)
+    console.print(f"latency ({s['latency_target']}): {'met' if s['latency_target_met'] else 'not met'}; table error "
+                  f"median {s['table_median_abs_error_pct']:.1f}%; sandwich {s['sandwich_over_ideal']:.2f}x ideal "
+                  f"({'met' if s['sandwich_target_met'] else 'not met'}); proxy {s['proxy_trials_per_minute']:.1f} "
+                  "trials/min", highlight=False)
     console.print(f"wrote the table {path}", highlight=False)
 
 
@@ -200,7 +205,7 @@ def flops(
     in_channels: int = _IN_CHANNELS,
     num_classes: int = _NUM_CLASSES,
     batch: int = typer.Option(1, help="Batch size."),
-    threads: Optional[int] = _THREADS,
+    threads: int | None = _THREADS,
     out: Path = _OUT,
 ) -> None:
     """The registry's GFLOPs by fvcore (with the attention handler) and in closed form, and its parameters."""
@@ -221,14 +226,15 @@ def search(
     trials: int = typer.Option(60, help="Trials per run."),
     seeds: int = typer.Option(3, help="Runs (sampler seeds) per sampler."),
     samplers: str = typer.Option("tpe,nsga2,gp,random,random-feasible",
-                                 help="Comma-separated samplers; random-feasible redraws until a subnet fits the budget."),
+                                 help="Comma-separated samplers; random-feasible redraws until a subnet fits the "
+                                      "budget."),
     flops: str = typer.Option("0.5x", help="FLOPs budget: 50G, 500M, 0.5x or 50%."),
-    space: Optional[str] = _SPACE,
+    space: str | None = _SPACE,
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy."),
     seed: int = typer.Option(0, help="First sampler seed and the proxy set's seed."),
     enqueue: bool = typer.Option(True, help="Start each study with the largest, smallest and best uniform subnet."),
     device: str = _DEVICE,
-    threads: Optional[int] = _THREADS,
+    threads: int | None = _THREADS,
     out: Path = _OUT,
 ) -> None:
     """Hypervolume against trials per sampler; trials needed to reach random search's final hypervolume."""
@@ -254,7 +260,7 @@ def ranking(
     lr: float = typer.Option(1e-4, help="Fine-tuning AdamW learning rate (the peak with --lr-schedule cosine)."),
     lr_schedule: str = typer.Option("cosine", help="constant, or cosine (5% linear warm-up, then cosine to 0)."),
     finetune_seeds: int = typer.Option(1, help="Fine-tunes per subnet with different batch seeds (losses averaged)."),
-    space: Optional[str] = _SPACE,
+    space: str | None = _SPACE,
     proxy_samples: int = typer.Option(512, help="Validation quadruples in the quality proxy (the inherited side)."),
     eval_samples: int = typer.Option(2048, help="Quadruples of the separate set the fine-tuned models are scored on."),
     bootstrap: int = typer.Option(2000, help="Bootstrap resamplings of the subnets for tau's 95% interval."),
@@ -263,7 +269,7 @@ def ranking(
     fd_steps: int = typer.Option(50, help="DDIM steps of the FD samples."),
     seed: int = typer.Option(0, help="Seed of the subnet choice, the batches and the proxy set."),
     device: str = _DEVICE,
-    threads: Optional[int] = _THREADS,
+    threads: int | None = _THREADS,
     out: Path = _OUT,
 ) -> None:
     """Kendall tau between every proxy kind's value of the inherited subnets and their loss (and FD) after
@@ -288,8 +294,9 @@ def ranking(
     lo, hi = s["tau_ci95"]
     console.print(f"Kendall tau {fmt(s['kendall_tau'])} (p {fmt(s['p_value'])}, bootstrap 95% {fmt(lo)}..{fmt(hi)}; "
                   f"goal {s['goal']}: {'met' if s['goal_met'] else 'not met'}); same evaluation set "
-                  f"{fmt(s['kendall_tau_same_set'])}; proxy vs evaluation set {fmt(s['kendall_tau_proxy_vs_evalset'])}; "
-                  f"FLOPs-only baseline {fmt(s['kendall_tau_flops_baseline'])}", highlight=False)
+                  f"{fmt(s['kendall_tau_same_set'])}; proxy vs evaluation set "
+                  f"{fmt(s['kendall_tau_proxy_vs_evalset'])}; FLOPs-only baseline "
+                  f"{fmt(s['kendall_tau_flops_baseline'])}", highlight=False)
     for r in result.extra["proxies"].itertuples(index=False):
         console.print(f"proxy {r.proxy} vs {r.ground_truth}: tau {fmt(r.kendall_tau)} (bootstrap 95% "
                       f"{fmt(r.tau_ci95_lo)}..{fmt(r.tau_ci95_hi)}), {1000 * r.score_s:.0f} ms per subnet",
@@ -306,10 +313,10 @@ def train(
     distill: float = typer.Option(1.0, help="In-place distillation weight."),
     space: str = typer.Option("blockwise", help="Search space the subnets are drawn from."),
     data: str = typer.Option("digits", help=f"Training data: {DATA_SPECS}."),
-    image_size: Optional[int] = typer.Option(None, help="Resize images to this side."),
+    image_size: int | None = typer.Option(None, help="Resize images to this side."),
     device: str = _DEVICE_BF16,
     seed: int = typer.Option(0, help="Seed of the weights, batches and subnets."),
-    threads: Optional[int] = _THREADS,
+    threads: int | None = _THREADS,
     out: Path = _OUT,
 ) -> None:
     """The sandwich step's time against the FLOPs-proportional ideal of its subnets."""

@@ -1,4 +1,5 @@
-"""`dynasearch export`: a checkpoint as a diffusers DiTTransformer2DModel folder (or a DiT / diffusers model as ours)."""
+"""`dynasearch export`: a checkpoint as a diffusers DiTTransformer2DModel folder (or a DiT / diffusers model as
+ours)."""
 
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     checkpoint: Path = typer.Option(
-        ..., help="A dynasearch checkpoint (supernet run or sliced subnet), a DiT .pt[#ema|#model] or a diffusers folder."
+        ..., help="A dynasearch checkpoint (supernet run or sliced subnet), a DiT .pt[#ema|#model] or a diffusers "
+                  "folder."
     ),
-    fmt: ExportFormat = typer.Option(ExportFormat.diffusers, "--format", help="diffusers (DiTTransformer2DModel) or dynasearch."),
+    fmt: ExportFormat = typer.Option(
+        ExportFormat.diffusers, "--format", help="diffusers (DiTTransformer2DModel) or dynasearch."
+    ),
     out: Path = typer.Option(..., help="Output directory (written whole or not at all)."),
     pad: bool = typer.Option(
-        False, "--pad", help="diffusers: write a subnet narrower than the full model zero-padded to full width (same outputs)."
+        False, "--pad", help="diffusers: write a subnet narrower than the full model zero-padded to full width (same "
+                             "outputs)."
     ),
     allow_time_shift: bool = typer.Option(
         False, "--allow-time-shift",
-        help="diffusers: write a model with DiT's timestep shift 0 although diffusers runs it with 1 (its outputs then differ).",
+        help="diffusers: write a model with DiT's timestep shift 0 although diffusers runs it with 1 (its outputs then "
+             "differ).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
 ) -> None:

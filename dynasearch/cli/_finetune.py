@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -43,14 +42,14 @@ _FT = FinetuneConfig(checkpoint="")  # the library's defaults, shown in --help
 @app.command("finetune")
 def finetune_command(
     ctx: typer.Context,
-    checkpoint: Optional[Path] = typer.Option(
+    checkpoint: Path | None = typer.Option(
         None, help="Exported subnet to fine-tune: a search's subnets/NAME or schedules/NAME (not needed with --resume)."
     ),
-    teacher: Optional[Path] = typer.Option(
+    teacher: Path | None = typer.Option(
         None, help="Supernet to distil from (run directory, checkpoint or DiT .pt); with --distill-weight alone: the "
                    "one the export names."
     ),
-    distill_weight: Optional[float] = typer.Option(
+    distill_weight: float | None = typer.Option(
         None, help=f"w in (1-w) diffusion loss + w MSE to the teacher, in [0, 1] (default {DEFAULT_DISTILL_WEIGHT:g} "
                    "with --teacher, else 0: no distillation)."
     ),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -54,15 +53,15 @@ def models(
 
 @app.command()
 def flops(
-    model: Optional[ModelName] = typer.Option(None, help="Registry model (or use --checkpoint)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Count a saved supernet or sliced model instead."),
+    model: ModelName | None = typer.Option(None, help="Registry model (or use --checkpoint)."),
+    checkpoint: Path | None = typer.Option(None, help="Count a saved supernet or sliced model instead."),
     input_size: int = typer.Option(32, help="Latent (or image) side length."),
     in_channels: int = typer.Option(4, help="Latent channels."),
     num_classes: int = typer.Option(1000, help="Number of classes."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file."),
-    attn_rate: Optional[float] = typer.Option(None, help="Uniform attention-head rate in (0, 1]."),
-    mlp_rate: Optional[float] = typer.Option(None, help="Uniform MLP-width rate in (0, 1]."),
-    token_ratio: Optional[float] = typer.Option(None, help="Uniform token ratio in (0, 1]."),
+    subnet: Path | None = typer.Option(None, help="Subnet or timestep-schedule JSON file."),
+    attn_rate: float | None = typer.Option(None, help="Uniform attention-head rate in (0, 1]."),
+    mlp_rate: float | None = typer.Option(None, help="Uniform MLP-width rate in (0, 1]."),
+    token_ratio: float | None = typer.Option(None, help="Uniform token ratio in (0, 1]."),
     batch: int = typer.Option(1, min=1, help="Batch size (classifier-free guidance doubles it)."),
     sample_steps: int = typer.Option(50, help="Timestep schedules: DDIM steps the mean FLOPs per step is taken over."),
     by_module: bool = typer.Option(False, "--by-module", help="Per-module table."),
@@ -76,7 +75,7 @@ def flops(
     rates = (attn_rate, mlp_rate, token_ratio)
     if subnet is not None and any(r is not None for r in rates):
         raise click_exc.UsageError("give either --subnet or the --attn-rate/--mlp-rate/--token-ratio options, not both")
-    for name, value in zip(("--attn-rate", "--mlp-rate", "--token-ratio"), rates):
+    for name, value in zip(("--attn-rate", "--mlp-rate", "--token-ratio"), rates, strict=True):
         if value is not None and not 0.0 < value <= 1.0:
             raise SubnetError(f"{name} must be in (0, 1], got {value}")
     query = FlopsQuery(

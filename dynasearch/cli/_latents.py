@@ -28,7 +28,9 @@ class LatentDtype(str, Enum):
 def extract_latents(
     data: str = typer.Option(..., help="folder:PATH, one sub-folder of images per class (ImageNet's train layout)."),
     vae: Path = typer.Option(..., help="Local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema); never downloaded."),
-    out: Path = typer.Option(..., help="Directory for latents.npy, labels.npy and meta.json (train with --data latents:OUT)."),
+    out: Path = typer.Option(
+        ..., help="Directory for latents.npy, labels.npy and meta.json (train with --data latents:OUT)."
+    ),
     image_size: int = typer.Option(256, min=1, help="Image size after ADM's centre crop (latents are 1/8 of it)."),
     flip: bool = typer.Option(False, "--flip", help="Also store every image's mirror image (doubles the rows)."),
     batch_size: int = typer.Option(32, min=1, help="Images encoded at once (per process under torchrun)."),

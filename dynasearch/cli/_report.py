@@ -4,7 +4,6 @@ measured side by side."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -42,15 +41,18 @@ def report(
 
 @app.command()
 def compare(
-    model: List[str] = typer.Option(..., metavar="<NAME=PATH>", help="NAME=PATH of a checkpoint directory (supernet, exported subnet or schedule); repeat for each model."),
+    model: list[str] = typer.Option(
+        ..., metavar="<NAME=PATH>", help="NAME=PATH of a checkpoint directory (supernet, exported subnet or schedule); "
+                                         "repeat for each model."
+    ),
     seeds: str = typer.Option("0,1", help="Sampling seeds, comma-separated: every model is measured once per seed."),
     num: int = typer.Option(1000, min=2, help="Generated samples per model and seed."),
     steps: int = typer.Option(DEFAULT_STEPS, min=1, help="Sampling steps."),
     cfg_scale: float = typer.Option(DEFAULT_CFG_SCALE, min=0.0, help="Classifier-free guidance scale (1 = off)."),
     sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
     device: Device = typer.Option(Device.cpu, help="Device."),
-    data: Optional[str] = typer.Option(None, help="The data every model was trained on, overriding their records."),
-    out: Optional[Path] = typer.Option(None, help="Directory for compare.csv, compare-summary.csv and compare.json."),
+    data: str | None = typer.Option(None, help="The data every model was trained on, overriding their records."),
+    out: Path | None = typer.Option(None, help="Directory for compare.csv, compare-summary.csv and compare.json."),
 ) -> None:
     """FLOPs, FD and class accuracy of several models side by side, the same settings and seeds for each."""
     from ..report.compare import (

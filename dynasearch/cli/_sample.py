@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.progress import (
@@ -66,19 +66,27 @@ def step_bar(description: str) -> Iterator:
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., help="Supernet, training run or sliced checkpoint directory."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file to run (supernets; timestep-dynamic checkpoints switch subnets per step by themselves)."),
-    labels: Optional[str] = typer.Option(None, help="Classes, one grid row each: '0,1,2' or '0-9'."),
-    num: Optional[int] = typer.Option(None, min=1, help="Number of samples, labels cycling over the classes."),
+    subnet: Path | None = typer.Option(
+        None, help="Subnet or timestep-schedule JSON file to run (supernets; timestep-dynamic checkpoints switch "
+                   "subnets per step by themselves)."
+    ),
+    labels: str | None = typer.Option(None, help="Classes, one grid row each: '0,1,2' or '0-9'."),
+    num: int | None = typer.Option(None, min=1, help="Number of samples, labels cycling over the classes."),
     per_label: int = typer.Option(8, min=1, help="Samples per label (the grid's columns) with --labels."),
     cfg_scale: float = typer.Option(DEFAULT_CFG_SCALE, min=0.0, help="Classifier-free guidance scale (1 = off)."),
     steps: int = typer.Option(DEFAULT_STEPS, min=1, help="Sampling steps."),
     sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
     seed: int = typer.Option(0, help="Random seed (same seed, same samples)."),
-    out: Optional[Path] = typer.Option(None, help="PNG grid to write (default samples.png; latent models: also OUT.npz)."),
+    out: Path | None = typer.Option(None, help="PNG grid to write (default samples.png; latent models: also OUT.npz)."),
     device: Device = typer.Option(Device.auto, help="Device."),
-    vae: Optional[Path] = typer.Option(None, help="Local diffusers AutoencoderKL folder to decode latents."),
-    npz: Optional[Path] = typer.Option(None, help="Write ADM's sample batch instead of a grid: arr_0 uint8 (N, H, W, 3) images, arr_1 labels; --num of them (default 50000), sharded under torchrun."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per batch (default 256; with --npz 32, each batch seeded by (seed, index))."),
+    vae: Path | None = typer.Option(None, help="Local diffusers AutoencoderKL folder to decode latents."),
+    npz: Path | None = typer.Option(
+        None, help="Write ADM's sample batch instead of a grid: arr_0 uint8 (N, H, W, 3) images, arr_1 labels; --num "
+                   "of them (default 50000), sharded under torchrun."
+    ),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Samples per batch (default 256; with --npz 32, each batch seeded by (seed, index))."
+    ),
 ) -> None:
     """Sample class-conditional images from a checkpoint and write them as a grid (or, with --npz, as ADM's batch)."""
     from ..sampling import SampleConfig, parse_labels, run_sample
@@ -114,9 +122,9 @@ def sample(
 
 
 def _sample_npz(
-    checkpoint: Path, subnet: Optional[Path], labels: Optional[str], num: Optional[int], out: Optional[Path],
-    cfg_scale: float, steps: int, sampler: Sampler, seed: int, device: Device, vae: Optional[Path], npz: Path,
-    batch_size: Optional[int],
+    checkpoint: Path, subnet: Path | None, labels: str | None, num: int | None, out: Path | None,
+    cfg_scale: float, steps: int, sampler: Sampler, seed: int, device: Device, vae: Path | None, npz: Path,
+    batch_size: int | None,
 ) -> None:
     """`sample --npz`: ADM's sample batch (every torchrun rank runs this; rank 0 prints)."""
     from ..errors import ConfigError
@@ -140,20 +148,42 @@ def _sample_npz(
 
 @app.command(name="eval")
 def eval_(
-    checkpoint: Optional[Path] = typer.Option(None, help="Supernet, training run or sliced checkpoint directory (its samples are scored)."),
-    subnet: Optional[Path] = typer.Option(None, help="Subnet or timestep-schedule JSON file to evaluate (supernets; timestep-dynamic checkpoints switch per step by themselves)."),
-    num: Optional[int] = typer.Option(None, min=2, help="Generated samples, labels cycling over the classes (default 1000; with --inception-weights 50000)."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Supernet, training run or sliced checkpoint directory (its samples are scored)."
+    ),
+    subnet: Path | None = typer.Option(
+        None, help="Subnet or timestep-schedule JSON file to evaluate (supernets; timestep-dynamic checkpoints switch "
+                   "per step by themselves)."
+    ),
+    num: int | None = typer.Option(
+        None, min=2, help="Generated samples, labels cycling over the classes (default 1000; with --inception-weights "
+                          "50000)."
+    ),
     steps: int = typer.Option(DEFAULT_STEPS, min=1, help="Sampling steps."),
     cfg_scale: float = typer.Option(DEFAULT_CFG_SCALE, min=0.0, help="Classifier-free guidance scale (1 = off)."),
     seed: int = typer.Option(0, help="Random seed."),
     sampler: Sampler = typer.Option(Sampler.ddim, help="Sampler."),
     device: Device = typer.Option(Device.auto, help="Device."),
-    data: Optional[str] = typer.Option(None, help=f"The data it was trained on ({DATA_SPECS}), overriding its config.json's record."),
-    inception_weights: Optional[Path] = typer.Option(None, help="FID as ADM/DiT report it: FID's Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth)."),
-    ref: Optional[str] = typer.Option(None, help="With --inception-weights: an ADM reference batch REF.npz (its mu/sigma, else its arr_0 images) or folder:PATH of real images."),
-    samples: Optional[Path] = typer.Option(None, help="With --inception-weights: score this ADM sample batch (arr_0) instead of sampling a checkpoint."),
-    vae: Optional[Path] = typer.Option(None, help="With --inception-weights: local diffusers AutoencoderKL folder decoding a latent model's samples."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Samples per sampling batch (default 250; with --inception-weights 32, as sample --npz)."),
+    data: str | None = typer.Option(
+        None, help=f"The data it was trained on ({DATA_SPECS}), overriding its config.json's record."
+    ),
+    inception_weights: Path | None = typer.Option(
+        None, help="FID as ADM/DiT report it: FID's Inception-v3 weights file "
+                   "(weights-inception-2015-12-05-6726825d.pth)."
+    ),
+    ref: str | None = typer.Option(
+        None, help="With --inception-weights: an ADM reference batch REF.npz (its mu/sigma, else its arr_0 images) or "
+                   "folder:PATH of real images."
+    ),
+    samples: Path | None = typer.Option(
+        None, help="With --inception-weights: score this ADM sample batch (arr_0) instead of sampling a checkpoint."
+    ),
+    vae: Path | None = typer.Option(
+        None, help="With --inception-weights: local diffusers AutoencoderKL folder decoding a latent model's samples."
+    ),
+    batch_size: int | None = typer.Option(
+        None, min=1, help="Samples per sampling batch (default 250; with --inception-weights 32, as sample --npz)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Frechet distance to the data the model was trained on, in that data's classifier's features, and the class
@@ -166,7 +196,8 @@ def eval_(
                   samples, vae, batch_size, as_json)
         return
     if vae is not None:
-        raise ConfigError("--vae decodes samples for Inception features: give it with --inception-weights FILE --ref REF")
+        raise ConfigError("--vae decodes samples for Inception features: give it with "
+                          "--inception-weights FILE --ref REF")
     if checkpoint is None:
         raise ConfigError("give --checkpoint DIR (or --inception-weights FILE --ref REF with --samples FILE.npz)")
     config = EvalConfig(
@@ -188,7 +219,7 @@ def eval_(
     table.add_column("metric")
     table.add_column("value", justify="right")
 
-    def pct(value: Optional[float]) -> str:
+    def pct(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
     rows = [
@@ -207,9 +238,9 @@ def eval_(
 
 
 def _eval_fid(
-    checkpoint: Optional[Path], subnet: Optional[Path], num: Optional[int], steps: int, cfg_scale: float, seed: int,
-    sampler: Sampler, device: Device, data: Optional[str], inception_weights: Optional[Path], ref: Optional[str],
-    samples: Optional[Path], vae: Optional[Path], batch_size: Optional[int], as_json: bool,
+    checkpoint: Path | None, subnet: Path | None, num: int | None, steps: int, cfg_scale: float, seed: int,
+    sampler: Sampler, device: Device, data: str | None, inception_weights: Path | None, ref: str | None,
+    samples: Path | None, vae: Path | None, batch_size: int | None, as_json: bool,
 ) -> None:
     """`eval --inception-weights FILE --ref REF`: FID of a sample batch or a checkpoint's samples."""
     from ..errors import ConfigError
@@ -220,9 +251,11 @@ def _eval_fid(
         raise ConfigError(f"{'--ref' if ref is not None else '--samples'} is for FID: give --inception-weights FILE "
                           "(FID's Inception-v3 weights) with it")
     if ref is None:
-        raise ConfigError("--inception-weights needs --ref: an ADM reference batch REF.npz or folder:PATH of real images")
+        raise ConfigError("--inception-weights needs --ref: an ADM reference batch REF.npz or folder:PATH of real "
+                          "images")
     if data is not None:
-        raise ConfigError("--data picks the built-in classifier's data; with --inception-weights the reference is --ref")
+        raise ConfigError("--data picks the built-in classifier's data; with --inception-weights the reference is "
+                          "--ref")
     if samples is not None and num is not None:
         raise ConfigError("--num sets how many samples to generate; --samples scores every image of its arr_0")
     config = FidConfig(

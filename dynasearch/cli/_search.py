@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
@@ -19,16 +19,18 @@ if TYPE_CHECKING:
 @app.command()
 def search(
     supernet: Path = typer.Option(..., help="Supernet: a training run directory (or a supernet checkpoint)."),
-    flops: Optional[str] = typer.Option(None, help="FLOPs budget: 50G, 50GFLOPs, 5e10, 500M, 0.5x or 50% (this "
-                                                   "and/or --latency)."),
-    latency: Optional[str] = typer.Option(None, help="Latency budget: 40ms, 0.04s or 40 (ms), on --latency-table's "
-                                                     "prediction at the table's batch and device."),
-    latency_table: Optional[Path] = typer.Option(None, help="Latency table of 'dynasearch bench latency-table' "
-                                                            "for the supernet's model (needed by --latency)."),
-    space: Optional[str] = typer.Option(None, help="Search space: shipped name or YAML file (default: the training space)."),
+    flops: str | None = typer.Option(None, help="FLOPs budget: 50G, 50GFLOPs, 5e10, 500M, 0.5x or 50% (this "
+                                                "and/or --latency)."),
+    latency: str | None = typer.Option(None, help="Latency budget: 40ms, 0.04s or 40 (ms), on --latency-table's "
+                                                  "prediction at the table's batch and device."),
+    latency_table: Path | None = typer.Option(None, help="Latency table of 'dynasearch bench latency-table' "
+                                                         "for the supernet's model (needed by --latency)."),
+    space: str | None = typer.Option(
+        None, help="Search space: shipped name or YAML file (default: the training space)."
+    ),
     trials: int = typer.Option(200, help="Finished trials the study should hold (a rerun resumes up to this)."),
     sampler: str = typer.Option("tpe", help="tpe, nsga2, gp or random."),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage: RDB URL (postgresql://...) or journal file path."),
+    storage: str | None = typer.Option(None, help="Optuna storage: RDB URL (postgresql://...) or journal file path."),
     study_name: str = typer.Option("dynasearch", help="Study name inside the storage."),
     workers: int = typer.Option(1, help="Worker processes on this machine."),
     seed: int = typer.Option(0, help="Sampler seed and proxy-set seed."),
@@ -41,8 +43,10 @@ def search(
     ),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     out: Path = typer.Option(Path("results/search"), help="Output directory."),
-    sample_steps: int = typer.Option(50, help="Timestep-aware spaces: DDIM steps the mean FLOPs per step is taken over."),
-    reference: Optional[Path] = typer.Option(
+    sample_steps: int = typer.Option(
+        50, help="Timestep-aware spaces: DDIM steps the mean FLOPs per step is taken over."
+    ),
+    reference: Path | None = typer.Option(
         None, help="Timestep-aware spaces: a static subnet (e.g. a static search's best.json) to compare against."
     ),
 ) -> None:
@@ -85,7 +89,8 @@ def _print_pareto(result: SearchResult) -> None:
         table.add_column(h, justify="right")
     full = result.best["full_gflops"]
     for _, row in result.pareto.iterrows():
-        table.add_row(str(int(row["number"])), f"{row['gflops']:.4f}", f"{100 * row['gflops'] / full:.1f}", f"{row['proxy_loss']:.5f}")
+        table.add_row(str(int(row["number"])), f"{row['gflops']:.4f}", f"{100 * row['gflops'] / full:.1f}",
+                      f"{row['proxy_loss']:.5f}")
     console.print(table)
     best = result.best
     line = f"best within budget: {best['gflops']:.4f} GFLOPs, proxy loss {best['proxy_loss']:.5f}"
@@ -108,8 +113,8 @@ def _print_schedules(result: TimestepSearchResult) -> None:
     for note in result.notes:
         console.print(f"[yellow]note:[/] {note}")
     best = result.best
-    title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {best['sample_steps']} DDIM steps, "
-             f"{'/'.join(str(c) for c in best['steps_per_bucket'])} per bucket)")
+    title = (f"Schedules within {best['budget_gflops']:.4g} GFLOPs per step (mean over {best['sample_steps']} DDIM "
+             f"steps, {'/'.join(str(c) for c in best['steps_per_bucket'])} per bucket)")
     timed = "mean_latency_ms" in result.comparison
     if timed:
         title += f", {best['latency_budget_ms']:.4g} ms per step predicted"
@@ -122,12 +127,15 @@ def _print_schedules(result: TimestepSearchResult) -> None:
         ms = ()
         if timed:
             measured = row.get("measured_latency_ms")
-            ms = (f"{row['mean_latency_ms']:.4g}", "-" if measured is None or measured != measured else f"{measured:.4g}")
+            ms = (f"{row['mean_latency_ms']:.4g}",
+                  "-" if measured is None or measured != measured else f"{measured:.4g}")
         table.add_row(str(row["method"]), f"{row['mean_gflops']:.4g}", f"{100 * row['flops_ratio']:.1f}", *ms,
-                      f"{row['proxy_loss']:.5f}", "yes" if row["within_budget"] else "no", "winner" if row["winner"] else "")
+                      f"{row['proxy_loss']:.5f}", "yes" if row["within_budget"] else "no",
+                      "winner" if row["winner"] else "")
     console.print(table)
     for e in result.exported:
-        console.print(f"exported {e['name']}: {e['mean_gflops']:.4g} GFLOPs per step, {e['params'] / 1e6:.3f}M params -> {e['path']}")
+        console.print(f"exported {e['name']}: {e['mean_gflops']:.4g} GFLOPs per step, {e['params'] / 1e6:.3f}M params "
+                      f"-> {e['path']}")
     console.print(f"results in {result.out} (schedule.json: the winning schedule)")
 
 
@@ -149,6 +157,7 @@ def resume_command(config: SearchConfig) -> str:
     command = " ".join(parts)
     if is_timestep_space(config):  # the options only the timestep-aware search reads
         settings = config.timestep
-        command += f" --sample-steps {settings.sample_steps}" if settings.sample_steps != TimestepSettings.sample_steps else ""
+        command += (f" --sample-steps {settings.sample_steps}"
+                    if settings.sample_steps != TimestepSettings.sample_steps else "")
         command += f" --reference {settings.reference}" if settings.reference is not None else ""
     return command

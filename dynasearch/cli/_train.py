@@ -5,9 +5,10 @@ from __future__ import annotations
 import shutil
 import sys
 import warnings
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -78,7 +79,7 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace the run files in an existing --out.")]
 LogEvery = Annotated[int, typer.Option(help="Append metrics (and print a line when not on a terminal) every N steps.")]
 DistTimeout = Annotated[float, typer.Option(help="Seconds a DDP collective waits for a stuck rank.")]
-PrecisionChoice = Annotated[Optional[Precision], typer.Option(
+PrecisionChoice = Annotated[Precision | None, typer.Option(
     help="Autocast precision (default: bf16 on CUDA, fp32 on the CPU); weights, optimiser and EMA stay float32. "
          "fp16 scales the loss (GradScaler): a step with inf/NaN gradients is skipped and counted in metrics.csv "
          "(skipped_steps). Kept by --resume.")]
@@ -96,7 +97,7 @@ GradCheckpoint = Annotated[bool, typer.Option(
 LogChoice = Annotated[Logger, typer.Option(
     help="csv: metrics.csv; tensorboard: metrics.csv and the same scalars as TensorBoard events in OUT/tensorboard "
          '(the optional extra: pip install -e ".[tensorboard]").')]
-Preset = Annotated[Optional[PresetName], typer.Option(  # type: ignore[valid-type]
+Preset = Annotated[PresetName | None, typer.Option(  # type: ignore[valid-type]
     help="DiT's fine-tuning recipe, dit-finetune: lr 1e-4 constant without warm-up, EMA 0.9999, weight decay 0, no "
          "gradient clipping, AdamW betas (0.9, 0.999); options given explicitly override it. config.json records "
          "it.")]
@@ -107,12 +108,17 @@ _DEF = TrainConfig()  # the library's defaults, shown in --help
 @app.command("train-supernet")
 def train_supernet_command(
     ctx: typer.Context,
-    model: Optional[ModelName] = typer.Option(
+    model: ModelName | None = typer.Option(
         None, help="Registry model (default DiT-T/2, or the architecture of --init-from)."
     ),
-    data: str = typer.Option(_DEF.data, help=f"{DATA_SPECS} (folder: one sub-folder per class; npz: arrays x, y; latents: extract-latents output)."),
-    image_size: Optional[int] = typer.Option(None, help="Resize images to this side (default: the data's own size)."),
-    space: str = typer.Option(DEFAULT_SPACE, help="Search space the supernet is trained on: a shipped name or a YAML file."),
+    data: str = typer.Option(
+        _DEF.data, help=f"{DATA_SPECS} (folder: one sub-folder per class; npz: arrays x, y; latents: extract-latents "
+                        "output)."
+    ),
+    image_size: int | None = typer.Option(None, help="Resize images to this side (default: the data's own size)."),
+    space: str = typer.Option(
+        DEFAULT_SPACE, help="Search space the supernet is trained on: a shipped name or a YAML file."
+    ),
     steps: Steps = _DEF.steps,
     batch_size: BatchSize = _DEF.batch_size,
     lr: Lr = _DEF.lr,
@@ -130,11 +136,12 @@ def train_supernet_command(
     ckpt_every: CkptEvery = _DEF.ckpt_every,
     resume: Resume = False,
     overwrite: Overwrite = False,
-    init_from: Optional[Path] = typer.Option(
+    init_from: Path | None = typer.Option(
         None, help="Start from a dynasearch checkpoint directory or an original DiT .pt state dict."
     ),
-    reorder: Optional[bool] = typer.Option(
-        None, "--reorder/--no-reorder", help="Re-order heads and channels by importance first (default: with --init-from)."
+    reorder: bool | None = typer.Option(
+        None, "--reorder/--no-reorder", help="Re-order heads and channels by importance first (default: with "
+                                             "--init-from)."
     ),
     log_every: LogEvery = _DEF.log_every,
     dist_timeout: DistTimeout = _DEF.dist_timeout,
@@ -145,7 +152,8 @@ def train_supernet_command(
     log: LogChoice = Logger(_DEF.log),
     preset: Preset = None,
 ) -> None:
-    """Train a weight-sharing supernet with the sandwich rule (torchrun --nproc_per_node K -m dynasearch ... for DDP)."""
+    """Train a weight-sharing supernet with the sandwich rule (torchrun --nproc_per_node K -m dynasearch ... for DDP).
+    """
     given = {
         "model": model.value if model is not None else None,
         "data": data,

@@ -31,6 +31,7 @@ __all__ = [
     "format_flops",
     "mean_flops",
     "measure_latency",
+    "measure_schedule_latency",
     "parse_budget",
     "registry_rows",
     "run_flops_query",

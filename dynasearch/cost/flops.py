@@ -12,8 +12,9 @@ import math
 import re
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,13 +31,13 @@ from ..model.subnet import Subnet
 
 __all__ = [
     "FlopsCount",
-    "closed_form_flops",
     "closed_form_breakdown",
     "closed_form_by_module",
+    "closed_form_flops",
     "closed_form_params",
     "count_flops",
-    "parse_budget",
     "format_flops",
+    "parse_budget",
 ]
 
 _LN, _LN_AFFINE = 4, 5  # fvcore's LayerNorm cost per element without / with an affine
@@ -200,7 +201,7 @@ def parse_budget(text: str, full_flops: int | None = None) -> int:
         raise BudgetError(f"FLOPs budget '{text}' is not a finite number")
     if value <= 0:
         raise BudgetError(f"FLOPs budget '{text}' must be positive")
-    return int(round(value))
+    return round(value)
 
 
 def format_flops(flops: float) -> str:

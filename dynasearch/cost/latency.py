@@ -64,5 +64,5 @@ def measure_schedule_latency(
     `model` (sliced to the schedule's union, or a supernet), weighted by its steps."""
     counts = schedule.buckets.step_counts(timesteps)
     per_bucket = [measure_latency(model, batch=batch, subnet=s, warmup=warmup, repeats=repeats, dtype=dtype) if n
-                  else 0.0 for s, n in zip(schedule.subnets, counts)]
-    return sum(n * v for n, v in zip(counts, per_bucket)) / sum(counts)
+                  else 0.0 for s, n in zip(schedule.subnets, counts, strict=True)]
+    return sum(n * v for n, v in zip(counts, per_bucket, strict=True)) / sum(counts)

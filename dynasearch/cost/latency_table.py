@@ -10,8 +10,9 @@ position, timestep and label embedding), of each block choice in two halves, and
 A block's latency is ``attn[heads] + mlp[(mlp_hidden, tokens)]`` and a subnet's is ``scale`` times the sum of the
 embedders, every block and the final layer. ``scale`` (1.0 when absent) is fitted by the benchmark on whole forwards
 of calibration subnets (never the validation ones): parts timed alone in a loop find their inputs and freed buffers
-in cache, which a whole forward does not (on the 2-core CPU the plain sum under-predicted DiT-B/2 by ~6%). A token count between two measured ones of the same MLP width is interpolated
-linearly. A timestep schedule's latency is the mean over the sampler's steps, as
+in cache, which a whole forward does not (on the 2-core CPU the plain sum under-predicted DiT-B/2 by ~6%). A token
+count between two measured ones of the same MLP width is interpolated linearly. A timestep schedule's latency is the
+mean over the sampler's steps, as
 :func:`dynasearch.cost.flops.mean_flops` is for FLOPs. Tables are measured by ``dynasearch bench latency-table``
 (:mod:`dynasearch.bench.latency_table`) and read back with :meth:`LatencyTable.load`, which checks every field.
 """
@@ -21,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import BudgetError, ConfigError, DynasearchError, SubnetError
 from ..fileio import atomic_write_text, read_json
@@ -101,7 +103,8 @@ class LatencyTable:
         _seconds(self.final, "final")
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
                 math.isfinite(self.scale) and SCALE_RANGE[0] <= self.scale <= SCALE_RANGE[1]):
-            raise LatencyTableError(f"scale must be a number in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], got {self.scale!r}")
+            raise LatencyTableError(f"scale must be a number in [{SCALE_RANGE[0]}, {SCALE_RANGE[1]}], got "
+                                    f"{self.scale!r}")
         if not self.attn or not self.mlp:
             raise LatencyTableError("a latency table needs at least one attention and one MLP entry")
         for heads, value in self.attn.items():
@@ -209,7 +212,8 @@ class LatencyTable:
             raise LatencyTableError(f"a latency table must be a JSON object, got {type(data).__name__}")
         if data.get("format") != TABLE_FORMAT:
             raise LatencyTableError(f"format must be '{TABLE_FORMAT}', got {data.get('format')!r}")
-        missing = [k for k in ("model", "batch", "device", "dtype", "embed_s", "final_s", "attn_s", "mlp_s") if k not in data]
+        missing = [k for k in ("model", "batch", "device", "dtype", "embed_s", "final_s", "attn_s", "mlp_s")
+                   if k not in data]
         if missing:
             raise LatencyTableError(f"missing field(s) {', '.join(missing)}")
         try:
@@ -225,7 +229,7 @@ class LatencyTable:
                 if not isinstance(entry, dict) or any(k not in entry for k in (*keys, "seconds")):
                     raise LatencyTableError(f"{key}[{i}] must be an object with {', '.join((*keys, 'seconds'))}")
                 index = tuple(entry[k] for k in keys)
-                for k, v in zip(keys, index):
+                for k, v in zip(keys, index, strict=True):
                     if isinstance(v, bool) or not isinstance(v, int):
                         raise LatencyTableError(f"{key}[{i}].{k} must be an integer, got {v!r}")
                 index_key = index[0] if len(index) == 1 else index
@@ -245,7 +249,8 @@ class LatencyTable:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise LatencyTableError(f"latency table '{path}': its directory cannot be created: {exc.strerror}") from None
+            raise LatencyTableError(f"latency table '{path}': its directory cannot be created: "
+                                    f"{exc.strerror}") from None
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 

@@ -22,7 +22,7 @@ from .flops import (
     count_flops,
 )
 
-__all__ = ["FlopsQuery", "FlopsReport", "run_flops_query", "registry_rows"]
+__all__ = ["FlopsQuery", "FlopsReport", "registry_rows", "run_flops_query"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ class FlopsReport:
 
     def module_rows(self) -> dict[str, tuple[int, int]]:
         """(fvcore, closed form) for the top-level modules and blocks."""
-        names = [k for k in self.by_module_closed_form if k and (k.count(".") == 0 or (k.startswith("blocks.") and k.count(".") == 1))]
+        names = [k for k in self.by_module_closed_form
+                 if k and (k.count(".") == 0 or (k.startswith("blocks.") and k.count(".") == 1))]
         return {k: (self.by_module_fvcore.get(k, 0), self.by_module_closed_form[k]) for k in names}
 
     def to_dict(self, by_module: bool = False) -> dict[str, Any]:

@@ -25,11 +25,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -179,7 +180,9 @@ def _plan(
     """meta.json of this extraction (the keys of _PLAN_KEYS must match for a resume)."""
     given = Path(parse_data_spec(cfg.data).path or "")
     root = given.resolve()
-    listing = hashlib.sha256("\n".join(f"{y}\t{f.relative_to(given)}" for f, y in zip(files, labels)).encode())
+    listing = hashlib.sha256(
+        "\n".join(f"{y}\t{f.relative_to(given)}" for f, y in zip(files, labels, strict=True)).encode()
+    )
     n = len(files) * (2 if cfg.flip else 1)
     h = cfg.image_size // vae["factor"]
     return {
@@ -240,7 +243,8 @@ def _check_space(out: Path, nbytes: int) -> None:
         with tempfile.TemporaryFile(dir=probe):  # root ignores modes: only a write tells a read-only file system
             pass
     except OSError as exc:
-        raise ConfigError(f"--out '{out}' cannot be written: '{probe}' is not writable ({exc.strerror or exc})") from None
+        raise ConfigError(f"--out '{out}' cannot be written: '{probe}' is not writable "
+                          f"({exc.strerror or exc})") from None
     old = out / LATENTS_NAME
     free = shutil.disk_usage(probe).free + (old.stat().st_size if old.is_file() else 0)
     if free < nbytes:

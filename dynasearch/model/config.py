@@ -15,7 +15,7 @@ from .rates import tokens_kept
 if TYPE_CHECKING:
     from .subnet import Subnet
 
-__all__ = ["DiTConfig", "DIT_CONFIGS", "FREQUENCY_EMBEDDING_SIZE", "get_config", "model_names"]
+__all__ = ["DIT_CONFIGS", "FREQUENCY_EMBEDDING_SIZE", "DiTConfig", "get_config", "model_names"]
 
 FREQUENCY_EMBEDDING_SIZE = 256
 """Sinusoidal timestep features before the timestep MLP (DiT's and diffusers' value)."""
@@ -59,11 +59,13 @@ class DiTConfig:
                 raise ConfigError(f"model config '{self.name}': {key} must be a finite number > 0, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
-                f"model config '{self.name}': hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+                f"model config '{self.name}': hidden_size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}"
             )
         if self.input_size % self.patch_size:
             raise ConfigError(
-                f"model config '{self.name}': input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
+                f"model config '{self.name}': input_size {self.input_size} is not divisible by patch_size "
+                f"{self.patch_size}"
             )
         if self.mlp_hidden % self.num_heads:
             raise ConfigError(
@@ -80,7 +82,8 @@ class DiTConfig:
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or not 0 < eps < 1:
             raise ConfigError(f"model config '{self.name}': mlp_norm_eps must be a number in (0, 1), got {eps!r}")
         if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ConfigError(f"model config '{self.name}': class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+            raise ConfigError(f"model config '{self.name}': class_dropout_prob must be in [0, 1), got "
+                              f"{self.class_dropout_prob}")
         for key in ("block_heads", "block_mlp_hidden", "block_token_ratios"):
             value = getattr(self, key)
             if value is not None and len(value) != self.depth:
@@ -92,7 +95,8 @@ class DiTConfig:
         group = self.mlp_hidden // self.num_heads
         for i, h in enumerate(self.block_heads or ()):
             if isinstance(h, bool) or not isinstance(h, int) or not 1 <= h <= self.num_heads:
-                raise ConfigError(f"model config '{self.name}': block {i} heads must be an integer in [1, {self.num_heads}], got {h!r}")
+                raise ConfigError(f"model config '{self.name}': block {i} heads must be an integer in [1, "
+                                  f"{self.num_heads}], got {h!r}")
         for i, m in enumerate(self.block_mlp_hidden or ()):
             ok = isinstance(m, int) and not isinstance(m, bool) and 1 <= m <= self.mlp_hidden
             if not ok or m % group:
@@ -114,7 +118,7 @@ class DiTConfig:
             "in_channels": p2 * self.in_channels * h * 3,
             "hidden_size": depth * 10 * h * h + 256 * h + 3 * h * h,
             "mlp_ratio": depth * 2 * h * mlp,
-            "router_ratio": depth * 2 * h * max(1, int(round(h * self.router_ratio))),
+            "router_ratio": depth * 2 * h * max(1, round(h * self.router_ratio)),
         }
 
     def check_memory(self) -> None:
@@ -158,7 +162,7 @@ class DiTConfig:
     @property
     def router_hidden(self) -> int:
         """Hidden width of the token router."""
-        return max(1, int(round(self.hidden_size * self.router_ratio)))
+        return max(1, round(self.hidden_size * self.router_ratio))
 
     @property
     def out_channels(self) -> int:

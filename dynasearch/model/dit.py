@@ -19,12 +19,12 @@ from .rates import tokens_kept
 from .subnet import BlockChoice, Subnet
 
 __all__ = [
-    "TimestepEmbedder",
-    "LabelEmbedder",
-    "PatchEmbed",
+    "DiT",
     "DiTBlock",
     "FinalLayer",
-    "DiT",
+    "LabelEmbedder",
+    "PatchEmbed",
+    "TimestepEmbedder",
     "get_2d_sincos_pos_embed",
 ]
 
@@ -156,7 +156,11 @@ class DiTBlock(nn.Module):
         return x + gate_msa.unsqueeze(1) * self.attn(h, choice.heads, attn_mask), tuple(mlp_mod)  # (B, N, D)
 
     def mlp_part(
-        self, x: torch.Tensor, mlp_mod: tuple[torch.Tensor, ...], choice: BlockChoice, mlp_mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mlp_mod: tuple[torch.Tensor, ...],
+        choice: BlockChoice,
+        mlp_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block's second half: the MLP of `choice.mlp_hidden` channels on the routed tokens, and its residual."""
         shift_mlp, scale_mlp, gate_mlp = mlp_mod
@@ -279,7 +283,7 @@ class DiT(nn.Module):
         """Make `forward` run `subnet` (validated against this model) by slicing."""
         subnet.validate(self.config)
         self._subnet = subnet
-        for block, choice in zip(self.blocks, subnet.blocks):
+        for block, choice in zip(self.blocks, subnet.blocks, strict=True):
             block.choice = choice
 
     @torch.no_grad()
@@ -292,7 +296,7 @@ class DiT(nn.Module):
         for name in ("x_embedder", "t_embedder", "y_embedder", "final_layer"):  # nothing to slice: copied whole
             getattr(small, name).load_state_dict(getattr(self, name).state_dict())
         small.pos_embed.copy_(self.pos_embed)
-        for i, (block, choice) in enumerate(zip(self.blocks, subnet.blocks)):
+        for i, (block, choice) in enumerate(zip(self.blocks, subnet.blocks, strict=True)):
             small.blocks[i] = block.to_static(choice)
         small.set_subnet(small.subnet)
         return small.train(self.training)
@@ -324,14 +328,16 @@ class DiT(nn.Module):
             choices = self._subnet.blocks
         h, c = self.embed(x, t, y, self.training if label_dropout is None else label_dropout)
         checkpointed = self.grad_checkpoint and torch.is_grad_enabled()
-        for block, choice in zip(self.blocks, choices):
+        for block, choice in zip(self.blocks, choices, strict=True):
             if checkpointed:  # keep only the block's input; its activations are recomputed in the backward
                 h = torch.utils.checkpoint.checkpoint(block, h, c, choice, use_reentrant=False)  # (B, N, D)
             else:
                 h = block(h, c, choice)  # (B, N, D)
         return self.head(h, c)  # (B, C_out, H, W)
 
-    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def embed(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, train: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens with positions (B, N, D) and the condition (B, D): timestep plus label embedding."""
         h = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         return h, self.t_embedder(t) + self.y_embedder(y, train)  # (B, D)

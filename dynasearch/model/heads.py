@@ -11,14 +11,14 @@ import torch
 from einops import rearrange
 
 __all__ = [
-    "qkv_heads",
-    "qkv_rows",
     "first_qkv_heads",
+    "merge_heads",
+    "permute_proj_heads",
     "permute_qkv_heads",
     "proj_heads",
-    "permute_proj_heads",
+    "qkv_heads",
+    "qkv_rows",
     "split_qkv",
-    "merge_heads",
 ]
 
 

@@ -18,13 +18,13 @@ from .heads import first_qkv_heads, merge_heads, permute_proj_heads, permute_qkv
 from .rates import round_to_nearest
 
 __all__ = [
+    "Attention",
     "DynaLinear",
     "DynaQKVLinear",
-    "Attention",
     "Mlp",
     "TokenRouter",
-    "modulate",
     "hollow",
+    "modulate",
     "static_copy",
 ]
 
@@ -160,7 +160,9 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = DynaLinear(num_heads * self.head_dim, dim, dyna_dim=(True, False), num_groups=num_heads)
 
-    def forward(self, x: torch.Tensor, heads: int | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, heads: int | None = None, channel_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend with the first `heads` heads; `channel_mask` (B, heads) scales each head's output per sample."""
         heads = self.num_heads if heads is None else heads
         q, k, v = self.qkv(x, heads)  # each (B, h, N, d)
@@ -204,7 +206,9 @@ class Mlp(nn.Module):
         """Hidden channels per group: the granularity of slicing and of channel masks."""
         return self.hidden // self.num_groups
 
-    def forward(self, x: torch.Tensor, hidden: int | None = None, channel_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, hidden: int | None = None, channel_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Run with the first `hidden` channels; `channel_mask` (B, groups) scales each channel group per sample."""
         hidden = self.hidden if hidden is None else hidden
         h = self.act(self.fc1(x, out_features=hidden))  # (B, N, hidden)

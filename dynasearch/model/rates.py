@@ -15,7 +15,7 @@ from ..errors import SubnetError
 if TYPE_CHECKING:
     from .config import DiTConfig
 
-__all__ = ["round_to_nearest", "rate_to_heads", "rate_to_mlp_hidden", "tokens_kept", "check_rate"]
+__all__ = ["check_rate", "rate_to_heads", "rate_to_mlp_hidden", "round_to_nearest", "tokens_kept"]
 
 
 def round_to_nearest(input_size: int, width_mult: float, num_heads: int, min_value: int = 1) -> int:

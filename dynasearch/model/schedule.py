@@ -9,10 +9,12 @@ static subnet.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,7 +25,7 @@ from .subnet import BlockChoice, Subnet, read_subnet_json
 if TYPE_CHECKING:
     from .config import DiTConfig
 
-__all__ = ["TimestepBuckets", "SubnetSchedule", "is_schedule_doc", "load_subnet_or_schedule"]
+__all__ = ["SubnetSchedule", "TimestepBuckets", "is_schedule_doc", "load_subnet_or_schedule"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class TimestepBuckets:
             raise SubnetError(f"timestep bucket boundaries must list at least 2 numbers (0 and T), got {b!r}")
         if any(isinstance(v, bool) or not isinstance(v, int) for v in b):
             raise SubnetError(f"timestep bucket boundaries must be integers, got {list(b)!r}")
-        if b[0] != 0 or any(lo >= hi for lo, hi in zip(b, b[1:])):
+        if b[0] != 0 or any(lo >= hi for lo, hi in itertools.pairwise(b)):
             raise SubnetError(f"timestep bucket boundaries must start at 0 and increase strictly, got {list(b)!r}")
         object.__setattr__(self, "boundaries", tuple(b))
 
@@ -146,7 +148,7 @@ class SubnetSchedule:
     def union(self) -> Subnet:
         """The smallest subnet holding every bucket's: per block the most heads, channels and tokens used."""
         blocks = []
-        for choices in zip(*(s.blocks for s in self.subnets)):
+        for choices in zip(*(s.blocks for s in self.subnets), strict=True):
             blocks.append(BlockChoice(
                 max(c.heads for c in choices), max(c.mlp_hidden for c in choices), max(c.token_ratio for c in choices)
             ))

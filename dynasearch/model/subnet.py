@@ -8,9 +8,10 @@ and the fraction of tokens routed through the MLP. :meth:`Subnet.from_rates` tur
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SubnetError
 from ..fileio import read_json
@@ -78,7 +79,7 @@ class Subnet:
             if len(values) != config.depth:
                 raise SubnetError(f"{name} has {len(values)} entries for a model of {config.depth} blocks")
         blocks = []
-        for i, (a, m, r) in enumerate(zip(attn_rates, mlp_rates, token_ratios)):
+        for i, (a, m, r) in enumerate(zip(attn_rates, mlp_rates, token_ratios, strict=True)):
             check_rate("token_ratio", r, i)
             blocks.append(BlockChoice(rate_to_heads(config, a, i), rate_to_mlp_hidden(config, m, i), float(r)))
         subnet = cls(tuple(blocks))
@@ -124,7 +125,8 @@ class Subnet:
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < r <= 1.0:
                 raise SubnetError(f"block {i}: token_ratio must be in (0, 1], got {r!r}")
             if r < 1.0 and not config.token_selection:
-                raise SubnetError(f"block {i}: token_ratio {r} needs token selection, which model '{config.name}' lacks")
+                raise SubnetError(f"block {i}: token_ratio {r} needs token selection, which model '{config.name}' "
+                                  "lacks")
 
     # --- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

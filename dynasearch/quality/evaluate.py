@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ from .classifier import StatusFn
 from .features import FeatureExtractor, frechet_distance
 from .reference import Reference, load_reference, resolve_data
 
-__all__ = ["QualityResult", "EvalConfig", "evaluate_samples", "evaluate_quality", "run_eval"]
+__all__ = ["EvalConfig", "QualityResult", "evaluate_quality", "evaluate_samples", "run_eval"]
 
 
 @dataclass

@@ -8,8 +8,9 @@ stays real and finite for singular covariances (dead ReLU units) where `scipy.li
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn

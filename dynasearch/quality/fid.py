@@ -11,9 +11,10 @@ batch. A checkpoint's samples are the ones `sample --npz` writes with the same s
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,8 @@ class FidConfig:
     seed: int = 0
     sampler: str = "ddim"
     device: str = "auto"
-    batch_size: int = NPZ_BATCH_SIZE  # sampling batch (the same as `sample --npz`, so the same seed gives the same images)
+    # sampling batch (the same as `sample --npz`, so the same seed gives the same images)
+    batch_size: int = NPZ_BATCH_SIZE
     feature_batch: int = FEATURE_BATCH
 
     def __post_init__(self) -> None:

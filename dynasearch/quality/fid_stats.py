@@ -25,7 +25,7 @@ from ..data.loaders import IMAGE_SUFFIXES
 from ..errors import DataError
 from .inception import FID_FEATURES
 
-__all__ = ["FeatureStats", "ReferenceSpec", "frechet_distance_from_stats", "folder_images", "parse_reference"]
+__all__ = ["FeatureStats", "ReferenceSpec", "folder_images", "frechet_distance_from_stats", "parse_reference"]
 
 
 class FeatureStats:

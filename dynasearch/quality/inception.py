@@ -239,7 +239,7 @@ def read_inception_weights(path: str | Path) -> dict[str, Tensor]:
         detail = f"the object '{found.group(1)}'" if found else "pickled objects other than tensors"
         raise CheckpointError(f"Inception weights file '{path}' was refused: it holds {detail}; only tensors are "
                               "loaded and no code in it is run") from None
-    except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as many error types (zip, EOF, storage)
+    except Exception as exc:  # a damaged file surfaces as many error types (zip, EOF, storage)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise CheckpointError(f"Inception weights file '{path}' is unreadable: {first}") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

@@ -21,7 +21,7 @@ from ..model.config import DiTConfig
 from .cache import default_cache_dir, load_classifier
 from .classifier import DataClassifier, StatusFn
 
-__all__ = ["REFERENCE_SPLIT", "Reference", "load_reference", "real_digits", "default_extractor", "resolve_data"]
+__all__ = ["REFERENCE_SPLIT", "Reference", "default_extractor", "load_reference", "real_digits", "resolve_data"]
 
 REFERENCE_SPLIT = "train+val"  # FD compares with every image of the data set, as FID compares with a training set
 _DIGITS_SHAPE = (1, 10, 8)  # in_channels, num_classes, input_size of an unrecorded (pre-record) digits model

@@ -149,5 +149,6 @@ def _timestep_headline(t: TimestepTables) -> str:
                 f"{b['proxy_loss']:.5f}")
     if not static.empty:
         s = static.sort_values("proxy_loss").iloc[0]
-        headline += f"; best static subnet ({s['method']}): {s['mean_gflops']:.4g} GFLOPs, proxy loss {s['proxy_loss']:.5f}"
+        headline += (f"; best static subnet ({s['method']}): {s['mean_gflops']:.4g} GFLOPs, proxy loss "
+                     f"{s['proxy_loss']:.5f}")
     return f"{headline} ({proxy_axis_label(b)})."

@@ -192,12 +192,13 @@ def compare_models(
     summary_rows = []
     for name, group in runs.groupby("model", sort=False):
         summary_rows.append({
-            "model": name, "gflops": group["gflops"].iloc[0], "% of largest FLOPs": 100 * group["gflops"].iloc[0] / full,
+            "model": name, "gflops": group["gflops"].iloc[0],
+            "% of largest FLOPs": 100 * group["gflops"].iloc[0] / full,
             "params (M)": group["params (M)"].iloc[0],
             "FD mean": group["FD"].mean(), "FD spread": _spread(group["FD"]),
             "class accuracy mean": group["class accuracy"].mean(),
             "class accuracy spread": _spread(group["class accuracy"]),
-            **{f"FD seed {s}": v for s, v in zip(group["seed"], group["FD"])},
+            **{f"FD seed {s}": v for s, v in zip(group["seed"], group["FD"], strict=True)},
         })
     record = {
         "what": "FD and class accuracy of each model, measured side by side in one run",

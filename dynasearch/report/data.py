@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,28 +16,28 @@ from ..errors import DynasearchError
 from ..search.proxy import PROXY_LABELS
 
 __all__ = [
-    "ReportError",
-    "SearchTables",
-    "ParetoPlotData",
-    "WidthMap",
-    "History",
-    "read_search",
-    "pareto_table",
-    "pareto_plot_data",
-    "proxy_axis_label",
-    "has_latency",
-    "latency_plot_data",
-    "width_map",
-    "history",
-    "hypervolume_2d",
-    "TimestepTables",
     "BucketFronts",
     "BucketWidthMap",
-    "is_timestep_output",
-    "read_timestep_search",
-    "comparison_table",
+    "History",
+    "ParetoPlotData",
+    "ReportError",
+    "SearchTables",
+    "TimestepTables",
+    "WidthMap",
     "bucket_fronts",
     "bucket_width_map",
+    "comparison_table",
+    "has_latency",
+    "history",
+    "hypervolume_2d",
+    "is_timestep_output",
+    "latency_plot_data",
+    "pareto_plot_data",
+    "pareto_table",
+    "proxy_axis_label",
+    "read_search",
+    "read_timestep_search",
+    "width_map",
 ]
 
 
@@ -190,8 +191,9 @@ def width_map(t: SearchTables) -> WidthMap:
         empty = np.zeros((0, depth))
         return WidthMap([], empty, empty, empty)
     cols = lambda prefix: [f"{prefix}_b{i}" for i in range(depth)]  # noqa: E731
-    labels = [f"#{int(n)} {g:.3g}G" for n, g in zip(p["number"], p["gflops"])]
-    return WidthMap(labels, p[cols("attn")].to_numpy(float), p[cols("mlp")].to_numpy(float), p[cols("tok")].to_numpy(float))
+    labels = [f"#{int(n)} {g:.3g}G" for n, g in zip(p["number"], p["gflops"], strict=True)]
+    return WidthMap(labels, p[cols("attn")].to_numpy(float), p[cols("mlp")].to_numpy(float),
+                    p[cols("tok")].to_numpy(float))
 
 
 def hypervolume_2d(points: np.ndarray, reference: tuple[float, float]) -> float:
@@ -256,8 +258,8 @@ def read_timestep_search(out: str | Path) -> TimestepTables:
     """Read bucket_trials.csv, joint_trials.csv, schedules.csv and best.json."""
     out = check_dir(out, "results directory", ReportError)
     return TimestepTables(
-        out, _read_csv(out / "bucket_trials.csv"), _read_csv(out / "joint_trials.csv"), _read_csv(out / "schedules.csv"),
-        _read_best(out),
+        out, _read_csv(out / "bucket_trials.csv"), _read_csv(out / "joint_trials.csv"),
+        _read_csv(out / "schedules.csv"), _read_best(out),
     )
 
 
@@ -282,7 +284,7 @@ class BucketFronts:
 def bucket_fronts(t: TimestepTables) -> BucketFronts:
     """What buckets.png shows: GFLOPs against bucket loss, per bucket, with the schedules' choices marked."""
     labels, points, fronts = [], [], []
-    for k, group in t.buckets.groupby("bucket", sort=True):
+    for _k, group in t.buckets.groupby("bucket", sort=True):
         labels.append(str(group["timesteps"].iloc[0]))
         points.append((group["gflops"].to_numpy(float), group["proxy_loss"].to_numpy(float)))
         f = group[group["on_front"].astype(bool)].sort_values("gflops")
@@ -315,7 +317,7 @@ def bucket_width_map(t: TimestepTables) -> BucketWidthMap:
     for _, row in t.comparison.iterrows():
         schedule = json.loads(row["schedule"])
         bounds = schedule["timestep_boundaries"]
-        labels = [f"t {lo}-{hi - 1}" for lo, hi in zip(bounds, bounds[1:])]
+        labels = [f"t {lo}-{hi - 1}" for lo, hi in itertools.pairwise(bounds)]
         blocks = [b["blocks"] for b in schedule["buckets"]]
         h = np.array([[c["heads"] for c in bs] for bs in blocks], float)
         m = np.array([[c["mlp_hidden"] for c in bs] for bs in blocks], float)

@@ -43,7 +43,8 @@ class ReportConfig:
 
     def __post_init__(self) -> None:
         """Check every option before the report writes its first figure (ConfigError naming the option)."""
-        if isinstance(self.eval_num, bool) or not isinstance(self.eval_num, int) or self.eval_num == 1 or self.eval_num < 0:
+        if (isinstance(self.eval_num, bool) or not isinstance(self.eval_num, int) or self.eval_num == 1
+                or self.eval_num < 0):
             raise ConfigError(f"--eval-num must be 0 (no metric) or at least 2, got {self.eval_num!r}")
         check_int(self.steps, "--steps", 1, NUM_TIMESTEPS, ConfigError)
         check_finite(self.cfg_scale, "--cfg-scale", ConfigError, low=0.0)

@@ -1,5 +1,6 @@
 """The report's figures (matplotlib, Agg): Pareto plot, width maps, history, sample rows and the timestep-aware
-search's bucket fronts and bucket width maps, and `compare`'s FD against FLOPs; what they show comes from :mod:`dynasearch.report.data`."""
+search's bucket fronts and bucket width maps, and `compare`'s FD against FLOPs; what they show comes from
+:mod:`dynasearch.report.data`."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from ..fileio import atomic_output  # noqa: E402
-from .data import BucketFronts, BucketWidthMap, History, ParetoPlotData, WidthMap  # noqa: E402
+from ..fileio import atomic_output
+from .data import BucketFronts, BucketWidthMap, History, ParetoPlotData, WidthMap
 
-__all__ = ["plot_pareto", "plot_widths", "plot_history", "plot_sample_rows", "plot_bucket_fronts", "plot_bucket_widths",
-           "plot_comparison"]
+__all__ = [
+    "plot_bucket_fronts",
+    "plot_bucket_widths",
+    "plot_comparison",
+    "plot_history",
+    "plot_pareto",
+    "plot_sample_rows",
+    "plot_widths",
+]
 
 _METHOD_STYLE = {  # marker and colour of each schedule in the timestep figures
     "knapsack": ("o", "#c0392b"), "joint": ("s", "#2e8b57"), "static uniform": ("x", "#e08b3a"),
@@ -65,7 +73,8 @@ def plot_widths(w: WidthMap, path: Path) -> Path:
     """Heat maps of heads, MLP width and token ratio per block (columns) for each Pareto subnet (rows)."""
     rows = max(1, len(w.labels))
     fig, axes = plt.subplots(1, 3, figsize=(12, 1.2 + 0.28 * rows), sharey=True)
-    for ax, data, name in zip(axes, (w.attn, w.mlp, w.tokens), ("attention heads", "MLP width", "token ratio")):
+    for ax, data, name in zip(axes, (w.attn, w.mlp, w.tokens), ("attention heads", "MLP width", "token ratio"),
+                              strict=True):
         im = ax.imshow(data if data.size else np.zeros((1, 1)), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(name)
         ax.set_xlabel("block")
@@ -97,7 +106,7 @@ def plot_history(h: History, path: Path) -> Path:
 def plot_sample_rows(grids: list[tuple[str, np.ndarray]], path: Path) -> Path:
     """Sample grids side by side (same seeds), one panel per model."""
     fig, axes = plt.subplots(1, len(grids), figsize=(3.2 * len(grids), 3.6), squeeze=False)
-    for ax, (name, image) in zip(axes[0], grids):
+    for ax, (name, image) in zip(axes[0], grids, strict=True):
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
         ax.set_title(name, fontsize=8)
         ax.axis("off")
@@ -128,7 +137,8 @@ def plot_bucket_widths(w: BucketWidthMap, path: Path) -> Path:
     fig, axes = plt.subplots(rows, 3, figsize=(12, 0.6 + 1.6 * rows), squeeze=False, sharex=True, sharey=True)
     im = None
     for r in range(rows):
-        for c, (data, name) in enumerate(zip((w.attn, w.mlp, w.tokens), ("attention heads", "MLP width", "token ratio"))):
+        for c, (data, name) in enumerate(zip((w.attn, w.mlp, w.tokens), ("attention heads", "MLP width", "token ratio"),
+                                             strict=True)):
             ax = axes[r][c]
             if len(w.methods):
                 im = ax.imshow(data[r][::-1], vmin=0, vmax=1, cmap="viridis", aspect="auto")  # noisiest bucket on top

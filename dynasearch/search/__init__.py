@@ -1,4 +1,5 @@
-"""Search: `run_search` (static or timestep-aware, decided by the space), the study, workers, proxy, storage, outputs."""
+"""Search: `run_search` (static or timestep-aware, decided by the space), the study, workers, proxy, storage,
+outputs."""
 
 from .config import SAMPLERS, SearchConfig, TimestepSettings, is_timestep_space
 from .context import SearchContext, prepare_search

@@ -72,7 +72,8 @@ def prepare_timestep_search(config: SearchConfig) -> TimestepContext:
     if not ctx.space.timestep_aware:
         raise SearchError(f"search space '{ctx.space.label}' has no timestep_buckets; use the static search")
     if config.workers > 1:
-        raise SearchError(f"--workers {config.workers}: the timestep-aware search runs in one process (use --workers 1)")
+        raise SearchError(f"--workers {config.workers}: the timestep-aware search runs in one process "
+                          "(use --workers 1)")
     diffusion = diffusion_for(ctx.model.config)
     if settings.sample_steps > diffusion.num_timesteps:
         raise SearchError(f"--sample-steps must be at most {diffusion.num_timesteps}, got {settings.sample_steps}")
@@ -120,7 +121,9 @@ def uniform_candidates(tc: TimestepContext) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _row(tc: TimestepContext, k: int, source: str, trial: int | None, flops: int, loss: float, subnet: Subnet) -> dict[str, Any]:
+def _row(
+    tc: TimestepContext, k: int, source: str, trial: int | None, flops: int, loss: float, subnet: Subnet
+) -> dict[str, Any]:
     """One candidate row of bucket_trials.csv (with its predicted latency when the search has a latency budget)."""
     row: dict[str, Any] = {
         "bucket": k, "timesteps": tc.buckets.label(k), "source": source, "trial": trial, "gflops": flops / 1e9,

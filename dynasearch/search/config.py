@@ -95,7 +95,8 @@ def check_latency_options(config: SearchConfig) -> None:
     if config.flops is None and config.latency is None:
         raise SearchError("give a budget: --flops, --latency (with --latency-table), or both")
     if (config.latency is None) != (config.latency_table is None):
-        given, missing = ("--latency", "--latency-table") if config.latency is not None else ("--latency-table", "--latency")
+        given, missing = (("--latency", "--latency-table") if config.latency is not None
+                          else ("--latency-table", "--latency"))
         raise SearchError(f"{given} needs {missing}")
     if config.latency is not None:
         parse_latency(config.latency)

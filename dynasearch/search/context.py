@@ -87,10 +87,7 @@ def prepare_search(config: SearchConfig, proxy: ProxySet | None = None) -> Searc
     if model.config.is_sliced:
         raise SearchError(f"'{config.supernet}' is a sliced model; search needs a supernet (a training run directory)")
     train_space = training_space(config.supernet, doc)
-    if config.space is not None:
-        space = load_space(config.space)
-    else:
-        space = train_space or load_space(DEFAULT_SPACE)
+    space = load_space(config.space) if config.space is not None else train_space or load_space(DEFAULT_SPACE)
     space.validate_for(model.config)
     if train_space is not None:
         space.check_trained_on(train_space)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import optuna
 import pandas as pd
@@ -64,7 +64,7 @@ def _joint_evaluate(tc: TimestepContext) -> Evaluate:
             trial.set_constraint("latency", (latency - ctx.latency_budget) / ctx.latency_budget)
             trial.set_user_attr("mean_latency_s", latency)
         trial.set_user_attr("schedule", schedule.to_dict())
-        loss = sum(w * ev(sub) for w, ev, sub in zip(tc.weights, tc.evaluators, subnets))
+        loss = sum(w * ev(sub) for w, ev, sub in zip(tc.weights, tc.evaluators, subnets, strict=True))
         return (loss, mean / 1e9), "" if math.isfinite(loss) else f"proxy loss is {loss}"
 
     return evaluate
@@ -77,7 +77,8 @@ def _seed_joint(tc: TimestepContext) -> Callable[[SearchContext, optuna.Study], 
         if study.get_trials(deepcopy=False):
             return
         s, n = ctx.space, len(ctx.groups)
-        for attn, mlp, tok in ((s.attn_rate[-1], s.mlp_rate[-1], s.token_ratio[-1]), (s.attn_rate[0], s.mlp_rate[0], s.token_ratio[0])):
+        for attn, mlp, tok in ((s.attn_rate[-1], s.mlp_rate[-1], s.token_ratio[-1]),
+                               (s.attn_rate[0], s.mlp_rate[0], s.token_ratio[0])):
             study.enqueue_trial(_joint_params(tc, ([attn] * n, [mlp] * n, [tok] * n)), skip_if_exists=True)
 
     return seed
@@ -90,7 +91,8 @@ def run_joint(
 
     Crashed trials are failed and retried as in the static search (:func:`dynasearch.search.objective.run_trials`).
     """
-    return run_trials(joint_context(tc), on_trial=on_trial, stop=stop, evaluate=_joint_evaluate(tc), seed=_seed_joint(tc))
+    return run_trials(joint_context(tc), on_trial=on_trial, stop=stop, evaluate=_joint_evaluate(tc),
+                      seed=_seed_joint(tc))
 
 
 def joint_frame(study: optuna.Study, budget: int, latency_budget: float | None = None) -> pd.DataFrame:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 
@@ -82,8 +82,9 @@ def multiple_choice_knapsack(
     together exceed a budget.
     """
     if len(costs) != len(values) or not costs:
-        raise ValueError(f"costs and values must list the same (non-zero) number of groups, got {len(costs)} and {len(values)}")
-    for g, (c, v) in enumerate(zip(costs, values)):
+        raise ValueError(f"costs and values must list the same (non-zero) number of groups, got {len(costs)} and "
+                         f"{len(values)}")
+    for g, (c, v) in enumerate(zip(costs, values, strict=True)):
         if len(c) != len(v) or not c:
             raise ValueError(f"group {g} has {len(c)} costs and {len(v)} values; give the same non-zero number")
     scalar = not isinstance(budget, (tuple, list))
@@ -100,15 +101,15 @@ def multiple_choice_knapsack(
             raise BudgetError(f"budget {shown} is below the cheapest choice of every group together ({cheapest})")
     zero: Cost = tuple(0 for _ in dims)
     states: list[State] = [(zero, 0.0, ())]
-    for g, (group_costs, group_values) in enumerate(zip(items, values)):
+    for g, (group_costs, group_values) in enumerate(zip(items, values, strict=True)):
         # room left for this group and the ones before it, in every cost
         limit = tuple(limits[d] - sum(m[d] for m in group_min[g + 1:]) for d in dims)
         grown = []
         for cost, value, picks in states:
-            for i, (c, v) in enumerate(zip(group_costs, group_values)):
-                total = tuple(a + b for a, b in zip(cost, c))
-                if all(t <= lim for t, lim in zip(total, limit)):
-                    grown.append((total, value + float(v), picks + (i,)))
+            for i, (c, v) in enumerate(zip(group_costs, group_values, strict=True)):
+                total = tuple(a + b for a, b in zip(cost, c, strict=True))
+                if all(t <= lim for t, lim in zip(total, limit, strict=True)):
+                    grown.append((total, value + float(v), (*picks, i)))
         states = _pareto(grown)
         if not states:  # with two budgets each can be met alone but not both at once
             raise BudgetError(f"no choice of one item per group meets every budget {tuple(limits)} at once")
@@ -126,7 +127,7 @@ def mark_fronts(candidates: pd.DataFrame) -> pd.DataFrame:
         df["on_front"] = False
         for _, group in df.groupby("bucket"):
             states = [((int(r.flops), _latency_ns(r.latency_s)), float(r.proxy_loss), (int(i),))
-                      for i, r in zip(group.index, group.itertuples())]
+                      for i, r in zip(group.index, group.itertuples(), strict=True)]
             for _, _, (i,) in _pareto(states):
                 df.loc[i, "on_front"] = True
         return df
@@ -142,7 +143,7 @@ def mark_fronts(candidates: pd.DataFrame) -> pd.DataFrame:
 
 def _latency_ns(seconds: float) -> int:
     """Seconds as integer nanoseconds (the knapsack's latency cost unit)."""
-    return int(round(seconds * 1e9))
+    return round(seconds * 1e9)
 
 
 def knapsack_schedule(tc: TimestepContext, candidates: pd.DataFrame) -> tuple[SubnetSchedule, float]:
@@ -154,7 +155,7 @@ def knapsack_schedule(tc: TimestepContext, candidates: pd.DataFrame) -> tuple[Su
         solution = multiple_choice_knapsack(costs, values, tc.budget_steps)
     else:
         costs = [[(int(f) * tc.counts[k], _latency_ns(lat) * tc.counts[k])
-                  for f, lat in zip(front["flops"], front["latency_s"])] for k, front in enumerate(fronts)]
+                  for f, lat in zip(front["flops"], front["latency_s"], strict=True)] for k, front in enumerate(fronts)]
         budget = (tc.budget_steps, _latency_ns(tc.ctx.latency_budget) * len(tc.timesteps))
         solution = multiple_choice_knapsack(costs, values, budget)
     subnets = [Subnet.from_dict(json.loads(fronts[k]["subnet"].iloc[i])) for k, i in enumerate(solution.choices)]

@@ -144,7 +144,7 @@ def latency_rows(ctx: SearchContext, exported: list[dict[str, Any]], subnets: li
     """Measure the exported subnets on the table's device; set their measured_latency_ms and return latency.csv's
     rows (predicted and measured against the budget)."""
     rows = []
-    for e, seconds in zip(exported, measure_exported(ctx, subnets)):
+    for e, seconds in zip(exported, measure_exported(ctx, subnets), strict=True):
         e["measured_latency_ms"] = None if seconds is None else 1e3 * seconds
         rows.append(budget_row(ctx, e["predicted_latency_ms"], seconds, name=e["name"], gflops=e["gflops"],
                                proxy_loss=e.get("proxy_loss")))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 
@@ -126,5 +126,6 @@ def run_trials(
         if done >= ctx.config.trials or (stop is not None and stop.is_set()):
             st.stop()
 
-    study.optimize(make_objective(ctx, study, stop, evaluate), n_trials=None, callbacks=[after_trial], catch=(Exception,))
+    study.optimize(make_objective(ctx, study, stop, evaluate), n_trials=None, callbacks=[after_trial],
+                   catch=(Exception,))
     return study

@@ -72,7 +72,8 @@ def trials_frame(ctx: SearchContext, study: optuna.Study) -> pd.DataFrame:
         subnet = Subnet.from_dict(t.user_attrs["subnet"]) if "subnet" in t.user_attrs else None
         flops = t.user_attrs.get("flops")
         done = t.state == optuna.trial.TrialState.COMPLETE
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        seconds = ((t.datetime_complete - t.datetime_start).total_seconds()
+                   if t.datetime_complete and t.datetime_start else None)
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,
@@ -195,14 +196,17 @@ def _best(ctx: SearchContext, trials: pd.DataFrame) -> tuple[Subnet, dict[str, A
     """The best feasible trial (every budget); the full model when it fits them all."""
     if _full_fits(ctx):
         subnet = Subnet.full(ctx.model.config)
-        return subnet, {"trial": None, "gflops": ctx.full_flops / 1e9, "proxy_loss": ctx.evaluator(subnet), "full_model": True}
-    ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"]].dropna(subset=["proxy_loss"]) if not trials.empty else trials
+        return subnet, {"trial": None, "gflops": ctx.full_flops / 1e9, "proxy_loss": ctx.evaluator(subnet),
+                        "full_model": True}
+    ok = (trials[(trials["state"] == "COMPLETE") & trials["feasible"]].dropna(subset=["proxy_loss"])
+          if not trials.empty else trials)
     if ok.empty:
         raise SearchError("no trial finished within the budget; run more --trials or raise "
                           + ("--flops" if ctx.latency_table is None else "--latency / --flops"))
     row = ok.sort_values(["proxy_loss", "gflops", "number"]).iloc[0]
     subnet = Subnet.from_dict(json.loads(row["subnet"]))
-    return subnet, {"trial": int(row["number"]), "gflops": float(row["gflops"]), "proxy_loss": float(row["proxy_loss"]), "full_model": False}
+    return subnet, {"trial": int(row["number"]), "gflops": float(row["gflops"]), "proxy_loss": float(row["proxy_loss"]),
+                    "full_model": False}
 
 
 def _entries(ctx: SearchContext, best_subnet: Subnet, best: dict[str, Any], pareto: pd.DataFrame,
@@ -241,7 +245,8 @@ def write_outputs(ctx: SearchContext, study: optuna.Study) -> SearchResult:
     best_subnet, best = _best(ctx, trials)
     notes = [latency_note(ctx)] if timed else []
     if best.get("full_model"):
-        notes.append(f"the budget is at or above the full model ({ctx.full_flops / 1e9:.4f} GFLOPs): the full model is returned")
+        notes.append(f"the budget is at or above the full model ({ctx.full_flops / 1e9:.4f} GFLOPs): the full model is "
+                     "returned")
     done = finished_count(study)
     if done < ctx.config.trials:
         notes.append(

@@ -43,8 +43,8 @@ __all__ = [
     "PROXY_LABELS",
     "SAMPLE_STEPS",
     "SPLITTABLE_PROXIES",
-    "ProxySet",
     "ProxyEvaluator",
+    "ProxySet",
     "attach_teacher",
     "build_proxy_set",
     "check_proxy_kind",
@@ -98,13 +98,17 @@ class ProxySet:
 
         Trajectories are not quadruples: the subset has no `teacher_samples`.
         """
-        pick = (lambda v: None if v is None else v[index])
+        def pick(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v[index]
+
         return ProxySet(self.x0[index], self.x_t[index], self.t[index], self.noise[index], self.y[index], self.seed,
                         pick(self.teacher), pick(self.norm), None)
 
     def to(self, device: torch.device | str) -> ProxySet:
         """The same set on another device."""
-        move = (lambda v: None if v is None else v.to(device))
+        def move(v: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v is None else v.to(device)
+
         return ProxySet(
             self.x0.to(device), self.x_t.to(device), self.t.to(device), self.noise.to(device), self.y.to(device),
             self.seed, move(self.teacher), move(self.norm), move(self.teacher_samples),

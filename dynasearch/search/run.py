@@ -7,6 +7,7 @@ then every output is written once the study holds ``--trials`` counted trials.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -74,7 +75,8 @@ def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResu
         procs.extend(start_workers(config, ctx.evaluator.proxy.to("cpu")) if config.workers > 1 else [])
         with progress_bar("[bold]search", disable=not progress, transient=False) as bar:
             task = bar.add_task("trials", total=config.trials)
-            study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)), stop=stop)
+            study = run_trials(ctx, worker=0, on_trial=lambda n: bar.update(task, completed=min(n, config.trials)),
+                               stop=stop)
             for p in procs:
                 while p.is_alive():
                     if stop.is_set() and p.pid is not None:  # again: a worker may have been starting up
@@ -111,7 +113,5 @@ def run_static_search(config: SearchConfig, progress: bool = True) -> SearchResu
 
 def _signal(pid: int, sig: int) -> None:
     """Send `sig` to `pid`, ignoring a process that just exited."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
-    except ProcessLookupError:
-        pass

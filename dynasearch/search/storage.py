@@ -31,8 +31,8 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = [
     "DEFAULT_JOURNAL",
-    "HEARTBEAT_INTERVAL",
     "GRACE_PERIOD",
+    "HEARTBEAT_INTERVAL",
     "make_storage",
     "mask_url",
     "worker_identity",

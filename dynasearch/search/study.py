@@ -8,9 +8,8 @@ same name with other settings is an error and leaves it untouched. The budget is
 
 from __future__ import annotations
 
-import warnings
-
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +96,12 @@ def open_study(ctx: SearchContext, sampler: optuna.samplers.BaseSampler) -> optu
     except KeyError:  # no such study yet (another worker may create it at the same moment: load_if_exists)
         try:
             study = optuna.create_study(
-                study_name=name, storage=storage, sampler=sampler, directions=["minimize", "minimize"], load_if_exists=True
+                study_name=name, storage=storage, sampler=sampler, directions=["minimize", "minimize"],
+                load_if_exists=True,
             )
         except ValueError as exc:
-            raise SearchError(f"study '{name}' in {mask_url(ctx.config.storage or 'the output directory')}: {exc}") from None
+            raise SearchError(f"study '{name}' in {mask_url(ctx.config.storage or 'the output directory')}: "
+                              f"{exc}") from None
     stored = study.user_attrs.get("dynasearch")
     if stored is None:
         study.set_user_attr("dynasearch", ctx.settings)

@@ -40,8 +40,8 @@ from ..slicing import slice_schedule
 from .buckets import TimestepContext, bucket_candidates, bucket_context, prepare_timestep_search, uniform_candidates
 from .config import SearchConfig
 from .joint import joint_context, joint_frame, run_joint
-from .latency import budget_row, latency_note, measure_schedules, predicted_ms
 from .knapsack import knapsack_schedule, mark_fronts
+from .latency import budget_row, latency_note, measure_schedules, predicted_ms
 from .objective import run_trials
 from .outputs import search_settings
 from .study import check_study
@@ -79,9 +79,11 @@ def export_schedule(model: DiT, schedule: SubnetSchedule, directory: Path, times
             raise SearchError(f"schedule bucket {k}: fvcore counts {counted} FLOPs but the search counted {expected}")
         per_bucket.append(counted)
     mean = mean_flops(schedule, small.config, timesteps)
-    meta = {**info, "mean_flops": mean, "mean_gflops": mean / 1e9, "bucket_flops": per_bucket, "sample_steps": len(timesteps)}
+    meta = {**info, "mean_flops": mean, "mean_gflops": mean / 1e9, "bucket_flops": per_bucket,
+            "sample_steps": len(timesteps)}
     inherited = inherited_sections(supernet) if supernet is not None else {}
-    save_checkpoint(small, directory, extra={"kind": "timestep-dynamic", "schedule": schedule.to_dict(), "search": meta, **inherited})
+    save_checkpoint(small, directory,
+                    extra={"kind": "timestep-dynamic", "schedule": schedule.to_dict(), "search": meta, **inherited})
     schedule.save(directory / "schedule.json")
     params = sum(p.numel() for p in small.parameters())
     return {"path": str(directory), "mean_gflops": mean / 1e9, "params": params, **info}
@@ -93,7 +95,8 @@ def _comparison_row(tc: TimestepContext, method: str, schedule: SubnetSchedule) 
     losses = tc.ctx.evaluator.schedule_losses(schedule)
     row: dict[str, Any] = {
         "method": method, "mean_gflops": mean / 1e9, "flops_ratio": mean / tc.ctx.full_flops,
-        "within_budget": tc.within_budget(schedule), "proxy_loss": sum(w * v for w, v in zip(tc.weights, losses)),
+        "within_budget": tc.within_budget(schedule),
+        "proxy_loss": sum(w * v for w, v in zip(tc.weights, losses, strict=True)),
         "static": schedule.is_static,
     }
     latency = tc.mean_latency(schedule)
@@ -194,7 +197,7 @@ def _schedule_latency(tc: TimestepContext, comparison: pd.DataFrame, exported: l
     measured = measure_schedules(ctx, schedules, tc.timesteps)
     comparison["measured_latency_ms"] = [None if m is None else 1e3 * m for m in measured]
     rows = []
-    for e, (_, row), seconds in zip(exported, comparison.iterrows(), measured):
+    for e, (_, row), seconds in zip(exported, comparison.iterrows(), measured, strict=True):
         e["predicted_latency_ms"], e["measured_latency_ms"] = row["mean_latency_ms"], row["measured_latency_ms"]
         rows.append(budget_row(ctx, row["mean_latency_ms"], seconds, name=e["name"], mean_gflops=row["mean_gflops"]))
     atomic_write_text(ctx.config.out / "latency.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -237,10 +240,11 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
     exported = []
     for _, row in comparison.iterrows():
         name = row["method"].replace(" ", "-")
-        info = {"role": "winner" if row["winner"] else row["method"], "method": row["method"], "proxy_loss": float(row["proxy_loss"]),
-                "source_supernet": str(config.supernet)}
+        info = {"role": "winner" if row["winner"] else row["method"], "method": row["method"],
+                "proxy_loss": float(row["proxy_loss"]), "source_supernet": str(config.supernet)}
         sched = SubnetSchedule.from_dict(json.loads(row["schedule"]))
-        exported.append({"name": name, **export_schedule(ctx.model, sched, config.out / "schedules" / name, tc.timesteps, info, config.supernet)})
+        exported.append({"name": name, **export_schedule(ctx.model, sched, config.out / "schedules" / name,
+                                                         tc.timesteps, info, config.supernet)})
     latency: dict[str, Any] = {}
     if ctx.latency_table is not None:
         latency = _schedule_latency(tc, comparison, exported)
@@ -249,7 +253,8 @@ def run_timestep_search(config: SearchConfig, progress: bool = True) -> Timestep
     atomic_write_text(config.out / "schedules.csv", comparison.to_csv(index=False))
     schedule.save(config.out / "schedule.json")
     best = {
-        "method": winner["method"], "mean_gflops": float(winner["mean_gflops"]), "flops_ratio": float(winner["flops_ratio"]),
+        "method": winner["method"], "mean_gflops": float(winner["mean_gflops"]),
+        "flops_ratio": float(winner["flops_ratio"]),
         "proxy_loss": float(winner["proxy_loss"]), "schedule": schedule.to_dict(),
         "budget_gflops": ctx.budget / 1e9, "full_gflops": ctx.full_flops / 1e9, **latency,
         "knapsack_predicted_proxy": predicted,

@@ -20,8 +20,10 @@ and is stored sorted. Every message names the space (its file, or its name), the
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -99,7 +101,7 @@ def bucket_spec(label: str, value: Any) -> int | tuple[int, ...]:
         return positive_int(label, "timestep_buckets", value)
     if isinstance(value, (list, tuple)) and value:
         bounds = tuple(positive_int(label, "timestep_buckets", v) for v in value)
-        if any(lo >= hi for lo, hi in zip(bounds, bounds[1:])):
+        if any(lo >= hi for lo, hi in itertools.pairwise(bounds)):
             raise space_error(label, f"timestep_buckets boundaries {list(bounds)} must increase strictly")
         return bounds
     raise space_error(

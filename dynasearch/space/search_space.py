@@ -12,14 +12,15 @@ load by name.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import SearchSpaceError, SubnetError
-from ..model.schedule import TimestepBuckets
 from ..model.rates import rate_to_heads, rate_to_mlp_hidden
+from ..model.schedule import TimestepBuckets
 from ..model.subnet import Subnet
 from .parse import (
     DIMENSIONS,
@@ -176,7 +177,7 @@ class SearchSpace:
         """The subnet with one choice per group per dimension (each must be one of this space's choices)."""
         groups = self._checked_groups(config)
         rates: dict[str, list[float]] = {}
-        for key, values in zip(DIMENSIONS, (attn, mlp, tokens)):
+        for key, values in zip(DIMENSIONS, (attn, mlp, tokens), strict=True):
             values = list(values)
             if len(values) != len(groups):
                 raise space_error(
@@ -186,7 +187,7 @@ class SearchSpace:
                 )
             allowed = getattr(self, key)
             per_block = [0.0] * config.depth
-            for g, (blocks, value) in enumerate(zip(groups, values)):
+            for g, (blocks, value) in enumerate(zip(groups, values, strict=True)):
                 match = None
                 if not isinstance(value, bool) and isinstance(value, (int, float)):
                     match = next((a for a in allowed if same_choice(float(value), a)), None)
@@ -306,7 +307,8 @@ class SearchSpace:
         dims = ", ".join(f"{key} {'/'.join(str(v) for v in getattr(self, key))}" for key in DIMENSIONS)
         tb = self.timestep_buckets
         if tb is not None:
-            how += f", {tb} timestep buckets" if isinstance(tb, int) else f", timestep buckets at {'/'.join(map(str, tb))}"
+            how += (f", {tb} timestep buckets" if isinstance(tb, int)
+                    else f", timestep buckets at {'/'.join(map(str, tb))}")
         return f"{self.name} ({how}): {dims}"
 
 

@@ -41,8 +41,17 @@ from .ema import EMA
 from .precision import LossScaler, autocast_dtype, check_precision, make_scaler, resolve_precision
 from .presets import ADAMW_BETAS, ADAMW_EPS, preset_record
 
-__all__ = ["TrainSetup", "build_setup", "build_model", "load_init_state", "make_setup", "run_arguments", "run_meta",
-           "run_record", "versions"]
+__all__ = [
+    "TrainSetup",
+    "build_model",
+    "build_setup",
+    "load_init_state",
+    "make_setup",
+    "run_arguments",
+    "run_meta",
+    "run_record",
+    "versions",
+]
 
 
 @dataclass
@@ -170,7 +179,9 @@ def load_init_state(model: DiT, state: dict[str, Tensor], source: str) -> dict[s
     return {"reinitialised": reinit, "kept_init": [k for k in expected if k not in state]}
 
 
-def build_model(cfg: TrainConfig, split: DatasetSplit, stored_model: dict[str, Any] | None) -> tuple[DiT, dict[str, Any]]:
+def build_model(
+    cfg: TrainConfig, split: DatasetSplit, stored_model: dict[str, Any] | None
+) -> tuple[DiT, dict[str, Any]]:
     """The supernet to train: from a resumed run's config, from scratch, or from --init-from (then re-ordered)."""
     data_fields = {"input_size": split.image_size, "in_channels": split.in_channels, "num_classes": split.num_classes}
     torch.manual_seed(cfg.seed)  # the initial weights depend on the seed only
@@ -185,7 +196,8 @@ def build_model(cfg: TrainConfig, split: DatasetSplit, stored_model: dict[str, A
         info: dict[str, Any] = {"kind": "scratch"}
         model = DiT(config)
     else:
-        src = Path(cfg.init_from)  # any format of load_pretrained: dynasearch, DiT / fast-DiT .pt[#ema|#model], diffusers
+        # any format of load_pretrained: dynasearch, DiT / fast-DiT .pt[#ema|#model], diffusers
+        src = Path(cfg.init_from)
         loaded = read_pretrained(src, what="--init-from")
         base, state, kind = loaded.config, loaded.state, loaded.kind
         if base.is_sliced:

@@ -24,8 +24,9 @@ randomness derives from ``(seed, step)``, so nothing is lost or drawn twice).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -44,12 +45,12 @@ def compile_unavailable() -> str | None:
     """Why torch.compile cannot run here (None: it can be tried)."""
     try:
         import torch._dynamo as dynamo
-    except Exception as exc:  # noqa: BLE001 - any import failure means: no compile here
+    except Exception as exc:  # any import failure means: no compile here
         return f"torch._dynamo cannot be imported ({type(exc).__name__}: {exc})"
     try:
         if not dynamo.is_dynamo_supported():
             return "torch.compile is not supported on this platform or Python version"
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
 
@@ -109,7 +110,7 @@ class BlockCompiler:
                 for block in self.model.blocks:
                     block.forward = _contiguous_input(torch.compile(block.forward, dynamic=None))  # an instance
                     # attribute: the class's forward comes back with `del`, the state dict keeps its keys
-            except Exception as exc:  # noqa: BLE001 - e.g. "torch.compile is not supported on Python 3.x"
+            except Exception as exc:  # e.g. "torch.compile is not supported on Python 3.x"
                 reason = _first_line(exc)
         if reason is not None:
             self.disable(reason)
@@ -127,7 +128,7 @@ class BlockCompiler:
                 import torch._dynamo as dynamo
 
                 dynamo.reset()  # drop the compiled graphs (and the half-built one)
-            except Exception:  # noqa: BLE001 - nothing to drop then
+            except Exception:  # nothing to drop then
                 pass
         self.active, self.fallback = False, reason
         warnings.warn(f"--compile: {reason}; training continues without torch.compile", TrainingWarning, stacklevel=2)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Generic, Protocol, Sequence, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from ..checkpoint.native import CONFIG_NAME, SUPERNET_NAME, read_config
 from ..checks import SUBNET_BYTES, check_memory, check_seed
@@ -19,9 +20,26 @@ from .precision import PRECISIONS
 from .presets import PRESETS, check_preset
 from .tensorboard_log import require_logger
 
-__all__ = ["DEFAULT_MODEL", "DATA_SPLIT_SEED", "NUMBER_RULES", "RESUMABLE", "SUPERNET_RUN", "ArgsDataclass", "RunArgs",
-           "RunKind", "TrainConfig", "TrainingWarning", "check_ints", "check_numbers", "check_run_args",
-           "check_scale_args", "flag", "fspath_fields", "learning_rate", "load_run_config"]
+__all__ = [
+    "DATA_SPLIT_SEED",
+    "DEFAULT_MODEL",
+    "NUMBER_RULES",
+    "RESUMABLE",
+    "SUPERNET_RUN",
+    "ArgsDataclass",
+    "RunArgs",
+    "RunKind",
+    "TrainConfig",
+    "TrainingWarning",
+    "check_ints",
+    "check_numbers",
+    "check_run_args",
+    "check_scale_args",
+    "flag",
+    "fspath_fields",
+    "learning_rate",
+    "load_run_config",
+]
 
 DEFAULT_MODEL = "DiT-T/2"
 """The model trained when neither --model nor --init-from is given."""

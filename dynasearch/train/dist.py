@@ -8,10 +8,11 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -22,8 +23,19 @@ from .config import RunArgs
 from .metrics import SubnetLoss
 from .run_dir import kept_message
 
-__all__ = ["DistInfo", "StopSignals", "StepSync", "TrainingInterrupted", "collective", "setup_distributed",
-           "average_gradients", "broadcast_weights", "mean_over_ranks", "barrier", "resolve_train_device"]
+__all__ = [
+    "DistInfo",
+    "StepSync",
+    "StopSignals",
+    "TrainingInterrupted",
+    "average_gradients",
+    "barrier",
+    "broadcast_weights",
+    "collective",
+    "mean_over_ranks",
+    "resolve_train_device",
+    "setup_distributed",
+]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -157,7 +169,7 @@ def average_gradients(params: Sequence[torch.nn.Parameter], ddp: DistInfo, bucke
         return
     bucket: list[Tensor] = []
     size = 0
-    for p in list(params) + [None]:  # type: ignore[list-item]
+    for p in [*params, None]:  # type: ignore[list-item]
         if p is not None:
             bucket.append(p.grad)
             size += p.grad.numel() * p.grad.element_size()
@@ -214,9 +226,10 @@ class StepSync:
         """The inverse of :meth:`pack` for these subnets (a flag any rank raised has a mean above 0)."""
         width = len(self.LOSS_FIELDS)
         rows = [values[i : i + width] for i in range(0, width * len(self.losses), width)]
-        losses = [replace(r, **dict(zip(self.LOSS_FIELDS, row))) for r, row in zip(self.losses, rows)]
+        losses = [replace(r, **dict(zip(self.LOSS_FIELDS, row, strict=True)))
+                  for r, row in zip(self.losses, rows, strict=True)]
         flags = values[width * len(self.losses) :]
-        return StepSync(losses, [name for name, flag in zip(StopSignals.NAMES, flags) if flag > 0])
+        return StepSync(losses, [name for name, flag in zip(StopSignals.NAMES, flags, strict=True) if flag > 0])
 
     def all_reduce(self, ddp: DistInfo, device: torch.device) -> StepSync:
         """The ranks' agreement: one all-reduce of the packed vector (this rank's own view without DDP)."""

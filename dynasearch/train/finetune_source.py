@@ -19,7 +19,7 @@ from ..model.dit import DiT
 from ..model.schedule import SubnetSchedule
 from .finetune_config import DEFAULT_DISTILL_WEIGHT, FINETUNE_RUN, FinetuneConfig
 
-__all__ = ["FinetuneSource", "RUN_SECTIONS", "load_source", "load_teacher", "stored_arguments"]
+__all__ = ["RUN_SECTIONS", "FinetuneSource", "load_source", "load_teacher", "stored_arguments"]
 
 RUN_SECTIONS = frozenset(
     {"format", "format_version", "model", "subnet", "step", "train", "finetune", "init", "seeds", "distributed",

@@ -15,13 +15,14 @@ same step, and a dead or stuck rank fails the others after at most ``--dist-time
 from __future__ import annotations
 
 import functools
-import shutil
 import math
+import shutil
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, NoReturn, Sequence, TypeVar
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -75,8 +76,15 @@ from .run_dir import (
 from .sandwich import EpochOrder, draw_batch, sandwich_step, sandwich_subnets
 from .tensorboard_log import TENSORBOARD_DIR, TensorBoardSink
 
-__all__ = ["StepJob", "SandwichJob", "train_supernet", "open_run_dir", "resume_or_start", "run_distributed",
-           "run_steps"]
+__all__ = [
+    "SandwichJob",
+    "StepJob",
+    "open_run_dir",
+    "resume_or_start",
+    "run_distributed",
+    "run_steps",
+    "train_supernet",
+]
 
 C = TypeVar("C", bound=RunArgs)
 R = TypeVar("R")
@@ -342,7 +350,8 @@ def forward_backward(
     batch = batch.shard(ddp.rank, ddp.world).to(device)
     subnets = sandwich_subnets(setup.space, setup.config, cfg.seed, step, cfg.sandwich)
     setup.optimizer.zero_grad(set_to_none=True)
-    losses = sandwich_step(setup.model, setup.diffusion, batch, subnets, cfg.distill, setup.autocast_dtype, setup.scaler)
+    losses = sandwich_step(setup.model, setup.diffusion, batch, subnets, cfg.distill, setup.autocast_dtype,
+                           setup.scaler)
     return subnets, losses
 
 

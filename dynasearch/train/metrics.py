@@ -10,9 +10,10 @@ import io
 import math
 import os
 import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from ..checks import disk_full, is_disk_full
 from ..cost.flops import closed_form_flops
@@ -22,8 +23,17 @@ from ..model.config import DiTConfig
 from ..model.subnet import Subnet
 from .run_dir import kept_message
 
-__all__ = ["METRIC_COLUMNS", "RowSink", "StepDone", "SubnetLoss", "MetricsLog", "metrics_row", "check_finite",
-           "check_grad_norm", "subnets_digest"]
+__all__ = [
+    "METRIC_COLUMNS",
+    "MetricsLog",
+    "RowSink",
+    "StepDone",
+    "SubnetLoss",
+    "check_finite",
+    "check_grad_norm",
+    "metrics_row",
+    "subnets_digest",
+]
 
 METRIC_COLUMNS = (
     "step",

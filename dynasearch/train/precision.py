@@ -12,16 +12,27 @@ steps -- GradScaler's defaults. bf16 has float32's range and needs no scaling.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import TrainingError
 
-__all__ = ["PRECISIONS", "AUTO_PRECISION", "FP16_INIT_SCALE", "SCALER_COLUMNS", "LossScaler", "autocast_dtype",
-           "check_precision", "make_scaler", "resolve_precision", "tf32_mode"]
+__all__ = [
+    "AUTO_PRECISION",
+    "FP16_INIT_SCALE",
+    "PRECISIONS",
+    "SCALER_COLUMNS",
+    "LossScaler",
+    "autocast_dtype",
+    "check_precision",
+    "make_scaler",
+    "resolve_precision",
+    "tf32_mode",
+]
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 """The --precision choices."""

@@ -4,7 +4,8 @@ config.json records the preset's name, its values and the values the run used.""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import TrainingError
 

@@ -25,9 +25,25 @@ from .ema import EMA
 from .precision import LossScaler
 from .tensorboard_log import TENSORBOARD_DIR
 
-__all__ = ["RAW_NAME", "STATE_NAME", "METRICS_NAME", "RUN_FILES", "RUN_DIRS", "PENDING_DIR", "COMMIT_NAME",
-           "check_run_dir", "make_run_dir", "run_files", "restore_previous_run", "PREVIOUS_DIR", "save_run", "restore_run", "recover_run_dir", "check_resume_args",
-           "kept_message"]
+__all__ = [
+    "COMMIT_NAME",
+    "METRICS_NAME",
+    "PENDING_DIR",
+    "PREVIOUS_DIR",
+    "RAW_NAME",
+    "RUN_DIRS",
+    "RUN_FILES",
+    "STATE_NAME",
+    "check_resume_args",
+    "check_run_dir",
+    "kept_message",
+    "make_run_dir",
+    "recover_run_dir",
+    "restore_previous_run",
+    "restore_run",
+    "run_files",
+    "save_run",
+]
 
 RAW_NAME = "raw.safetensors"
 STATE_NAME = "train_state.pt"
@@ -171,7 +187,8 @@ def save_run(
             shutil.rmtree(pending)
         pending.mkdir()
         save_weights(
-            model.state_dict(), pending / RAW_NAME, {"format": "dynasearch", "model": model.config.name, "step": str(step)}
+            model.state_dict(), pending / RAW_NAME,
+            {"format": "dynasearch", "model": model.config.name, "step": str(step)},
         )
         extra = dict(meta)
         extra["step"] = step
@@ -268,7 +285,7 @@ def restore_run(
             f"--resume: '{out / STATE_NAME}' was refused: it holds pickled objects other than tensors"
             + (f" ({detail})" if detail else "") + "; no code in it was run"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - any other unpickling failure is a corrupt checkpoint
+    except Exception as exc:  # any other unpickling failure is a corrupt checkpoint
         first = (str(exc).strip().splitlines() or [""])[0]
         raise TrainingError(f"--resume: '{out / STATE_NAME}' cannot be read ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):

@@ -23,8 +23,8 @@ import dataclasses
 import hashlib
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,15 @@ from ..space import SearchSpace
 from .metrics import SubnetLoss
 from .precision import LossScaler
 
-__all__ = ["step_seed", "sandwich_subnets", "EpochOrder", "TrainBatch", "draw_batch", "forward_output",
-           "sandwich_step"]
+__all__ = [
+    "EpochOrder",
+    "TrainBatch",
+    "draw_batch",
+    "forward_output",
+    "sandwich_step",
+    "sandwich_subnets",
+    "step_seed",
+]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-step randomness: everything derives from (seed, step)
@@ -51,7 +58,9 @@ def step_seed(seed: int, step: int, stream: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def sandwich_subnets(space: SearchSpace, config: DiTConfig, seed: int, step: int, n_random: int) -> list[tuple[str, Subnet]]:
+def sandwich_subnets(
+    space: SearchSpace, config: DiTConfig, seed: int, step: int, n_random: int
+) -> list[tuple[str, Subnet]]:
     """The step's subnets: ('max', largest), ('min', smallest), ('random-1', ...), ... ('random-N', ...)."""
     rng = random.Random(step_seed(seed, step, "subnets"))
     subnets = [("max", space.largest(config)), ("min", space.smallest(config))]
@@ -60,7 +69,8 @@ def sandwich_subnets(space: SearchSpace, config: DiTConfig, seed: int, step: int
 
 
 class EpochOrder:
-    """Sample positions step*B .. step*B+B-1 of an endless sequence of per-epoch permutations seeded by (seed, epoch)."""
+    """Sample positions step*B .. step*B+B-1 of an endless sequence of per-epoch permutations seeded by
+    (seed, epoch)."""
 
     def __init__(self, n: int, seed: int) -> None:
         self.n, self.seed = n, seed
